@@ -1,0 +1,3 @@
+"""poolbench: benchmark and compare pooling operators in CNNs."""
+
+__version__ = "0.1.0"
