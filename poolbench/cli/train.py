@@ -1,0 +1,70 @@
+"""``poolbench train``: one run from composed config to run record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from poolbench.cli.app import EXTRA_ARGS, OVERRIDES_HELP, app, console, console_err
+from poolbench.cli.progress import ProgressBars
+
+SUMMARY_KEYS = (
+    ("mAP", "mAP"),
+    ("top1", "Top-1"),
+    ("soft@4", "soft Top-4"),
+    ("hard@2", "hard Top-2"),
+    ("acc@1", "accuracy top-1"),
+    ("acc@5", "accuracy top-5"),
+    ("latency.infer_image_ms", "inference ms / image"),
+    ("latency.train_step_ms", "train step ms"),
+    ("latency.pool_fwd_ms", "pool forward ms"),
+    ("latency.pool_fwdbwd_ms", "pool fwd+bwd ms"),
+    ("latency.peak_mem_mb", "peak memory MB"),
+)
+
+
+def summary_table(record: dict[str, Any]) -> Table:
+    table = Table(title=f"run {record['run_id']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("status", str(record["status"]) + (" (reused)" if record.get("reused") else ""))
+    table.add_row("pooling / model / data", f"{record['pooling']} / {record['model']} / {record['dataset']}")
+    if "feature_map_h" in record:
+        table.add_row("final feature map", f"{record['feature_map_h']}x{record['feature_map_w']}")
+    for key, label in SUMMARY_KEYS:
+        value = record.get(key)
+        if isinstance(value, float):
+            table.add_row(label, f"{value:.4g}")
+    table.add_row("device", str(record.get("env.device_name")))
+    table.add_row("wall time", f"{record.get('wall_time_s', float('nan')):.1f} s")
+    table.add_row("run directory", str(record.get("run_dir")))
+    return table
+
+
+@app.command(context_settings=EXTRA_ARGS)
+def train(
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    cfg: bool = typer.Option(False, "--cfg", help="Print the resolved config and the run id, then exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, only the summary."),
+) -> None:
+    """Train one CNN with the configured pooling, evaluate it, time it, and write its run record."""
+    from omegaconf import OmegaConf
+
+    from poolbench.config import compose
+    from poolbench.run import execute, run_dir_of
+
+    config = compose(overrides or [])
+    if cfg:
+        console.print(OmegaConf.to_yaml(config, resolve=True), highlight=False, end="")
+        console.print(f"# run directory: {run_dir_of(config)}", style="dim", highlight=False)
+        return
+    bars = ProgressBars(console, enabled=not quiet)
+    try:
+        with bars:
+            record = execute(config, progress=bars, log=bars.log)
+    except KeyboardInterrupt:
+        console_err.print(f"[yellow]interrupted[/]: checkpoint and record kept in {run_dir_of(config)}")
+        raise typer.Exit(130) from None
+    console.print(summary_table(record))
