@@ -1,0 +1,428 @@
+"""Global pools over the N = H·W positions of each channel: (B, C, H, W) -> (B, C) (catavgmax: 2C).
+
+Each operator is a plain function of the tensor (the maths) plus a thin registered module. Where
+half precision would overflow or lose accuracy (powers, exponentials, square roots, sums of
+squares) the functions compute in float32 and the modules return the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from poolbench.pooling.registry import GlobalPool, register
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half/bfloat16 inputs (exp, pow and squares overflow or round there), else x's dtype."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _positions(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, C, N), in a dtype safe for exp/pow/sqrt."""
+    return x.flatten(2).to(compute_dtype(x))
+
+
+def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
+    return value.to(like.dtype) if isinstance(value, Tensor) else torch.tensor(value, dtype=like.dtype)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_open_unit(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- the maths
+
+
+def avg_pool(x: Tensor) -> Tensor:
+    return x.mean(dim=(2, 3))
+
+
+def max_pool(x: Tensor) -> Tensor:
+    return x.amax(dim=(2, 3))
+
+
+def min_pool(x: Tensor) -> Tensor:
+    return x.amin(dim=(2, 3))
+
+
+def sum_pool(x: Tensor) -> Tensor:
+    return x.sum(dim=(2, 3))
+
+
+def lp_norm(x: Tensor, p: float) -> Tensor:
+    """(Σ |x|^p)^(1/p): |x| keeps fractional p finite on negatives (PyTorch's LPPool2d gives NaN there)."""
+    # vector_norm's backward is 0 (not NaN) where the norm is 0, so all-zero maps stay trainable.
+    return torch.linalg.vector_norm(_positions(x), ord=p, dim=-1)
+
+
+def l2_pool(x: Tensor) -> Tensor:
+    return lp_norm(x, 2.0)
+
+
+def gem(x: Tensor, p: Tensor | float, eps: float) -> Tensor:
+    """(mean max(x, eps)^p)^(1/p): the power average / GeM. Negative activations are clamped to eps."""
+    flat = _positions(x)
+    p = _as_tensor(p, flat)
+    return flat.clamp(min=eps).pow(p).mean(dim=-1).pow(1.0 / p)
+
+
+def lse(x: Tensor, r: Tensor | float) -> Tensor:
+    """(1/r) log mean exp(r·x), via logsumexp, which subtracts the maximum before exponentiating."""
+    flat = _positions(x)
+    r = _as_tensor(r, flat)
+    return (torch.logsumexp(r * flat, dim=-1) - math.log(flat.shape[-1])) / r
+
+
+def mixed(x: Tensor, a: Tensor | float) -> Tensor:
+    return a * max_pool(x) + (1 - a) * avg_pool(x)
+
+
+def avgmax(x: Tensor) -> Tensor:
+    return 0.5 * (avg_pool(x) + max_pool(x))
+
+
+def catavgmax(x: Tensor) -> Tensor:
+    return torch.cat([avg_pool(x), max_pool(x)], dim=1)
+
+
+def stochastic_probabilities(flat: Tensor) -> Tensor:
+    """p_i = max(x_i, 0) / Σ_j max(x_j, 0) over the last axis; uniform where no x_i is positive."""
+    weights = flat.clamp(min=0)
+    total = weights.sum(dim=-1, keepdim=True)
+    has_mass = total > 0
+    # Divide by 1 where the total is 0 so the unused branch of `where` has a finite gradient.
+    normalised = weights / torch.where(has_mass, total, torch.ones_like(total))
+    return torch.where(has_mass, normalised, torch.full_like(flat, 1.0 / flat.shape[-1]))
+
+
+def stochastic_sample(x: Tensor) -> Tensor:
+    """x at one position per channel, drawn with stochastic_probabilities from torch's global RNG."""
+    flat = x.flatten(2)
+    probs = stochastic_probabilities(flat.detach().to(compute_dtype(x)))
+    index = torch.multinomial(probs.reshape(-1, flat.shape[-1]), 1).reshape(*flat.shape[:2], 1)
+    return flat.gather(-1, index).squeeze(-1)
+
+
+def stochastic_expectation(x: Tensor) -> Tensor:
+    """Σ p_i·x_i: the expected value of stochastic_sample (Zeiler & Fergus's test-time rule)."""
+    flat = _positions(x)
+    return (stochastic_probabilities(flat) * flat).sum(dim=-1)
+
+
+def sort_pool(x: Tensor, k: int, logits: Tensor) -> Tensor:
+    """Σ_j softmax(logits)_j · (j-th largest x): the top k values, weighted; k = 1 is max pooling."""
+    positions = x.shape[-2] * x.shape[-1]
+    if k > positions:
+        raise ValueError(
+            f"sort pooling keeps the top k={k} values but the feature map has only "
+            f"H·W = {x.shape[-2]}·{x.shape[-1]} = {positions} positions; "
+            f"use k <= {positions} or a larger input"
+        )
+    flat = _positions(x)
+    top = flat.topk(k, dim=-1, sorted=True).values
+    return (top * logits.to(flat.dtype).softmax(dim=0)).sum(dim=-1)
+
+
+def softpool(x: Tensor) -> Tensor:
+    """Σ softmax(x)·x over positions; softmax subtracts the maximum, so large activations do not overflow."""
+    flat = _positions(x)
+    return (flat.softmax(dim=-1) * flat).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------- the modules
+
+
+@register("avg", kind="global", formula="mean_i x_i", reference="average pooling (Lin et al. 2014, NiN)")
+class AvgPool(GlobalPool):
+    """Global average pooling: y_c = (1/N) Σ_i x_ci. Lin, Chen & Yan, "Network in Network", ICLR 2014."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return avg_pool(x)
+
+
+@register("max", kind="global", formula="max_i x_i", reference="max pooling (Boureau et al. 2010)")
+class MaxPool(GlobalPool):
+    """Global max pooling: y_c = max_i x_ci. Boureau, Ponce & LeCun, ICML 2010."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return max_pool(x)
+
+
+@register("min", kind="global", formula="min_i x_i", reference="min pooling (mirror of max)")
+class MinPool(GlobalPool):
+    """Global min pooling: y_c = min_i x_ci (the mirror image of max pooling)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return min_pool(x)
+
+
+@register("sum", kind="global", formula="sum_i x_i", reference="sum pooling (Babenko & Lempitsky 2015, SPoC)")
+class SumPool(GlobalPool):
+    """Global sum pooling: y_c = Σ_i x_ci.
+
+    Babenko & Lempitsky, "Aggregating local deep features for image retrieval" (SPoC), ICCV 2015.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sum_pool(x)
+
+
+@register("l2", kind="global", formula="sqrt(sum_i x_i^2)", reference="L2 pooling (Sermanet et al. 2012)")
+class L2Pool(GlobalPool):
+    """Global L2 pooling: y_c = sqrt(Σ_i x_ci²). Sermanet, Chintala & LeCun, ICPR 2012.
+
+    The gradient at an all-zero channel is 0 (the subgradient), not NaN.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return l2_pool(x).to(x.dtype)
+
+
+@register(
+    "power",
+    kind="global",
+    formula="(mean_i max(x_i, eps)^p)^(1/p)",
+    reference="power average = GeM with fixed p (Radenović et al., TPAMI 2018)",
+)
+class PowerPool(GlobalPool):
+    """Power-average pooling: y_c = ((1/N) Σ_i max(x_ci, eps)^p)^(1/p); GeM (Radenović et al. 2018), p fixed.
+
+    Meant for non-negative (post-ReLU) maps: negative activations are clamped to eps, as in GeM
+    (cirtorch #73); use ``lpnorm`` for signed maps.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        _check_positive("p", p)
+        _check_positive("eps", eps)
+        self.p = float(p)
+        self.eps = float(eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gem(x, self.p, self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, eps={self.eps}"
+
+
+@register(
+    "lpnorm", kind="global", formula="(sum_i |x_i|^p)^(1/p)", reference="Lp pooling (Sermanet et al. 2012)"
+)
+class LpNormPool(GlobalPool):
+    """Lp-norm pooling: y_c = (Σ_i |x_ci|^p)^(1/p). Sermanet, Chintala & LeCun, ICPR 2012.
+
+    Uses |x|, so negative inputs with fractional p give a finite value (pytorch #184037: LPPool2d gives NaN).
+    """
+
+    def __init__(self, p: float = 3.0) -> None:
+        super().__init__()
+        _check_positive("p", p)
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lp_norm(x, self.p).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+@register(
+    "gem",
+    kind="global",
+    formula="(mean_i max(x_i, eps)^p)^(1/p), p learnable",
+    reference="GeM (Radenović, Tolias & Chum, TPAMI 2018)",
+    learnable=True,
+)
+class GeM(GlobalPool):
+    """Generalised-mean pooling: y_c = ((1/N) Σ_i max(x_ci, eps)^p)^(1/p) with a learnable p.
+
+    Radenović, Tolias & Chum, "Fine-tuning CNN image retrieval with no human annotation", TPAMI 2018.
+    p is log-parametrised (``log_p``; p = exp(log_p)) so it stays positive without a clamp that would
+    stop its gradient. Negative activations are clamped to eps (needed for the log in dy/dp; cirtorch
+    #73): use it on post-ReLU maps. Give ``log_p`` a higher lr and no weight decay (cirtorch #61).
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        _check_positive("p", p)
+        _check_positive("eps", eps)
+        self.log_p = nn.Parameter(torch.tensor(math.log(p)))
+        self.eps = float(eps)
+
+    @property
+    def p(self) -> Tensor:
+        return self.log_p.exp()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gem(x, self.p, self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.4g} (learnable), eps={self.eps}"
+
+
+@register(
+    "lse",
+    kind="global",
+    formula="(1/r) log mean_i exp(r x_i), r learnable",
+    reference="log-sum-exp pooling (Pinheiro & Collobert, CVPR 2015)",
+    learnable=True,
+)
+class LSEPool(GlobalPool):
+    """Log-sum-exp pooling: y_c = (1/r) log((1/N) Σ_i exp(r·x_ci)), between avg (r → 0) and max (r → ∞).
+
+    Pinheiro & Collobert, "From image-level to pixel-level labeling with CNNs", CVPR 2015. r is
+    log-parametrised (``log_r``; r = exp(log_r)) to stay positive; computed with the max subtracted.
+    """
+
+    def __init__(self, r: float = 10.0) -> None:
+        super().__init__()
+        _check_positive("r", r)
+        self.log_r = nn.Parameter(torch.tensor(math.log(r)))
+
+    @property
+    def r(self) -> Tensor:
+        return self.log_r.exp()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lse(x, self.r).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r.item():.4g} (learnable)"
+
+
+@register(
+    "mixed",
+    kind="global",
+    formula="a max_i x_i + (1-a) mean_i x_i, a = sigmoid(learnable logit)",
+    reference="mixed pooling (Lee, Gallagher & Tu, AISTATS 2016)",
+    learnable=True,
+)
+class MixedPool(GlobalPool):
+    """Mixed max-average pooling: y_c = a·max_i x_ci + (1 − a)·mean_i x_ci, a = sigmoid(logit) in (0, 1).
+
+    Lee, Gallagher & Tu, "Generalizing pooling functions in CNNs: mixed, gated, and tree", AISTATS 2016.
+    One learnable ``logit`` shared by all channels; ``a`` is its initial value (0.5 → logit 0).
+    """
+
+    def __init__(self, a: float = 0.5) -> None:
+        super().__init__()
+        _check_open_unit("a", a)
+        self.logit = nn.Parameter(torch.tensor(math.log(a / (1 - a))))
+
+    @property
+    def a(self) -> Tensor:
+        return self.logit.sigmoid()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return mixed(x, self.a.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"a={self.a.item():.4g} (learnable)"
+
+
+@register(
+    "avgmax", kind="global", formula="(mean_i x_i + max_i x_i) / 2", reference="timm adaptive_avgmax_pool2d"
+)
+class AvgMaxPool(GlobalPool):
+    """Average of global avg and max pooling: y_c = ½(mean_i x_ci + max_i x_ci) (timm's 'avgmax')."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return avgmax(x)
+
+
+@register(
+    "catavgmax",
+    kind="global",
+    formula="concat(mean_i x_i, max_i x_i)",
+    reference="timm adaptive_catavgmax_pool2d",
+    width="2C",
+)
+class CatAvgMaxPool(GlobalPool):
+    """Global avg and max pooling concatenated: y = [mean_i x_i ; max_i x_i] ∈ R^{2C} (timm's 'catavgmax')."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return catavgmax(x)
+
+    def out_features(self, channels: int) -> int:
+        return 2 * channels
+
+
+@register(
+    "stochastic",
+    kind="global",
+    formula="train: x_j, j ~ x+/sum x+; eval: sum_i (x_i+/sum x+) x_i",
+    reference="stochastic pooling (Zeiler & Fergus, ICLR 2013)",
+)
+class StochasticPool(GlobalPool):
+    """Stochastic pooling (Zeiler & Fergus, "Stochastic pooling for regularization of deep CNNs", ICLR 2013).
+
+    p_i = x⁺_i / Σ_j x⁺_j with x⁺ = max(x, 0) (uniform when no x_i > 0). Training: y_c = x_cj with
+    j ~ p, one draw per channel from torch's global RNG (``torch.manual_seed`` makes it reproducible);
+    the gradient goes to the drawn position. Eval: y_c = Σ_i p_i·x_ci, the expectation of the draw.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return stochastic_sample(x)
+        return stochastic_expectation(x).to(x.dtype)
+
+
+@register(
+    "sort",
+    kind="global",
+    formula="sum_{j<=k} softmax(w)_j x_(j), x_(1) >= x_(2) >= ...",
+    reference="sorted pooling (Singla et al.)",
+    learnable=True,
+)
+class SortPool(GlobalPool):
+    """Sorted pooling: y_c = Σ_{j=1..k} softmax(w)_j · x_c,(j), the k largest values in descending order.
+
+    Singla et al., sorted/ordinal pooling. The k weights w are learnable and shared by all channels;
+    k = 1 is max pooling. Initial logits are w_j = −2(j − 1), i.e. weights ∝ e^{−2(j−1)}
+    (0.865, 0.117, 0.016, 0.002 for k = 4): close to max pooling, yet the softmax is not saturated,
+    so the weights can still learn. The map needs at least k positions (ValueError otherwise).
+    """
+
+    def __init__(self, k: int = 4) -> None:
+        super().__init__()
+        _check_count("k", k)
+        self.k = k
+        self.logits = nn.Parameter(-2.0 * torch.arange(k, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sort_pool(x, self.k, self.logits).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+@register(
+    "softpool",
+    kind="global",
+    formula="sum_i softmax(x)_i x_i",
+    reference="SoftPool (Stergiou, Poppe & Kalliatakis, ICCV 2021)",
+)
+class SoftPool(GlobalPool):
+    """SoftPool: y_c = Σ_i softmax(x_c)_i · x_ci = Σ_i e^{x_ci} x_ci / Σ_j e^{x_cj}.
+
+    Stergiou, Poppe & Kalliatakis, "Refining activation downsampling with SoftPool", ICCV 2021. The
+    softmax subtracts the channel maximum and normalises over positions, avoiding the overflow and
+    wrong-axis bugs of the reference kernels (SoftPool #4, #61).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return softpool(x).to(x.dtype)
