@@ -25,6 +25,11 @@ def _positions(x: Tensor) -> Tensor:
     return x.flatten(2).to(compute_dtype(x))
 
 
+def _promoted(param: Tensor, x: Tensor) -> Tensor:
+    """``param`` in the dtype the pools compute x in (at least float32, float64 for float64 x or params)."""
+    return param.to(torch.promote_types(compute_dtype(x), param.dtype))
+
+
 def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
     return value.to(like.dtype) if isinstance(value, Tensor) else torch.tensor(value, dtype=like.dtype)
 
@@ -63,10 +68,22 @@ def sum_pool(x: Tensor) -> Tensor:
     return x.sum(dim=(2, 3))
 
 
+def _detached_scale(values: Tensor) -> Tensor:
+    """max over positions, detached, 1 where it is 0: dividing by it keeps powers in [0, 1] (no overflow)."""
+    scale = values.detach().amax(dim=-1, keepdim=True)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def lp_norm(x: Tensor, p: float) -> Tensor:
-    """(Σ |x|^p)^(1/p): |x| keeps fractional p finite on negatives (PyTorch's LPPool2d gives NaN there)."""
+    """(Σ |x|^p)^(1/p): |x| keeps fractional p finite on negatives (PyTorch's LPPool2d gives NaN there).
+
+    Computed as s·‖x/s‖_p with s = max |x| held constant (the norm is 1-homogeneous, so value and
+    gradient are exact); x^p then neither overflows nor underflows for large activations or large p.
+    """
+    flat = _positions(x)
+    scale = _detached_scale(flat.abs())
     # vector_norm's backward is 0 (not NaN) where the norm is 0, so all-zero maps stay trainable.
-    return torch.linalg.vector_norm(_positions(x), ord=p, dim=-1)
+    return scale.squeeze(-1) * torch.linalg.vector_norm(flat / scale, ord=p, dim=-1)
 
 
 def l2_pool(x: Tensor) -> Tensor:
@@ -74,10 +91,15 @@ def l2_pool(x: Tensor) -> Tensor:
 
 
 def gem(x: Tensor, p: Tensor | float, eps: float) -> Tensor:
-    """(mean max(x, eps)^p)^(1/p): the power average / GeM. Negative activations are clamped to eps."""
-    flat = _positions(x)
+    """(mean max(x, eps)^p)^(1/p): the power average / GeM. Negative activations are clamped to eps.
+
+    Computed as s·(mean (x/s)^p)^(1/p) with s = max x held constant (exact, as for lp_norm): the
+    mean is then >= 1/N, so eps^p cannot underflow to 0 (an infinite gradient) for large p.
+    """
+    flat = _positions(x).clamp(min=eps)
     p = _as_tensor(p, flat)
-    return flat.clamp(min=eps).pow(p).mean(dim=-1).pow(1.0 / p)
+    scale = _detached_scale(flat)
+    return scale.squeeze(-1) * (flat / scale).pow(p).mean(dim=-1).pow(1.0 / p)
 
 
 def lse(x: Tensor, r: Tensor | float) -> Tensor:
@@ -268,7 +290,7 @@ class GeM(GlobalPool):
         return self.log_p.exp()
 
     def forward(self, x: Tensor) -> Tensor:
-        return gem(x, self.p, self.eps).to(x.dtype)
+        return gem(x, _promoted(self.log_p, x).exp(), self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p.item():.4g} (learnable), eps={self.eps}"
@@ -298,7 +320,7 @@ class LSEPool(GlobalPool):
         return self.log_r.exp()
 
     def forward(self, x: Tensor) -> Tensor:
-        return lse(x, self.r).to(x.dtype)
+        return lse(x, _promoted(self.log_r, x).exp()).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r.item():.4g} (learnable)"
@@ -328,7 +350,7 @@ class MixedPool(GlobalPool):
         return self.logit.sigmoid()
 
     def forward(self, x: Tensor) -> Tensor:
-        return mixed(x, self.a.to(x.dtype))
+        return mixed(x, _promoted(self.logit, x).sigmoid()).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"a={self.a.item():.4g} (learnable)"
