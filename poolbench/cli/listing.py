@@ -38,19 +38,18 @@ def list_(
     from poolbench.pooling import specs
 
     kinds = ("global", "local") if what == What.pooling else ("local",)
-    table = Table(title="pooling operators", show_lines=False)
-    for column in ("name", "kind", "formula", "parameters (defaults)", "output width", "learnable", "reference"):
-        table.add_column(column, overflow="fold")
     for kind in kinds:
+        shape = "(B, C, H, W) -> (B, F)" if kind == "global" else "(B, C, H, W) -> (B, C, H', W')"
+        table = Table(title=f"{kind} pooling {shape}", title_justify="left", expand=True)
+        table.add_column("name", style="bold", no_wrap=True)
+        table.add_column("formula", ratio=3)
+        table.add_column("params", ratio=2)
+        if kind == "global":
+            table.add_column("F", no_wrap=True)
+        table.add_column("learn", no_wrap=True)
+        table.add_column("reference", ratio=3)
         for spec in specs(kind):
-            width = "C (H', W' downsampled)" if kind == "local" else spec.width
-            table.add_row(
-                f"[bold]{spec.name}[/]",
-                kind,
-                spec.formula,
-                _format_params(spec.params),
-                width,
-                "yes" if spec.learnable else "no",
-                spec.reference,
-            )
-    console.print(table)
+            width = (spec.width,) if kind == "global" else ()
+            learnable = "yes" if spec.learnable else "no"
+            table.add_row(spec.name, spec.formula, _format_params(spec.params), *width, learnable, spec.reference)
+        console.print(table)
