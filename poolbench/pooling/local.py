@@ -1,0 +1,416 @@
+"""Local (downsampling) pools: (B, C, H, W) -> (B, C, H', W'), one value per k×k window.
+
+The maths lives in plain functions over the windows that :func:`unfold_windows` cuts out; the modules
+only hold hyper-parameters and learnable weights. Output size is ``nn.MaxPool2d``'s floor formula
+H' = (H + 2·padding − k) // stride + 1 for every operator except ``fractional``.
+
+Padding has one meaning everywhere: a window may hang ``padding`` pixels over the border and the
+positions outside the map are *not part of the window* (max ignores them like ``nn.MaxPool2d``'s −inf,
+avg/power divide by the in-map count like ``count_include_pad=False``, sum/l2/lpnorm add nothing,
+softpool/stochastic/sort give them no weight). ``padding <= kernel_size // 2`` (checked by
+:class:`LocalPool`) guarantees every window holds at least one in-map position.
+
+Half-precision inputs are computed in float32 (x², x^p, Σx and exp overflow in fp16) and the result is
+cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from poolbench.pooling.registry import LocalPool, register
+
+_HALF = (torch.float16, torch.bfloat16)
+Fn = TypeVar("Fn", bound=Callable[..., Tensor])
+
+
+def _float32_for_half(fn: Fn) -> Fn:
+    """Run ``fn`` on a float32 copy of a half-precision input; return the input's dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        return fn(x.float() if x.dtype in _HALF else x, *args, **kwargs).to(x.dtype)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def unfold_windows(
+    x: Tensor, kernel_size: int, stride: int, padding: int = 0, fill: float = 0.0
+) -> tuple[Tensor, Tensor | None]:
+    """Cut (B, C, H, W) into windows (B, C, H', W', k²) (a strided view when ``padding == 0``).
+
+    Out-of-map positions hold ``fill``. Returns the windows and a boolean in-map mask of shape
+    (1, 1, H', W', k²), or ``None`` when there is no padding (every position is in the map).
+    """
+    height, width = x.shape[-2:]
+    if min(height, width) + 2 * padding < kernel_size:
+        raise ValueError(
+            f"feature map {height}x{width} with padding {padding} is smaller than the "
+            f"{kernel_size}x{kernel_size} pooling window"
+        )
+
+    def cut(t: Tensor, value: float) -> Tensor:
+        if padding:
+            t = F.pad(t, (padding,) * 4, value=value)
+        return t.unfold(2, kernel_size, stride).unfold(3, kernel_size, stride).flatten(-2)
+
+    valid = cut(x.new_ones((1, 1, height, width)), 0.0) > 0 if padding else None
+    return cut(x, fill), valid
+
+
+def _count(windows: Tensor, valid: Tensor | None) -> Tensor | float:
+    return windows.shape[-1] if valid is None else valid.sum(-1, dtype=windows.dtype)
+
+
+def _where_valid(windows: Tensor, valid: Tensor | None, value: float) -> Tensor:
+    return windows if valid is None else windows.masked_fill(~valid, value)
+
+
+def max_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
+    """max over the window."""
+    return unfold_windows(x, kernel_size, stride, padding, -math.inf)[0].amax(-1)
+
+
+def min_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
+    """min over the window."""
+    return unfold_windows(x, kernel_size, stride, padding, math.inf)[0].amin(-1)
+
+
+@_float32_for_half
+def sum_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
+    """Σ x over the window."""
+    return unfold_windows(x, kernel_size, stride, padding)[0].sum(-1)
+
+
+@_float32_for_half
+def avg_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
+    """mean over the in-map positions of the window."""
+    windows, valid = unfold_windows(x, kernel_size, stride, padding)
+    return windows.sum(-1) / _count(windows, valid)
+
+
+def _safe_root(total: Tensor, p: float) -> Tensor:
+    # total^(1/p) with a zero (not NaN) gradient where total == 0: the double-where trick.
+    positive = total > 0
+    return torch.where(positive, torch.where(positive, total, 1.0) ** (1.0 / p), 0.0)
+
+
+def _scaled_power_sum(magnitude: Tensor, p: float) -> Tensor:
+    """(Σ a^p)^(1/p) over the last dim for a >= 0, scaled by the (detached) max so a^p cannot overflow.
+
+    Scaling is exact: m·(Σ (a/m)^p)^(1/p) = (Σ a^p)^(1/p) for any constant m > 0. Zeros get a zero
+    gradient for every p (a^p has an infinite slope at 0 when p < 1).
+    """
+    peak = magnitude.detach().amax(-1, keepdim=True)
+    peak = torch.where(peak > 0, peak, 1.0)
+    scaled = magnitude / peak
+    nonzero = scaled > 0
+    terms = torch.where(nonzero, torch.where(nonzero, scaled, 1.0) ** p, 0.0)
+    return peak.squeeze(-1) * _safe_root(terms.sum(-1), p)
+
+
+@_float32_for_half
+def lpnorm_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, p: float = 3.0) -> Tensor:
+    """(Σ |x|^p)^(1/p) over the window; unlike ``nn.LPPool2d`` it takes |x| (no NaN for x < 0)."""
+    return _scaled_power_sum(unfold_windows(x, kernel_size, stride, padding)[0].abs(), p)
+
+
+def l2_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
+    """sqrt(Σ x²) over the window."""
+    return lpnorm_pool(x, kernel_size, stride, padding, p=2.0)
+
+
+@_float32_for_half
+def power_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, p: float = 3.0, eps: float = 1e-6) -> Tensor:
+    """(mean max(x, eps)^p)^(1/p) over the in-map positions of the window (power average)."""
+    windows, valid = unfold_windows(x, kernel_size, stride, padding)
+    clamped = _where_valid(windows.clamp_min(eps), valid, 0.0)
+    count = _count(windows, valid)
+    return _scaled_power_sum(clamped, p) / count ** (1.0 / p)
+
+
+def _stochastic_weights(windows: Tensor, valid: Tensor | None) -> Tensor:
+    """Per-window probabilities max(x, 0)/Σ max(x, 0); uniform over in-map positions if the sum is 0."""
+    positive = windows.clamp_min(0.0)
+    total = positive.sum(-1, keepdim=True)
+    has_mass = total > 0
+    uniform = (torch.ones_like(windows) if valid is None else valid.to(windows.dtype)).expand_as(windows)
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    return torch.where(has_mass, positive / torch.where(has_mass, total, 1.0), uniform)
+
+
+@_float32_for_half
+def stochastic_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, *, sample: bool = False) -> Tensor:
+    """Stochastic pooling (Zeiler & Fergus 2013), probabilities π = max(x, 0)/Σ max(x, 0).
+
+    ``sample=True`` (training) returns the value x_i at one position drawn with probability π_i from
+    the global torch RNG; otherwise (inference) the expectation Σ π_i·x_i, which is exactly the mean
+    of the training-time output.
+    """
+    windows, valid = unfold_windows(x, kernel_size, stride, padding)
+    probs = _stochastic_weights(windows, valid)
+    if not sample:
+        return (probs * windows).sum(-1)
+    # Exponential race: argmin E_i/π_i with E_i ~ Exp(1) picks i with probability π_i; π_i = 0 never wins.
+    race = torch.empty_like(probs).exponential_()
+    race = torch.where(probs > 0, race / probs, math.inf)
+    return windows.gather(-1, race.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+@_float32_for_half
+def softpool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
+    """Σ softmax(x)_i·x_i over the window (Stergiou et al. 2021), softmax with the max subtracted."""
+    windows, valid = unfold_windows(x, kernel_size, stride, padding)
+    weights = torch.softmax(_where_valid(windows, valid, -math.inf), dim=-1)
+    return (weights * windows).sum(-1)
+
+
+@_float32_for_half
+def sort_pool(x: Tensor, kernel_size: int, stride: int, padding: int, logits: Tensor) -> Tensor:
+    """Σ_j softmax(w)_j·x_(j) over the k = len(w) largest window values, x_(1) >= x_(2) >= ...
+
+    Where a border window has fewer than k in-map values, the softmax is renormalised over those.
+    """
+    k = logits.numel()
+    windows, valid = unfold_windows(x, kernel_size, stride, padding, -math.inf)
+    top = windows.topk(k, dim=-1).values
+    weights = torch.softmax(logits.to(top.dtype), dim=0).expand_as(top)
+    if valid is not None:
+        ranked_valid = torch.arange(k, device=x.device) < valid.sum(-1, keepdim=True)
+        weights = _where_valid(weights, ranked_valid, 0.0)
+        weights = weights / weights.sum(-1, keepdim=True)
+        top = _where_valid(top, ranked_valid, 0.0)
+    return (weights * top).sum(-1)
+
+
+@_float32_for_half
+def fractional_max_pool(
+    x: Tensor, kernel_size: int, padding: int, output_ratio: float, samples: Tensor | None
+) -> Tensor:
+    """Fractional max pooling (Graham 2014): k×k max over pseudo-random window positions.
+
+    Output size H' = min(max(1, floor(output_ratio·H)), H + 2·padding − k + 1). ``samples`` (B, C, 2)
+    in [0, 1) fix the window positions; ``None`` draws them from the global torch RNG.
+    """
+    height, width = x.shape[-2:]
+    if padding:
+        x = F.pad(x, (padding,) * 4, value=-math.inf)
+    if min(x.shape[-2:]) < kernel_size:
+        raise ValueError(
+            f"feature map {height}x{width} with padding {padding} is smaller than the "
+            f"{kernel_size}x{kernel_size} pooling window"
+        )
+    size = tuple(min(max(1, math.floor(output_ratio * n)), n + 2 * padding - kernel_size + 1) for n in (height, width))
+    if samples is not None:
+        samples = samples.to(x.dtype).expand(x.shape[0], x.shape[1], 2)
+    return F.fractional_max_pool2d(x, kernel_size, output_size=size, _random_samples=samples)
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _open_unit(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+@register("max", kind="local", formula="max over the k×k window", reference="nn.MaxPool2d")
+class MaxLocal(LocalPool):
+    """max over each k×k window; padding positions are ignored (−inf)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return max_pool(x, self.kernel_size, self.stride, self.padding)
+
+
+@register("avg", kind="local", formula="mean over the window", reference="nn.AvgPool2d(count_include_pad=False)")
+class AvgLocal(LocalPool):
+    """mean over each k×k window; padding positions are not counted."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return avg_pool(x, self.kernel_size, self.stride, self.padding)
+
+
+@register("min", kind="local", formula="min over the window", reference="-max(-x)")
+class MinLocal(LocalPool):
+    """min over each k×k window; padding positions are ignored (+inf)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return min_pool(x, self.kernel_size, self.stride, self.padding)
+
+
+@register("sum", kind="local", formula="Σ x over the window", reference="k²·AvgPool2d")
+class SumLocal(LocalPool):
+    """Σ x over each k×k window; padding adds nothing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sum_pool(x, self.kernel_size, self.stride, self.padding)
+
+
+@register("l2", kind="local", formula="sqrt(Σ x²)", reference="LPPool2d with p=2 (Sermanet et al. 2012)")
+class L2Local(LocalPool):
+    """sqrt(Σ x²) over each k×k window (L2 pooling, Sermanet et al. 2012)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return l2_pool(x, self.kernel_size, self.stride, self.padding)
+
+
+@register(
+    "power",
+    kind="local",
+    formula="(mean max(x, eps)^p)^(1/p)",
+    reference="power average, as GeM with fixed p (Radenović et al. 2018)",
+)
+class PowerLocal(LocalPool):
+    """(mean max(x, eps)^p)^(1/p) over each k×k window; power average, GeM with a fixed p
+    (Radenović, Tolias & Chum, TPAMI 2018). Negative activations are clamped to eps."""
+
+    def __init__(
+        self,
+        kernel_size: int = 2,
+        stride: int | None = None,
+        padding: int = 0,
+        p: float = 3.0,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__(kernel_size, stride, padding)
+        self.p = _positive("p", p)
+        self.eps = _positive("eps", eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return power_pool(x, self.kernel_size, self.stride, self.padding, self.p, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}, eps={self.eps}"
+
+
+@register("lpnorm", kind="local", formula="(Σ |x|^p)^(1/p)", reference="LPPool2d on |x| (Bruna et al. 2014)")
+class LpNormLocal(LocalPool):
+    """(Σ |x|^p)^(1/p) over each k×k window (Lp pooling, Bruna, Szlam & LeCun, ICML 2014).
+
+    Takes |x|, so negative inputs give no NaN (``nn.LPPool2d`` computes x^p: pytorch #184037)."""
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None, padding: int = 0, p: float = 3.0) -> None:
+        super().__init__(kernel_size, stride, padding)
+        self.p = _positive("p", p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lpnorm_pool(x, self.kernel_size, self.stride, self.padding, self.p)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"
+
+
+@register(
+    "stochastic",
+    kind="local",
+    formula="train: x_i, i ~ max(x,0)/Σmax(x,0); eval: Σ π_i x_i",
+    reference="Zeiler & Fergus, ICLR 2013",
+)
+class StochasticLocal(LocalPool):
+    """Stochastic pooling (Zeiler & Fergus, ICLR 2013). Training samples one position per window with
+    probability π_i = max(x_i, 0)/Σ max(x, 0) (uniform when all x <= 0) from the global torch RNG;
+    eval returns the expectation Σ π_i·x_i."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return stochastic_pool(x, self.kernel_size, self.stride, self.padding, sample=self.training)
+
+
+@register(
+    "fractional",
+    kind="local",
+    formula="k×k max over pseudo-random windows, H' = floor(ratio·H)",
+    reference="Graham, arXiv 1412.6071 (2014)",
+)
+class FractionalLocal(LocalPool):
+    """Fractional max pooling (Graham 2014), wrapping ``F.fractional_max_pool2d``.
+
+    Output H' = floor(output_ratio·H) (at least 1, at most what k×k windows allow); ``stride`` is not
+    used. Training draws the pseudo-random window offsets from the global torch RNG; eval is
+    deterministic: every image and channel uses the fixed offset sample 0.5 (windows spread evenly).
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 2,
+        stride: int | None = None,
+        padding: int = 0,
+        output_ratio: float = 1 / math.sqrt(2),
+    ) -> None:
+        super().__init__(kernel_size, stride, padding)
+        self.output_ratio = _open_unit("output_ratio", output_ratio)
+
+    def forward(self, x: Tensor) -> Tensor:
+        samples = None if self.training else x.new_full((1, 1, 2), 0.5, dtype=torch.float32)
+        return fractional_max_pool(x, self.kernel_size, self.padding, self.output_ratio, samples)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, padding={self.padding}, output_ratio={self.output_ratio:.4f}"
+
+
+@register(
+    "sort",
+    kind="local",
+    formula="Σ_j softmax(w)_j · x_(j), top k of the window sorted descending",
+    reference="sorted pooling (Singla et al.)",
+    learnable=True,
+)
+class SortLocal(LocalPool):
+    """Sorted pooling: the k largest values of each window, descending, weighted by softmax of k
+    learnable logits shared by all channels; k=1 is max pooling (Singla et al.). As in the global
+    ``sort``, the logits start at −2(j − 1) (weights 0.865, 0.117, 0.016, 0.002 for k=4): close to
+    the max pooling it usually replaces, with a softmax that is not saturated."""
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None, padding: int = 0, k: int = 4) -> None:
+        super().__init__(kernel_size, stride, padding)
+        window = kernel_size * kernel_size
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= window:
+            raise ValueError(f"k must be an integer in [1, {window}] (the window size), got {k!r}")
+        self.logits = nn.Parameter(-2.0 * torch.arange(k, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sort_pool(x, self.kernel_size, self.stride, self.padding, self.logits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.logits.numel()}"
+
+
+@register("softpool", kind="local", formula="Σ softmax(x)_i · x_i", reference="Stergiou et al., ICCV 2021")
+class SoftPoolLocal(LocalPool):
+    """SoftPool (Stergiou, Poppe & Kalliatakis, ICCV 2021): Σ softmax(x)_i·x_i per window, with the
+    max subtracted inside the softmax (the authors' kernels overflow: SoftPool #4, #61)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return softpool(x, self.kernel_size, self.stride, self.padding)
+
+
+@register(
+    "mixed",
+    kind="local",
+    formula="a·max + (1−a)·avg, a = sigmoid(learnable logit)",
+    reference="Lee, Gallagher & Tu, AISTATS 2016",
+    learnable=True,
+)
+class MixedLocal(LocalPool):
+    """Mixed max-average pooling (Lee, Gallagher & Tu, AISTATS 2016): a·max + (1−a)·avg per window,
+    a = sigmoid(logit) with one learnable logit, initialised so that a = ``a``."""
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None, padding: int = 0, a: float = 0.5) -> None:
+        super().__init__(kernel_size, stride, padding)
+        a = _open_unit("a", a)
+        self.logit = nn.Parameter(torch.tensor(math.log(a / (1 - a))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.sigmoid(self.logit).to(x.dtype)
+        geometry = (self.kernel_size, self.stride, self.padding)
+        return a * max_pool(x, *geometry) + (1 - a) * avg_pool(x, *geometry)
