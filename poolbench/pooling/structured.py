@@ -163,7 +163,6 @@ class NetVLAD(LazyModuleMixin, GlobalPool):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
         self.clusters = clusters
-        self.in_channels = in_channels
         self.normalize_input = bool(normalize_input)
         if in_channels is None:
             self.centroids: nn.Parameter = UninitializedParameter()
@@ -173,6 +172,11 @@ class NetVLAD(LazyModuleMixin, GlobalPool):
             self.assign_weight = nn.Parameter(torch.empty(clusters, in_channels))
         self.assign_bias = nn.Parameter(torch.zeros(clusters))
         self.reset_parameters()
+
+    @property
+    def in_channels(self) -> int | None:
+        """C, known once the parameters exist (given, inferred at the first forward, or loaded)."""
+        return None if self.has_uninitialized_params() else self.centroids.shape[1]
 
     def reset_parameters(self) -> None:
         if self.has_uninitialized_params():
@@ -184,10 +188,9 @@ class NetVLAD(LazyModuleMixin, GlobalPool):
 
     def initialize_parameters(self, x: Tensor) -> None:  # called by LazyModuleMixin before the 1st forward
         if self.has_uninitialized_params():
-            self.in_channels = x.shape[1]
             with torch.no_grad():
-                self.centroids.materialize((self.clusters, self.in_channels))
-                self.assign_weight.materialize((self.clusters, self.in_channels))
+                self.centroids.materialize((self.clusters, x.shape[1]))
+                self.assign_weight.materialize((self.clusters, x.shape[1]))
             self.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
