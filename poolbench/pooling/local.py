@@ -225,7 +225,7 @@ def _open_unit(name: str, value: float) -> float:
     return float(value)
 
 
-@register("max", kind="local", formula="max over the k×k window", reference="nn.MaxPool2d")
+@register("max", kind="local", formula="max over the k×k window", reference="max pooling (nn.MaxPool2d)")
 class MaxLocal(LocalPool):
     """max over each k×k window; padding positions are ignored (−inf)."""
 
@@ -233,7 +233,12 @@ class MaxLocal(LocalPool):
         return max_pool(x, self.kernel_size, self.stride, self.padding)
 
 
-@register("avg", kind="local", formula="mean over the window", reference="nn.AvgPool2d(count_include_pad=False)")
+@register(
+    "avg",
+    kind="local",
+    formula="mean over the window",
+    reference="average pooling (nn.AvgPool2d, count_include_pad=False)",
+)
 class AvgLocal(LocalPool):
     """mean over each k×k window; padding positions are not counted."""
 
@@ -241,7 +246,7 @@ class AvgLocal(LocalPool):
         return avg_pool(x, self.kernel_size, self.stride, self.padding)
 
 
-@register("min", kind="local", formula="min over the window", reference="-max(-x)")
+@register("min", kind="local", formula="min over the window", reference="min pooling (mirror of max)")
 class MinLocal(LocalPool):
     """min over each k×k window; padding positions are ignored (+inf)."""
 
@@ -249,7 +254,7 @@ class MinLocal(LocalPool):
         return min_pool(x, self.kernel_size, self.stride, self.padding)
 
 
-@register("sum", kind="local", formula="Σ x over the window", reference="k²·AvgPool2d")
+@register("sum", kind="local", formula="Σ x over the window", reference="sum pooling (k²·avg where no padding)")
 class SumLocal(LocalPool):
     """Σ x over each k×k window; padding adds nothing."""
 
@@ -257,7 +262,7 @@ class SumLocal(LocalPool):
         return sum_pool(x, self.kernel_size, self.stride, self.padding)
 
 
-@register("l2", kind="local", formula="sqrt(Σ x²)", reference="LPPool2d with p=2 (Sermanet et al. 2012)")
+@register("l2", kind="local", formula="sqrt(Σ x²)", reference="L2 pooling (Sermanet et al. 2012)")
 class L2Local(LocalPool):
     """sqrt(Σ x²) over each k×k window (L2 pooling, Sermanet et al. 2012)."""
 
@@ -269,7 +274,7 @@ class L2Local(LocalPool):
     "power",
     kind="local",
     formula="(mean max(x, eps)^p)^(1/p)",
-    reference="power average, as GeM with fixed p (Radenović et al. 2018)",
+    reference="power average, GeM with fixed p (Radenović et al. 2018)",
 )
 class PowerLocal(LocalPool):
     """(mean max(x, eps)^p)^(1/p) over each k×k window; power average, GeM with a fixed p
@@ -294,7 +299,7 @@ class PowerLocal(LocalPool):
         return f"{super().extra_repr()}, p={self.p}, eps={self.eps}"
 
 
-@register("lpnorm", kind="local", formula="(Σ |x|^p)^(1/p)", reference="LPPool2d on |x| (Bruna et al. 2014)")
+@register("lpnorm", kind="local", formula="(Σ |x|^p)^(1/p)", reference="Lp pooling on |x| (Bruna et al. 2014)")
 class LpNormLocal(LocalPool):
     """(Σ |x|^p)^(1/p) over each k×k window (Lp pooling, Bruna, Szlam & LeCun, ICML 2014).
 
@@ -315,7 +320,7 @@ class LpNormLocal(LocalPool):
     "stochastic",
     kind="local",
     formula="train: x_i, i ~ max(x,0)/Σmax(x,0); eval: Σ π_i x_i",
-    reference="Zeiler & Fergus, ICLR 2013",
+    reference="stochastic pooling (Zeiler & Fergus, ICLR 2013)",
 )
 class StochasticLocal(LocalPool):
     """Stochastic pooling (Zeiler & Fergus, ICLR 2013). Training samples one position per window with
@@ -329,8 +334,8 @@ class StochasticLocal(LocalPool):
 @register(
     "fractional",
     kind="local",
-    formula="k×k max over pseudo-random windows, H' = floor(ratio·H)",
-    reference="Graham, arXiv 1412.6071 (2014)",
+    formula="k×k max at pseudo-random steps, H' = floor(output_ratio·H)",
+    reference="fractional max pooling (Graham 2014, arXiv 1412.6071)",
 )
 class FractionalLocal(LocalPool):
     """Fractional max pooling (Graham 2014), wrapping ``F.fractional_max_pool2d``.
@@ -385,7 +390,12 @@ class SortLocal(LocalPool):
         return f"{super().extra_repr()}, k={self.logits.numel()}"
 
 
-@register("softpool", kind="local", formula="Σ softmax(x)_i · x_i", reference="Stergiou et al., ICCV 2021")
+@register(
+    "softpool",
+    kind="local",
+    formula="Σ softmax(x)_i · x_i",
+    reference="SoftPool (Stergiou, Poppe & Kalliatakis, ICCV 2021)",
+)
 class SoftPoolLocal(LocalPool):
     """SoftPool (Stergiou, Poppe & Kalliatakis, ICCV 2021): Σ softmax(x)_i·x_i per window, with the
     max subtracted inside the softmax (the authors' kernels overflow: SoftPool #4, #61)."""
@@ -398,7 +408,7 @@ class SoftPoolLocal(LocalPool):
     "mixed",
     kind="local",
     formula="a·max + (1−a)·avg, a = sigmoid(learnable logit)",
-    reference="Lee, Gallagher & Tu, AISTATS 2016",
+    reference="mixed pooling (Lee, Gallagher & Tu, AISTATS 2016)",
     learnable=True,
 )
 class MixedLocal(LocalPool):

@@ -327,6 +327,14 @@ def test_mixed_starts_at_half_max_half_avg() -> None:
     torch.testing.assert_close(create_local("mixed")(x), expected)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", OPERATORS)
+def test_cuda_matches_cpu(name: str) -> None:
+    pool = make(name, kernel=3, stride=2, padding=1)
+    x = torch.randn(2, 3, 9, 8)
+    torch.testing.assert_close(pool.cuda()(x.cuda()).cpu(), pool.cpu()(x))
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
