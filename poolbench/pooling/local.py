@@ -44,7 +44,7 @@ def _float32_for_half(fn: Fn) -> Fn:
 def unfold_windows(
     x: Tensor, kernel_size: int, stride: int, padding: int = 0, fill: float = 0.0
 ) -> tuple[Tensor, Tensor | None]:
-    """Cut (B, C, H, W) into windows (B, C, H', W', k²) (a strided view when ``padding == 0``).
+    """Cut (B, C, H, W) into windows (B, C, H', W', k²): a copy of k²/stride² times the input's size.
 
     Out-of-map positions hold ``fill``. Returns the windows and a boolean in-map mask of shape
     (1, 1, H', W', k²), or ``None`` when there is no padding (every position is in the map).
