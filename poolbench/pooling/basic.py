@@ -31,7 +31,7 @@ def _promoted(param: Tensor, x: Tensor) -> Tensor:
 
 
 def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
-    return value.to(like.dtype) if isinstance(value, Tensor) else torch.tensor(value, dtype=like.dtype)
+    return value.to(like) if isinstance(value, Tensor) else torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -338,3 +338,13 @@ def test_stochastic_train_gradient_goes_to_the_drawn_position(random_map: Callab
     assert torch.equal(grad.sum(-1), torch.ones(2, 3, dtype=grad.dtype))
     drawn = x.detach().flatten(2).gather(-1, grad.argmax(-1, keepdim=True)).squeeze(-1)
     torch.testing.assert_close(drawn, out.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_matches_cpu(name: str, random_map: Callable) -> None:
+    x = random_map(2, 3, 5, 5, dtype=torch.float32)
+    m = make(name)
+    torch.testing.assert_close(m.cuda()(x.cuda()).cpu(), m.cpu()(x), atol=1e-5, rtol=1e-5)
+    if name == "stochastic":
+        assert m.cuda().train()(x.cuda()).device.type == "cuda"

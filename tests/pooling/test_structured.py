@@ -319,3 +319,13 @@ def test_half_precision_on_cpu_is_finite_and_close_to_float32(
     assert_low_precision_close(_edge_module(name, x), x, dtype, tol)
     if name == "bilinear":  # ΦΦᵀ of activations ~300 overflows float16 unless computed in float32
         assert torch.isfinite(create("bilinear")((300 * x).to(dtype))).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_matches_cpu(name: str, random_map: Callable) -> None:
+    x = random_map(2, 3, 5, 5, dtype=torch.float32)
+    m = _edge_module(name, x)
+    torch.testing.assert_close(m.cuda()(x.cuda()).cpu(), m.cpu()(x), atol=1e-5, rtol=1e-5)
+    lazy = create("netvlad").cuda()  # parameters created at the first forward land on the module's device
+    assert lazy(x.cuda()).device.type == "cuda" and lazy.centroids.device.type == "cuda"
