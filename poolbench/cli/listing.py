@@ -17,7 +17,8 @@ class What(str, Enum):
 
 
 def _format_params(params: dict[str, object]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params.items()) or "-"
+    shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return ", ".join(shown) or "-"
 
 
 @app.command("list")
