@@ -34,6 +34,7 @@ NON_IDENTITY_KEYS = (
     "trainer.num_threads",
     "trainer.num_workers",
     "dataset.cache_dir",
+    "grid",  # an experiment preset's sweep grid (poolbench sweep); each run's own values are in its config
 )
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
