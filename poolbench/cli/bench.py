@@ -1,0 +1,148 @@
+"""``poolbench bench``: time pooling operators (default) or backbone × pooling models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from poolbench.cli.app import app, console, console_err
+
+
+def _format(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _label(row: dict[str, object]) -> str:
+    if row["section"] == "model":
+        return str(row["name"])
+    return str(row["name"]) if row["section"] in ("global", "baseline") else f"local {row['name']}"
+
+
+def results_tables(rows: Sequence[dict[str, object]], caption: str) -> list[Table]:
+    """One table per input shape (operator mode) or per backbone (model mode)."""
+    groups: dict[str, list[dict[str, object]]] = {}
+    for row in rows:
+        key = f"{row['model']} · input {row['shape']}" if row["section"] == "model" else f"input {row['shape']}"
+        groups.setdefault(key, []).append(row)
+    tables = []
+    for title, group in groups.items():
+        table = Table(title=f"{title} · {caption}", title_justify="left")
+        for label in ("op", "pass", "median ± IQR ms", "n", "images/s", "× avg", "peak MiB", "GB/s (% copy)", "note"):
+            numeric = label not in ("op", "pass", "note")
+            table.add_column(label, justify="right" if numeric else "left", overflow="fold")
+        for row in group:
+            median, iqr = row["median_ms"], row["iqr_ms"]
+            timing = f"{_format(median)} ± {_format(iqr)}" if median is not None else "-"
+            bandwidth, copy = row["bandwidth_gb_s"], row["copy_bandwidth_gb_s"]
+            if isinstance(bandwidth, float) and isinstance(copy, float) and row["name"] != "copy":
+                bandwidth_text = f"{bandwidth:.3g} ({100 * bandwidth / copy:.0f}%)"
+            else:
+                bandwidth_text = _format(bandwidth)
+            table.add_row(
+                _label(row),
+                str(row["pass"]),
+                timing,
+                str(row["samples"]),
+                _format(row["images_per_s"]),
+                _format(row["ratio_to_avg"]),
+                _format(row["peak_mem_mb"]),
+                bandwidth_text,
+                str(row["note"]),
+            )
+        tables.append(table)
+    return tables
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+@app.command()
+def bench(
+    ops: str = typer.Option(None, "--ops", help="Comma-separated operators (default: all), e.g. avg,max,dgmp."),
+    local: bool = typer.Option(False, "--local", help="Only local (downsampling) operators."),
+    global_only: bool = typer.Option(False, "--global", help="Only global operators."),
+    shape: list[str] = typer.Option(
+        None, "--shape", help="Input B,C,H,W (repeatable). Default: 32,2048,7,7 32,2048,24,24 64,128,8,8."
+    ),
+    quick: bool = typer.Option(False, "--quick", help="Small shapes, few repeats: a smoke run in seconds."),
+    forward_only: bool = typer.Option(False, "--forward-only", help="Skip forward+backward."),
+    models: str = typer.Option(None, "--models", help="Model mode: backbones, e.g. smallcnn,resnet18."),
+    pooling: str = typer.Option("avg,dgmp", "--pooling", help="Model mode: global poolings (avg is always added)."),
+    input_size: int = typer.Option(64, "--input-size", help="Model mode: input H = W."),
+    in_channels: int = typer.Option(1, "--in-channels", help="Model mode: input channels."),
+    batch: str = typer.Option("16x4", "--batch", help="Model mode: P×K batch (writers x patches per writer)."),
+    last_stride: int = typer.Option(None, "--last-stride", help="Model mode: model.last_stride (1 = DGMP paper)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda or cuda:<i>."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (operator mode)."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's; always recorded)."),
+    warmup: int = typer.Option(None, "--warmup", help="Warm-up calls per variant (default 3; --quick 1)."),
+    repeats: int = typer.Option(None, "--repeats", help="Timed calls per variant (default 20; --quick 5)."),
+    budget: float = typer.Option(
+        None, "--budget", help="Seconds per variant after which it stops at 3 samples (default 2; --quick 0.3)."
+    ),
+    no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory pass."),
+    out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for the CSV and JSON results."),
+    save: bool = typer.Option(True, "--save/--no-save", help="Write CSV + JSON."),
+) -> None:
+    """Time pooling operators (forward, forward+backward) or whole models (inference, train step).
+
+    Medians and IQRs over interleaved calls after warm-up, peak memory, images/s, the ratio to avg
+    in the same run, and for avg/max/sum the achieved bandwidth next to a tensor copy's.
+    """
+    from poolbench import bench as lib
+    from poolbench.errors import ConfigError
+
+    settings = lib.BenchSettings.make(
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        quick=quick,
+        warmup=warmup,
+        repeats=repeats,
+        budget_s=budget,
+        memory=not no_memory,
+    )
+    if local and global_only:
+        raise ConfigError("--local and --global exclude each other (neither = both kinds)")
+
+    def note(message: str) -> None:
+        console_err.print(f"[dim]{message}[/]", highlight=False)
+
+    if models:
+        try:
+            writers, per_writer = (int(v) for v in batch.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"bad --batch '{batch}': expected PxK, e.g. 16x4") from None
+        rows = lib.bench_models(
+            _split(models),
+            _split(pooling),
+            settings,
+            input_size=input_size,
+            in_channels=in_channels,
+            writers=writers,
+            per_writer=per_writer,
+            model_overrides={"last_stride": last_stride} if last_stride is not None else None,
+            progress=note,
+        )
+    else:
+        kinds = ["local"] if local else ["global"] if global_only else ["global", "local"]
+        operators = lib.select_operators(_split(ops), kinds)
+        shapes = (
+            [lib.parse_shape(s) for s in shape] if shape else list(lib.QUICK_SHAPES if quick else lib.DEFAULT_SHAPES)
+        )
+        rows = lib.bench_operators(operators, shapes, settings, backward=not forward_only, progress=note)
+    records = [lib.row_dict(row) for row in rows]
+    caption = f"{settings.device} · {dtype} · {settings.threads} threads"
+    for table in results_tables(records, caption):
+        console.print(table)
+    if save:
+        csv_path, json_path = lib.write_results(rows, lib.environment(settings), out)
+        console.print(f"wrote {csv_path} and {json_path}", highlight=False)
