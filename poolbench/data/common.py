@@ -93,7 +93,7 @@ def read_image(path: Path, mode: str, scale: float = 1.0, short_side: int | None
                 if scale != 1.0:
                     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
                     image = image.resize(size, Image.Resampling.BOX)
-                return np.asarray(image, dtype=np.uint8)
+                return np.array(image, dtype=np.uint8)  # a writable copy, as torch wants
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot read image '{path}': {err}") from None
 
