@@ -36,6 +36,8 @@ CG_MIN_SIZE = 10**9
 CG_MAX_ITER = 100
 # Relative residual at which CG stops: gives ≤ 1e-4 relative agreement of ξ with the direct solve.
 CG_TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+# Estimated float32 rounding error of the dual's ξ (relative) above which it is solved in float64.
+DUAL_FLOAT32_ERROR = 1e-4
 # Floor on ‖ξ‖ in DGMP's L2 normalisation: an all-zero map gives ξ = 0 → output 0, finite gradient.
 NORM_EPS = 1e-6
 
@@ -74,7 +76,7 @@ def _bmv(matrices: Tensor, vectors: Tensor) -> Tensor:
     (measured with torch 2.15, 2 threads, (32, 2048, 49) and (32, 2048, 576)), so loop there.
     """
     if matrices.device.type == "cpu":
-        return torch.stack([torch.mv(m, v) for m, v in zip(matrices, vectors)])
+        return torch.stack([torch.mv(m, v) for m, v in zip(matrices, vectors, strict=True)])
     return (matrices @ vectors.unsqueeze(-1)).squeeze(-1)
 
 
@@ -83,9 +85,7 @@ def _dual_matvec(phi: Tensor, lam: Tensor, v: Tensor) -> Tensor:
     return _bmv(phi.mT, _bmv(phi, v)) + lam * v
 
 
-def _cg(
-    matvec: SolveFn, rhs: Tensor, diag: Tensor, tol: float, max_iter: int
-) -> tuple[Tensor, bool]:
+def _cg(matvec: SolveFn, rhs: Tensor, diag: Tensor, tol: float, max_iter: int) -> tuple[Tensor, bool]:
     """Batched Jacobi-preconditioned CG for SPD systems; returns (solution, every sample converged)."""
     x = torch.zeros_like(rhs)
     r = rhs.clone()
@@ -109,10 +109,12 @@ def _cg(
     return x, bool((r.norm(dim=-1) <= threshold).all())
 
 
-def _dual_solver(phi: Tensor, lam: Tensor, method: str) -> SolveFn:
-    """A solver for (ΦᵀΦ + λI) a = rhs: Cholesky, or CG falling back to Cholesky if it stalls."""
+def _dual_solver(phi: Tensor, lam: Tensor, method: str) -> tuple[SolveFn, Tensor]:
+    """A solver for (ΦᵀΦ + λI) a = rhs (Cholesky, or CG falling back to Cholesky if it stalls) and
+    the system's diagonal ‖φ_i‖² + λ."""
     if method == "dual":
-        return _spd_solver(_with_ridge(phi.mT @ phi, lam), lam)
+        system = _with_ridge(phi.mT @ phi, lam)
+        return _spd_solver(system, lam), system.diagonal(dim1=-2, dim2=-1)
     diag = phi.square().sum(1) + lam
     tol = CG_TOL[phi.dtype]
     direct: list[SolveFn] = []
@@ -125,7 +127,27 @@ def _dual_solver(phi: Tensor, lam: Tensor, method: str) -> SolveFn:
             direct.append(_spd_solver(_with_ridge(phi.mT @ phi, lam), lam))
         return direct[0](rhs)
 
-    return solve
+    return solve, diag
+
+
+def _solve(phi: Tensor, lam: Tensor, method: str) -> tuple[Tensor, tuple[Tensor, ...], SolveFn]:
+    """ξ, the tensors the backward needs, and the factorised solver it reuses."""
+    if method == "primal":
+        solve = _spd_solver(_with_ridge(phi @ phi.mT, lam), lam)
+        xi = solve(phi.sum(-1))
+        return xi, (phi, xi), solve
+    solve, diag = _dual_solver(phi, lam, method)
+    alpha = solve(phi.new_ones(phi.shape[0], phi.shape[2]))
+    xi = _bmv(phi, alpha)
+    if phi.dtype == torch.float32:
+        # ξ = Φα cancels large α components when λ is tiny and the descriptors are linearly
+        # dependent (α ~ 1/λ along null(Φ)); its float32 rounding error is about ε‖Φ‖‖α‖.
+        # Beyond DUAL_FLOAT32_ERROR relative to ‖ξ‖, solve again in float64.
+        frobenius = (diag.sum(-1) - lam * phi.shape[2]).clamp_min(0).sqrt()
+        error = torch.finfo(torch.float32).eps * frobenius * alpha.norm(dim=-1)
+        if bool((error > DUAL_FLOAT32_ERROR * xi.norm(dim=-1)).any()):
+            return _solve(phi.double(), lam.double(), method)
+    return xi, (phi, xi, alpha), solve
 
 
 class _GMPSolve(torch.autograd.Function):
@@ -133,18 +155,10 @@ class _GMPSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, phi: Tensor, lam: Tensor, method: str) -> Tensor:  # type: ignore[override]
-        ctx.method = method
-        if method == "primal":
-            solve = _spd_solver(_with_ridge(phi @ phi.mT, lam), lam)
-            xi = solve(phi.sum(-1))
-            ctx.save_for_backward(phi, xi)
-        else:
-            solve = _dual_solver(phi, lam, method)
-            alpha = solve(phi.new_ones(phi.shape[0], phi.shape[2]))
-            xi = _bmv(phi, alpha)
-            ctx.save_for_backward(phi, xi, alpha)
-        ctx.solve = solve
-        return xi
+        xi, saved, solve = _solve(phi, lam, method)
+        ctx.method, ctx.solve, ctx.input_dtype = method, solve, phi.dtype
+        ctx.save_for_backward(*saved)
+        return xi.to(phi.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -153,18 +167,19 @@ class _GMPSolve(torch.autograd.Function):
         # rank-2 matrix U Vᵀ; see the module docstring for the two systems.
         if ctx.method == "primal":
             phi, xi = ctx.saved_tensors
-            y = ctx.solve(grad_xi)
+            y = ctx.solve(grad_xi.to(phi.dtype))
             left = torch.stack((y, -xi), dim=-1)
             right = torch.stack((1.0 - _project(phi, xi), _project(phi, y)), dim=-1)
             solution = xi
         else:
             phi, xi, alpha = ctx.saved_tensors
+            grad_xi = grad_xi.to(phi.dtype)
             y = ctx.solve(_project(phi, grad_xi))
             left = torch.stack((grad_xi - _bmv(phi, y), -xi), dim=-1)
             right = torch.stack((alpha, y), dim=-1)
             solution = alpha
-        grad_phi = left @ right.mT if ctx.needs_input_grad[0] else None
-        grad_lam = -(y * solution).sum().reshape(()) if ctx.needs_input_grad[1] else None
+        grad_phi = (left @ right.mT).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
+        grad_lam = -(y * solution).sum().to(ctx.input_dtype).reshape(()) if ctx.needs_input_grad[1] else None
         return grad_phi, grad_lam, None
 
 
@@ -189,9 +204,7 @@ def _check_lam(lam: float | Tensor) -> None:
         raise ValueError(f"GMP lam must be a finite number > 0, got {value}")
 
 
-def generalized_max_pool(
-    x: Tensor, lam: float | Tensor, solver: str = "auto", *, normalize: bool = False
-) -> Tensor:
+def generalized_max_pool(x: Tensor, lam: float | Tensor, solver: str = "auto", *, normalize: bool = False) -> Tensor:
     """Generalized max pooling of x (B, C, H, W) -> ξ (B, C); ``normalize=True`` L2-normalises ξ (DGMP).
 
     ``lam`` is a float or a 0-dim tensor (gradients flow to it). ``solver``: ``auto`` (picked per
@@ -276,4 +289,4 @@ class DGMP(GlobalPool):
         return generalized_max_pool(x, self.lam, self.solver, normalize=True)
 
     def extra_repr(self) -> str:
-        return f"lam={float(self.lam):g} (learnable, log-parametrised), solver={self.solver}"
+        return f"lam={float(self.lam.detach()):g} (learnable, log-parametrised), solver={self.solver}"
