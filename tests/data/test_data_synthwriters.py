@@ -43,7 +43,7 @@ def test_bundle_structure(tmp_path: Path) -> None:
     assert not set(bundle.page_writers.tolist()) & set(bundle.train_labels.tolist())
     patch, writer = bundle.train[7]
     assert patch.shape == (1, 32, 32) and patch.dtype == torch.float32 and writer == 0
-    assert 0.0 <= float(patch.min()) and float(patch.max()) <= 1.0
+    assert float(patch.min()) >= 0.0 and float(patch.max()) <= 1.0
     # Every test page contributes tiles (96 // 32 = 3 -> up to 9 per page) and page indices cover all pages.
     pages_seen = {bundle.test[i][1] for i in range(len(bundle.test))}
     assert pages_seen == set(range(8)) and len(bundle.test) <= 8 * 9
