@@ -1,0 +1,59 @@
+"""Test-set evaluation: writer retrieval on page descriptors, or top-k classification accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from poolbench.data.base import DataBundle
+from poolbench.engine.train import amp_dtype
+from poolbench.errors import DataError
+from poolbench.metrics import accuracy, writer_retrieval
+
+
+def evaluate(
+    model: nn.Module,
+    data: DataBundle,
+    *,
+    device: torch.device,
+    batch_size: int,
+    amp: str = "none",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, float]:
+    """Retrieval: page descriptor = mean of the L2-normalised patch embeddings, L2-normalised again,
+    scored by :func:`~poolbench.metrics.writer_retrieval` against ``data.page_writers``.
+    Classification: ``acc@1`` and ``acc@5`` on ``data.test``. The model's train/eval mode is kept.
+    ``progress("evaluate", batches_done, batches_total)`` is called after every batch.
+    """
+    dtype = amp_dtype(amp, device)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    loader = DataLoader(data.test, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
+    outputs: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast:
+            for i, (x, y) in enumerate(loader, start=1):
+                outputs.append(model(x.to(device, non_blocking=True)).float())
+                targets.append(torch.as_tensor(y).to(device))
+                if progress:
+                    progress("evaluate", i, len(loader))
+    finally:
+        model.train(was_training)
+    out, labels = torch.cat(outputs), torch.cat(targets)
+    if data.task == "classification":
+        return accuracy(out.cpu(), labels.cpu(), ks=(1, 5))
+    if data.page_writers is None:
+        raise DataError(f"retrieval dataset {data.name} has no page_writers")
+    num_pages = len(data.page_writers)
+    sums = torch.zeros(num_pages, out.shape[1], device=out.device).index_add_(0, labels, F.normalize(out, dim=1))
+    counts = torch.bincount(labels, minlength=num_pages)
+    if bool((counts == 0).any()):
+        empty = int((counts == 0).sum())
+        raise DataError(f"{empty} of {num_pages} test pages of {data.name} have no patches to describe them")
+    return writer_retrieval(F.normalize(sums, dim=1).cpu(), data.page_writers)

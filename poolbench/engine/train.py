@@ -1,0 +1,395 @@
+"""The training loop: seeded, resumable, checkpointed every epoch, lean on the hot path.
+
+Reproducibility: weights are initialised from the seed the caller set (:func:`seed_everything`
+before ``build_model``); every epoch re-seeds python/numpy/torch and the batch sampler from
+``(seed, epoch)``, so a run resumed from the checkpoint of epoch e draws exactly the batches and
+random numbers an uninterrupted run draws in epoch e + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from poolbench.data.base import DataBundle
+from poolbench.engine.losses import batch_hard_triplet_loss, cross_entropy_loss
+from poolbench.engine.samplers import PKBatchSampler, RandomBatchSampler
+from poolbench.errors import ConfigError, PoolbenchError, unknown_choice
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+# On CUDA the loss is read back every this many steps (a host sync each time); on CPU every step,
+# where reading a scalar costs nothing.
+CUDA_FINITE_CHECK_EVERY = 25
+
+Progress = Callable[[str, int, int], None]
+Log = Callable[[str], None]
+
+
+class NonFiniteLossError(PoolbenchError):
+    """The training loss became NaN or Inf; ``epoch`` and ``step`` count from 1."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(
+            f"training loss became {value} at epoch {epoch}, step {step}; "
+            "try a lower trainer.lr, trainer.grad_clip or trainer.amp=none"
+        )
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The trainer keys ``fit`` uses (see conf/trainer/default.yaml), checked once."""
+
+    epochs: int = 4
+    steps_per_epoch: int | None = None
+    loss: str = "auto"
+    margin: float = 0.1
+    batch_size: int = 64
+    writers_per_batch: int = 16
+    patches_per_writer: int = 4
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    amsgrad: bool = False
+    scheduler: str = "cosine"
+    decay_start_epoch: int = 0
+    gamma: float = 0.9
+    grad_clip: float | None = None
+    amp: str = "auto"
+    channels_last: str | bool = "auto"
+    compile: bool = False
+    deterministic: bool = False
+    num_workers: int = 0
+    resume: bool = False
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig | Mapping[str, Any]) -> TrainerSettings:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        known = {f.name for f in fields(cls)}
+        settings = cls(**{k: v for k, v in raw.items() if k in known})  # type: ignore[arg-type]
+        for key, options in (
+            ("loss", ("auto", "ce", "triplet")),
+            ("optimizer", ("adam", "adamw", "sgd")),
+            ("scheduler", ("cosine", "exponential", "none")),
+            ("amp", ("auto", "bf16", "fp16", "none")),
+            ("channels_last", ("auto", True, False)),
+        ):
+            if getattr(settings, key) not in options:
+                raise ConfigError(unknown_choice(f"trainer.{key}", getattr(settings, key), map(str, options)))
+        if not isinstance(settings.epochs, int) or settings.epochs < 1:
+            raise ConfigError(f"trainer.epochs must be an integer >= 1, got {settings.epochs!r}")
+        if settings.steps_per_epoch is not None and settings.steps_per_epoch < 1:
+            raise ConfigError(f"trainer.steps_per_epoch must be null or >= 1, got {settings.steps_per_epoch!r}")
+        return settings
+
+    def amp_dtype(self, device: torch.device) -> torch.dtype | None:
+        return amp_dtype(self.amp, device)
+
+    def use_channels_last(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.channels_last == "auto" else bool(self.channels_last)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """auto → bf16 on CUDA, none elsewhere."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32  # DataLoader derives it from its generator and the worker id
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@contextmanager
+def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic kernels while training (warn-only: an op without one warns instead of failing
+    the run); otherwise cuDNN autotuning on CUDA. Global flags are restored afterwards."""
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    try:
+        if enabled:
+            if device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+
+
+def _optimizer(
+    model: nn.Module, s: TrainerSettings, pool_lr_mult: float, local_pool_lr_mult: float
+) -> torch.optim.Optimizer:
+    # Pool parameters (GeM p, DGMP λ, ...) get their own lr and no weight decay: decay would pull
+    # them towards 0, which is no neutral value for them (cirtorch #61).
+    groups: list[dict[str, Any]] = [{"params": model.backbone_parameters(), "weight_decay": s.weight_decay}]
+    pools = ((model.global_pool_parameters(), pool_lr_mult), (model.local_pool_parameters(), local_pool_lr_mult))
+    for params, mult in pools:
+        if params:
+            groups.append({"params": params, "lr": s.lr * mult, "weight_decay": 0.0})
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    adam = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
+    return adam(groups, lr=s.lr, weight_decay=s.weight_decay, amsgrad=s.amsgrad)
+
+
+def _lr_factor(s: TrainerSettings, steps_per_epoch: int) -> Callable[[int], float]:
+    """lr multiplier as a function of the optimiser step (the scheduler is stepped every step).
+
+    cosine: 0.5·(1 + cos(π·step/total_steps)), smooth over all steps. exponential: per epoch,
+    gamma^max(0, epoch − decay_start_epoch) (epochs from 0: constant up to decay_start_epoch).
+    """
+    total = s.epochs * steps_per_epoch
+    if s.scheduler == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    if s.scheduler == "exponential":
+        return lambda step: s.gamma ** max(0, step // steps_per_epoch - s.decay_start_epoch)
+    return lambda step: 1.0
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, rename: ``path`` is always whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in history)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy(), *rest))
+
+
+def _check_finite(losses: torch.Tensor, start: int, stop: int, epoch: int) -> None:
+    bad = ~torch.isfinite(losses[start:stop])
+    if bool(bad.any()):
+        index = start + int(bad.nonzero()[0])
+        raise NonFiniteLossError(epoch + 1, index + 1, float(losses[index]))
+
+
+def _loss_name(s: TrainerSettings, task: str) -> str:
+    name = s.loss if s.loss != "auto" else ("triplet" if task == "retrieval" else "ce")
+    wanted = "triplet" if task == "retrieval" else "ce"
+    if name != wanted:
+        raise ConfigError(f"trainer.loss={name} does not fit a {task} dataset; use trainer.loss=auto or {wanted}")
+    return name
+
+
+def _steps_per_epoch(s: TrainerSettings, data: DataBundle, loss: str) -> int:
+    if s.steps_per_epoch is not None:
+        return s.steps_per_epoch
+    batch = s.writers_per_batch * s.patches_per_writer if loss == "triplet" else s.batch_size
+    return max(1, len(data.train) // batch)  # type: ignore[arg-type]
+
+
+def _summary(history: list[dict[str, Any]], resumed_from: int) -> dict[str, Any]:
+    seconds = sum(row["seconds"] for row in history)
+    steps = sum(row["steps"] for row in history)
+    return {
+        "epochs_done": len(history),
+        "train_loss": history[-1]["loss"] if history else math.nan,
+        "train_steps": steps,
+        "train_seconds": round(seconds, 3),
+        "steps_per_s": round(steps / seconds, 3) if seconds > 0 else math.nan,
+        "resumed_from_epoch": resumed_from,
+    }
+
+
+def fit(
+    model: nn.Module,
+    data: DataBundle,
+    trainer_cfg: DictConfig | Mapping[str, Any],
+    *,
+    device: torch.device,
+    seed: int,
+    run_dir: Path,
+    pool_lr_mult: float,
+    local_pool_lr_mult: float = 1.0,
+    progress: Progress | None = None,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` (a :class:`~poolbench.models.PoolNet`) in place on ``data.train``.
+
+    Writes ``run_dir/checkpoint.pt`` after every epoch and appends one line per epoch to
+    ``run_dir/metrics.jsonl``. With ``trainer.resume`` and an existing checkpoint, training continues
+    after its last epoch. ``progress("train", steps_done, steps_total)`` is called after every step.
+    Returns epochs_done, train_loss (mean of the last epoch), train_steps, train_seconds (the loops
+    only, all epochs including those before a resume), steps_per_s and resumed_from_epoch.
+    Raises :class:`NonFiniteLossError` when the loss is NaN/Inf; the last checkpoint stays intact.
+    """
+    s = TrainerSettings.from_cfg(trainer_cfg)
+    loss_name = _loss_name(s, data.task)
+    loss_fn = batch_hard_triplet_loss if loss_name == "triplet" else cross_entropy_loss
+    steps = _steps_per_epoch(s, data, loss_name)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
+    dtype = s.amp_dtype(device)
+    memory_format = torch.channels_last if s.use_channels_last(device) else torch.contiguous_format
+
+    with deterministic_mode(s.deterministic, device):
+        model.to(device=device, memory_format=memory_format)
+        optimizer = _optimizer(model, s, pool_lr_mult, local_pool_lr_mult)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(s, steps))
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        history: list[dict[str, Any]] = []
+        start_epoch = 0
+        if s.resume and checkpoint_path.is_file():
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            try:
+                model.load_state_dict(state["model"])
+            except RuntimeError as exc:
+                raise ConfigError(f"{checkpoint_path} does not match this model: {exc}") from None
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            start_epoch, history = state["epoch"], state["history"]
+            if log:
+                log(f"resuming from {checkpoint_path} after epoch {start_epoch}/{s.epochs}")
+        # Rewritten from the checkpoint's history: a crash between checkpoint and append must not
+        # leave a missing or duplicated line.
+        _write_history(metrics_path, history)
+
+        batch_generator = torch.Generator()
+        sampler: PKBatchSampler | RandomBatchSampler
+        if loss_name == "triplet":
+            sampler = PKBatchSampler(
+                data.train_labels, s.writers_per_batch, s.patches_per_writer, steps, batch_generator
+            )
+        else:
+            sampler = RandomBatchSampler(len(data.train), s.batch_size, steps, batch_generator)  # type: ignore[arg-type]
+        worker_generator = torch.Generator()
+        loader = DataLoader(
+            data.train,
+            batch_sampler=sampler,
+            num_workers=s.num_workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_seed_worker if s.num_workers > 0 else None,
+            generator=worker_generator,
+        )
+        step_model = torch.compile(model) if s.compile else model
+        check_every = 1 if device.type == "cpu" else CUDA_FINITE_CHECK_EVERY
+        total_steps = s.epochs * steps
+        done = start_epoch * steps
+        if progress:
+            progress("train", min(done, total_steps), total_steps)
+
+        for epoch in range(start_epoch, s.epochs):
+            this_seed = epoch_seed(seed, epoch)
+            seed_everything(this_seed)
+            batch_generator.manual_seed(this_seed)
+            worker_generator.manual_seed(this_seed)
+            model.train()
+            lr = optimizer.param_groups[0]["lr"]
+            losses = torch.zeros(steps, device=device)
+            checked = n = 0
+            started = time.perf_counter()
+            for n, (x, y) in enumerate(loader, start=1):  # noqa: B007  (n is the step count after the loop)
+                x = x.to(device, non_blocking=True, memory_format=memory_format)
+                y = y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    out = step_model(x)
+                loss = loss_fn(out.float(), y, s.margin)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if s.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                losses[n - 1] = loss.detach()
+                if n - checked >= check_every:
+                    _check_finite(losses, checked, n, epoch)
+                    checked = n
+                if progress:
+                    progress("train", done + n, total_steps)
+            _check_finite(losses, checked, n, epoch)
+            mean_loss = losses[:n].mean().item() if n else math.nan
+            seconds = time.perf_counter() - started
+            done += n
+            row = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr, "seconds": round(seconds, 4), "steps": n}
+            history.append(row)
+            _atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1,
+                    "rng": _rng_state(),
+                    "history": history,
+                },
+                checkpoint_path,
+            )
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if log:
+                rate = n / seconds if seconds > 0 else math.nan
+                log(f"epoch {epoch + 1}/{s.epochs} loss {mean_loss:.4f} lr {lr:.3g} {seconds:.1f} s {rate:.1f} steps/s")
+    return _summary(history, start_epoch)
