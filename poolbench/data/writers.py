@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "input_size": 128,
     "min_edges": 0.03,
     "train_patches_per_page": 100,
+    "check_disjoint": True,
 }
 
 
@@ -104,9 +105,10 @@ def build_icdar17(cfg: Mapping[str, Any], *, seed: int,
     check_page_sizes(train_pages, train_names, crop_size)
     check_page_sizes(test_pages, test_names, crop_size)
     shared = sorted(set(train_ids) & set(test_ids))
-    if shared:
-        raise DataError(f"icdar17: {len(shared)} writer(s) appear in both train and test (e.g. writer {shared[0]}); "
-                        f"the splits must have disjoint writers")
+    if shared and options["check_disjoint"]:
+        raise DataError(f"icdar17: {len(shared)} writer id(s) appear in both train and test (e.g. {shared[0]}); "
+                        f"the splits must have disjoint writers (if they number writers independently, set "
+                        f"dataset.check_disjoint=false)")
     page_writers = torch.tensor(test_ids, dtype=torch.int64)
     check_test_pages(page_writers, "icdar17")
 
