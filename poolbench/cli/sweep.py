@@ -1,0 +1,209 @@
+"""``poolbench sweep``: a resumable grid of train runs with a live view."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
+from poolbench.errors import PoolbenchError
+
+if TYPE_CHECKING:
+    from poolbench.sweep import Outcome, PlannedRun, SweepState
+
+STATUS_STYLE = {
+    "new": "cyan",
+    "completed": "green",
+    "unfinished": "yellow",
+    "failed": "red",
+    "elsewhere": "magenta",
+    "overwrite": "cyan",
+}
+
+
+class Executor(str, Enum):
+    local = "local"
+    submitit = "submitit"
+    slurm = "slurm"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class LiveView:
+    """Rendered by rich at every refresh, so elapsed times and the ETA tick between events."""
+
+    def __init__(self, state: SweepState, title: str) -> None:
+        self.state = state
+        self.title = title
+
+    def __rich__(self) -> RenderableType:
+        state = self.state
+        total = len(state.plan)
+        finished = len(state.done) + state.skipped + len(state.failed) + len(state.elsewhere)
+        counts = Text.assemble(
+            (f"{self.title}: ", "bold"),
+            (f"done {len(state.done)}", "green"),
+            " · ",
+            (f"running {len(state.running)}", "cyan"),
+            " · ",
+            (f"failed {len(state.failed)}", "red" if state.failed else ""),
+            " · ",
+            (f"skipped {state.skipped}", "dim"),
+            " · ",
+            *((f"elsewhere {len(state.elsewhere)}", "magenta"), " · ") if state.elsewhere else (),
+            f"left {state.left}",
+            " · ",
+            (f"ETA {_duration(state.eta_s()) if state.left or state.running else '0s'}", "bold"),
+            f" · elapsed {_duration(time.monotonic() - state.started)}",
+        )
+        parts: list[RenderableType] = [counts, ProgressBar(total=max(total, 1), completed=finished, width=60)]
+        now = time.monotonic()
+        for run_id, started in list(state.running.items()):
+            parts.append(Text(f"  ▶ {run_id}  {_duration(now - started)}", style="cyan"))
+        return Group(*parts)
+
+
+def _plan_table(planned: list[PlannedRun]) -> Table:
+    table = Table(title=f"{len(planned)} runs", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("run id", no_wrap=True)
+    for column in ("swept overrides", "status", "action"):
+        table.add_column(column)
+    for i, run in enumerate(planned, 1):
+        style = STATUS_STYLE[run.status]
+        table.add_row(str(i), run.run_id, " ".join(run.swept), f"[{style}]{run.status}[/]", run.action)
+    return table
+
+
+def _summary(state: SweepState) -> str:
+    parts = [
+        f"{len(state.done)} completed",
+        f"{state.skipped} skipped (already completed)",
+        f"{len(state.failed)} failed",
+    ]
+    if state.elsewhere:
+        parts.append(f"{len(state.elsewhere)} running elsewhere (left to their process)")
+    if state.left:
+        parts.append(f"{state.left} not started")
+    return ", ".join(parts)
+
+
+def _slurm_params(options: list[str]) -> dict[str, Any]:
+    import yaml
+
+    params: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise PoolbenchError(f"--slurm-param takes key=value (e.g. slurm_account=proj), got '{option}'")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+@app.command(context_settings=EXTRA_ARGS)
+def sweep(
+    overrides: list[str] = typer.Argument(
+        None,
+        help="Hydra overrides and sweeps: pooling=avg,max,dgmp seed=range(0,3) model=glob(resnet*) experiment=quick",
+        show_default=False,
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="List the runs and what would happen; run nothing."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once (threads per run = cores // jobs)."),
+    executor: Executor = typer.Option(
+        Executor.local,
+        "--executor",
+        "-e",
+        help="local: this machine (a process pool when --jobs > 1); submitit: submitit (SLURM when sbatch "
+        "is available, else its local executor); slurm: submitit's SLURM executor.",
+    ),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Start no new run after the first failure."),
+    name: str = typer.Option(None, "--name", help="Recorded as sweep_name [default: the experiment's name]."),
+    timeout_min: int = typer.Option(240, "--timeout-min", help="submitit/SLURM: time limit per run (minutes)."),
+    slurm_partition: str = typer.Option(None, "--slurm-partition", help="SLURM partition."),
+    gpus_per_node: int = typer.Option(None, "--gpus-per-node", help="submitit/SLURM: GPUs per run."),
+    cpus_per_task: int = typer.Option(None, "--cpus-per-task", help="submitit/SLURM: CPU cores per run."),
+    mem_gb: float = typer.Option(None, "--mem-gb", help="submitit/SLURM: memory per run (GB)."),
+    slurm_param: list[str] = typer.Option(
+        None, "--slurm-param", help="Any other submitit parameter, e.g. slurm_account=proj (repeatable)."
+    ),
+) -> None:
+    """Run a grid of train runs; re-running skips completed runs and resumes interrupted ones."""
+    from poolbench import sweep as sweeping
+
+    arguments = overrides or []
+    experiments = [o.split("=", 1)[1] for o in arguments if o.lstrip("+").startswith("experiment=")]
+    sweep_name = name or (experiments[0] if len(experiments) == 1 and "," not in experiments[0] else None)
+    with console_err.status("composing the grid's configs…"):
+        planned = sweeping.plan(arguments, name=sweep_name)
+    if dry_run:
+        console.print(_plan_table(planned))
+        to_run = sum(p.status in sweeping.TO_RUN for p in planned)
+        console.print(f"{to_run} of {len(planned)} runs would start; nothing was run (--dry-run)")
+        return
+    params: dict[str, Any] = {"timeout_min": timeout_min, **_slurm_params(slurm_param or [])}
+    for key, value in (
+        ("slurm_partition", slurm_partition),
+        ("gpus_per_node", gpus_per_node),
+        ("cpus_per_task", cpus_per_task),
+        ("mem_gb", mem_gb),
+    ):
+        if value is not None:
+            params[key] = value
+
+    state_box: list[SweepState] = []
+    view: LiveView | None = None
+    reported: set[str] = set()
+
+    def on_change(state: SweepState) -> None:
+        nonlocal view
+        if not state_box:
+            state_box.append(state)
+            view = LiveView(state, sweep_name or "sweep")
+            live.update(view)
+        for outcome in (*state.done, *state.failed):
+            if outcome.run_id not in reported:
+                reported.add(outcome.run_id)
+                _print_outcome(outcome)
+
+    with Live(console=console, refresh_per_second=2, transient=False) as live:
+        try:
+            state = sweeping.run_sweep(
+                planned,
+                jobs=jobs,
+                executor=executor.value,
+                fail_fast=fail_fast,
+                executor_params=params,
+                on_change=on_change,
+            )
+        except KeyboardInterrupt:
+            live.stop()
+            summary = _summary(state_box[0]) if state_box else "nothing finished"
+            console_err.print(f"[yellow]interrupted[/]: {summary}; re-run the same command to resume")
+            raise typer.Exit(130) from None
+    console.print(_summary(state))
+    if state.failed:
+        console_err.print(f"[red]{len(state.failed)} run(s) failed[/] (their result.json says why):")
+        for outcome in state.failed:
+            console_err.print(f"  {outcome.run_id}: {outcome.error}", highlight=False, markup=False)
+        raise typer.Exit(1)
+
+
+def _print_outcome(outcome: Outcome) -> None:
+    if outcome.status == "completed":
+        console.print(f"[green]✓[/] {outcome.run_id}  {_duration(outcome.wall_time_s)}", highlight=False)
+    else:
+        console.print(f"[red]✗[/] {outcome.run_id}: {outcome.error}", highlight=False)
