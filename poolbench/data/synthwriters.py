@@ -404,7 +404,7 @@ def build(cfg: Mapping[str, Any], *, seed: int, progress: Progress | None = None
     if patch_size > page_size:
         raise DataError(f"synthwriters: patch_size {patch_size} is larger than page_size {page_size}")
     input_size = patch_size if options["input_size"] is None else positive_int(options, "input_size")
-    generation_seed = seed if options["generation_seed"] is None else int(options["generation_seed"])
+    generation_seed = seed if options["generation_seed"] is None else positive_int(options, "generation_seed", 0)
     params = generation_params(options, generation_seed)
     cache_dir = Path(options["cache_dir"]).expanduser() if options["cache_dir"] else default_cache_dir()
     data, cache_path, cached = load_or_generate(params, cache_dir, progress)

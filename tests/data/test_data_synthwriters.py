@@ -101,6 +101,7 @@ def test_training_crops_follow_torch_seed(tmp_path: Path) -> None:
     ("overrides", "error", "match"),
     [
         ({"difficulty": 1.5}, ConfigError, "difficulty"),
+        ({"generation_seed": "abc"}, ConfigError, "generation_seed"),
         ({"test_pages_per_writer": 1}, ConfigError, "test_pages_per_writer"),
         ({"fonts": ["scrips"]}, ConfigError, "Did you mean 'scripts'"),
         ({"patch_sise": 3}, ConfigError, "patch_size"),
