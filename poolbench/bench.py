@@ -49,6 +49,7 @@ BASELINE = "avg"
 # A variant keeps being sampled until it has MIN_SAMPLES samples and has used its time budget.
 MIN_SAMPLES = 3
 TRIPLET_MARGIN = 0.1  # conf/trainer/default.yaml's margin
+CLASSIFICATION_CLASSES = 12  # CLaMM's script classes
 
 
 @dataclass
@@ -410,12 +411,13 @@ def _bench_shape(
 
 @dataclass
 class ModelCase:
-    """A backbone with one global pooling, ready to time."""
+    """A backbone with one global pooling, its optimiser and its task's loss, ready to time."""
 
     model_name: str
     pooling: str
     net: nn.Module
     optimizer: torch.optim.Optimizer
+    task: str
     feature_map: tuple[int, int]
 
 
@@ -442,8 +444,8 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     options = group_options("model")
     if name not in options:
         raise ConfigError(unknown_choice("model", name, options))
-    node = dict(OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"), resolve=True))  # type: ignore[arg-type]
-    return {**node, **overrides}
+    node = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"), resolve=True)
+    return {**node, **overrides}  # type: ignore[dict-item]
 
 
 def build_case(
@@ -452,10 +454,12 @@ def build_case(
     *,
     in_channels: int,
     input_size: int,
+    task: str = "retrieval",
+    num_classes: int = CLASSIFICATION_CLASSES,
     model_overrides: dict[str, Any] | None = None,
     lr: float = 1e-3,
 ) -> ModelCase:
-    """The model with Adam (pooling parameters in their own group, as training does) and its loss."""
+    """The model with Adam, pooling parameters in their own group (lr × lr_mult, no decay) as in training."""
     from poolbench.models import build_model
 
     pool_cfg = pooling_config(pooling)
@@ -465,22 +469,27 @@ def build_case(
         {"name": "none"},
         in_channels=in_channels,
         input_size=input_size,
-        num_classes=2,  # unused by the retrieval head
-        task="retrieval",
+        num_classes=num_classes,
+        task=task,
     )
-    lr_mult = float(pool_cfg.get("lr_mult", 1.0))
-    groups = [{"params": net.backbone_parameters()}]
+    groups: list[dict[str, Any]] = [{"params": net.backbone_parameters()}]
     if net.pool_parameters():
+        lr_mult = float(pool_cfg.get("lr_mult", 1.0))
         groups.append({"params": net.pool_parameters(), "lr": lr * lr_mult, "weight_decay": 0.0})
     optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=1e-5)
-    return ModelCase(model_name, pooling, net, optimizer, net.feature_map_size)
+    return ModelCase(model_name, pooling, net, optimizer, task, net.feature_map_size)
 
 
 def model_step_fns(
     case: ModelCase, images: torch.Tensor, labels: torch.Tensor
 ) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """(inference, train step) closures: eval-mode no-grad forward; train-mode forward/loss/backward/step."""
-    from poolbench.engine.losses import batch_hard_triplet_loss
+    """(inference, train step) closures: eval-mode no-grad forward; train-mode forward/loss/backward/step.
+
+    The loss is the task's training loss: batch-hard triplet (retrieval) or cross-entropy.
+    """
+    from poolbench.engine.losses import batch_hard_triplet_loss, cross_entropy_loss
+
+    loss_fn = batch_hard_triplet_loss if case.task == "retrieval" else cross_entropy_loss
 
     def inference() -> torch.Tensor:
         case.net.eval()
@@ -490,7 +499,7 @@ def model_step_fns(
     def train_step() -> torch.Tensor:
         case.net.train()
         case.optimizer.zero_grad(set_to_none=True)
-        loss = batch_hard_triplet_loss(case.net(images), labels, TRIPLET_MARGIN)
+        loss = loss_fn(case.net(images), labels, TRIPLET_MARGIN)
         loss.backward()
         case.optimizer.step()
         return loss
@@ -498,12 +507,27 @@ def model_step_fns(
     return inference, train_step
 
 
-def writer_batch(writers: int, per_writer: int, in_channels: int, size: int, device: torch.device) -> tuple:
+def writer_batch(
+    writers: int, per_writer: int, in_channels: int, size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A random P×K batch: ``writers`` labels with ``per_writer`` images each (as retrieval training draws)."""
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(writers * per_writer, in_channels, size, size, device=device, generator=generator)
     labels = torch.arange(writers, device=device).repeat_interleave(per_writer)
     return images, labels
+
+
+def paired_ratios(samples: Sequence[float], baseline: Sequence[float]) -> tuple[float, float, float]:
+    """Median, first and third quartile of sample_i / baseline_i over interleaved pairs.
+
+    Pairs were taken moments apart, so load from other processes mostly cancels in each ratio;
+    the quartiles state the noise that is left.
+    """
+    ratios = [a / b for a, b in zip(samples, baseline, strict=False)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, q1, q3
 
 
 def bench_models(
@@ -515,17 +539,21 @@ def bench_models(
     in_channels: int = 1,
     writers: int = 16,
     per_writer: int = 4,
+    task: str = "retrieval",
     model_overrides: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
-    """Backbone × pooling: inference and train step on a random P×K batch, poolings interleaved.
+    """Backbone × pooling: inference and train step on one random P×K batch, poolings interleaved.
 
-    Retrieval setting (the default dataset's): embedding head, triplet loss, Adam.
+    Retrieval (the default dataset's setting): embedding head and batch-hard triplet loss;
+    classification: linear head and cross-entropy. Adam in both.
     """
     if settings.dtype != torch.float32:
-        raise ConfigError("model mode times fp32 models only (training uses autocast for bf16; not benchmarked here)")
+        raise ConfigError("model mode times fp32 models only (bf16 training uses autocast: trainer.amp=bf16)")
     poolings = list(dict.fromkeys([BASELINE, *poolings]))
     images, labels = writer_batch(writers, per_writer, in_channels, input_size, settings.device)
+    if task == "classification":
+        labels = labels % CLASSIFICATION_CLASSES
     rows: list[BenchRow] = []
     for model_name in model_names:
         if progress:
@@ -533,7 +561,12 @@ def bench_models(
         torch.manual_seed(0)
         cases = {
             p: build_case(
-                model_name, p, in_channels=in_channels, input_size=input_size, model_overrides=model_overrides
+                model_name,
+                p,
+                in_channels=in_channels,
+                input_size=input_size,
+                task=task,
+                model_overrides=model_overrides,
             )
             for p in poolings
         }
@@ -542,7 +575,6 @@ def bench_models(
         fns = {p: model_step_fns(case, images, labels) for p, case in cases.items()}
         for index, pass_ in enumerate(("inference", "train step")):
             samples, errors = interleaved_samples({p: pair[index] for p, pair in fns.items()}, settings)
-            baseline = median_iqr(samples[BASELINE])[0] if samples[BASELINE] else None
             for p, case in cases.items():
                 height, width = case.feature_map
                 row = BenchRow(
@@ -560,7 +592,8 @@ def bench_models(
                     row.median_ms, row.iqr_ms = median_iqr(samples[p])
                     row.samples = len(samples[p])
                     row.images_per_s = images.shape[0] / row.median_ms * 1e3
-                    row.ratio_to_avg = row.median_ms / baseline if baseline else None
+                    if samples[BASELINE]:
+                        row.ratio_to_avg = row.median_ms / median_iqr(samples[BASELINE])[0]
                     if settings.memory:
                         row.peak_mem_mb = peak_memory_mb(fns[p][index], settings.device)
                 rows.append(row)
