@@ -48,6 +48,7 @@ MEMORY_BOUND = ("avg", "max", "sum")
 BASELINE = "avg"
 # A variant keeps being sampled until it has MIN_SAMPLES samples and has used its time budget.
 MIN_SAMPLES = 3
+NOT_DIFFERENTIABLE = "output has no gradient: backward skipped"
 TRIPLET_MARGIN = 0.1  # conf/trainer/default.yaml's margin
 CLASSIFICATION_CLASSES = 12  # CLaMM's script classes
 
@@ -278,10 +279,8 @@ def _make_operator(kind: str, name: str) -> nn.Module:
     return pooling.create(name) if kind == "global" else pooling.create_local(name)
 
 
-def _passes(
-    module: nn.Module, x: torch.Tensor
-) -> tuple[Callable[[], Any], Callable[[], Any] | None, str, torch.Tensor]:
-    """(forward fn, forward+backward fn or None, note, forward output) of one operator on ``x``."""
+def _passes(module: nn.Module, x: torch.Tensor) -> tuple[Callable[[], Any], Callable[[], Any] | None, torch.Tensor]:
+    """(forward fn, forward+backward fn or None when the output has no gradient, output) of an operator."""
 
     def forward() -> torch.Tensor:
         with torch.no_grad():
@@ -294,13 +293,13 @@ def _passes(
     inputs = [x_grad, *(p for p in module.parameters() if p.requires_grad)]
     train_out = module(x_grad)
     if not train_out.requires_grad:
-        return forward, None, "not differentiable: backward skipped", out
+        return forward, None, out
     grad_out = torch.randn_like(train_out)
 
     def forward_backward() -> tuple[torch.Tensor | None, ...]:
         return torch.autograd.grad(module(x_grad), inputs, grad_out, allow_unused=True)
 
-    return forward, forward_backward, "", out
+    return forward, forward_backward, out
 
 
 def bench_operators(
@@ -355,19 +354,16 @@ def _bench_shape(
     for key in ops:
         kind, name = key
         try:
-            module = modules.get(key) or _make_operator(kind, name)
-            module = module.to(device=device, dtype=dtype)
-            forward, forward_backward, note, out = _passes(module, x)
+            module = modules[key] if key in modules else _make_operator(kind, name)
+            forward, forward_backward, out = _passes(module.to(device=device, dtype=dtype), x)
         except (RuntimeError, ValueError, NotImplementedError) as exc:
             setup_errors[key] = _first_line(exc)
             continue
         forward_fns[key] = forward
         out_numel[key] = out.numel()
-        notes[key] = note if key in requested else "; ".join(filter(None, [note, "ratio baseline"]))
-        if forward_backward is not None and backward:
+        notes[key] = "" if key in requested else "ratio baseline"
+        if forward_backward is not None:
             backward_fns[key] = forward_backward
-        elif not backward:
-            notes[key] = notes[key].replace("not differentiable: backward skipped", "not differentiable")
 
     rows: list[BenchRow] = []
     passes = [("forward", forward_fns)] + ([("forward+backward", backward_fns)] if backward else [])
@@ -399,7 +395,7 @@ def _bench_shape(
             for key in ops:
                 if key in forward_fns and key not in backward_fns:
                     rows.append(base_row(key[0], key[1], pass_))
-                    rows[-1].note = notes[key]
+                    rows[-1].note = NOT_DIFFERENTIABLE
     for key, error in setup_errors.items():
         rows.append(base_row(key[0], key[1], "forward"))
         rows[-1].note = error
