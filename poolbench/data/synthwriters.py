@@ -240,11 +240,12 @@ def page_points(style: dict[str, Any], font: str, size: int, rng: np.random.Gene
 
     # Smooth warp field (a sum of a few plane waves per coordinate), applied to segment end points,
     # which are at most a few pixels apart.
-    coords = np.stack([px, py], axis=-1)
-    px = px + style["warp_amplitude"] / math.sqrt(WARP_WAVES) * np.sin(
-        coords @ style["warp_freq"][0].T + style["warp_phase"][0]).sum(axis=-1)
-    py = py + style["warp_amplitude"] / math.sqrt(WARP_WAVES) * np.sin(
-        coords @ style["warp_freq"][1].T + style["warp_phase"][1]).sum(axis=-1)
+    amplitude = style["warp_amplitude"] / math.sqrt(WARP_WAVES)
+    shifts = []
+    for axis in (0, 1):
+        (fx, fy), phase = style["warp_freq"][axis].T, style["warp_phase"][axis]
+        shifts.append(amplitude * np.sin(px[..., None] * fx + py[..., None] * fy + phase).sum(axis=-1))
+    px, py = px + shifts[0], py + shifts[1]
 
     # Sample points along the segments.
     dx, dy = px[:, 1] - px[:, 0], py[:, 1] - py[:, 0]
