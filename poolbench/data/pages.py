@@ -2,8 +2,10 @@
 
 A page is a uint8 grayscale tensor (H, W) with ink bright on a dark background (0 = no ink); items
 are float (1, S, S) in [0, 1] with the same polarity, so zero padding in a CNN means "no ink".
-Each page has a boolean *content* mask (ink pixels for clean synthetic pages, Sobel edges for
-scans) used to skip near-empty patches, like the DGMP authors' Canny edge filter.
+A *content* function maps a page or crop to a boolean mask (ink pixels for clean synthetic pages,
+Sobel edges for scans); it is used to skip near-empty patches, like the DGMP authors' Canny edge
+filter. Masks are computed on demand (per crop, or per page while tiling) and never stored, so only
+the uint8 pages stay in memory.
 
 - Training (``RandomPatches``): random crops of ``crop_size`` page pixels, resized to
   ``input_size``; positions come from torch's global RNG, so the engine's seeding makes them
@@ -16,12 +18,15 @@ scans) used to skip near-empty patches, like the DGMP authors' Canny edge filter
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from poolbench.errors import DataError
 
+ContentMask = Callable[[torch.Tensor], torch.Tensor]
 SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
@@ -60,7 +65,7 @@ def to_input(crop: torch.Tensor, input_size: int) -> torch.Tensor:
 class RandomPatches(Dataset):
     """``patches_per_page`` random crops of every page; item i comes from page i // patches_per_page."""
 
-    def __init__(self, pages: list[torch.Tensor], content: list[torch.Tensor], page_labels: torch.Tensor,
+    def __init__(self, pages: list[torch.Tensor], content: ContentMask, page_labels: torch.Tensor,
                  crop_size: int, input_size: int, patches_per_page: int, min_content: float,
                  max_tries: int = 10):
         self.pages = pages
@@ -81,13 +86,12 @@ class RandomPatches(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         page_index = index // self.patches_per_page
-        page, content = self.pages[page_index], self.content[page_index]
-        size = self.crop_size
+        page, size = self.pages[page_index], self.crop_size
         best, best_pixels = (0, 0), -1.0
         for _ in range(self.max_tries):
             y = int(torch.randint(0, page.shape[0] - size + 1, ()))
             x = int(torch.randint(0, page.shape[1] - size + 1, ()))
-            pixels = float(content[y:y + size, x:x + size].sum())
+            pixels = float(self.content(page[y:y + size, x:x + size]).sum())
             if pixels > best_pixels:
                 best, best_pixels = (y, x), pixels
             if pixels >= self.min_pixels:
@@ -112,14 +116,14 @@ def tile_positions(content: torch.Tensor, crop_size: int, min_content: float) ->
 class TiledPatches(Dataset):
     """Non-overlapping tiles of every test page; yields (patch, page_index)."""
 
-    def __init__(self, pages: list[torch.Tensor], content: list[torch.Tensor], crop_size: int,
+    def __init__(self, pages: list[torch.Tensor], content: ContentMask, crop_size: int,
                  input_size: int, min_content: float):
         self.pages = pages
         self.crop_size = crop_size
         self.input_size = input_size
         self.items = [(page_index, y, x)
-                      for page_index, mask in enumerate(content)
-                      for y, x in tile_positions(mask, crop_size, min_content)]
+                      for page_index, page in enumerate(pages)
+                      for y, x in tile_positions(content(page), crop_size, min_content)]
 
     def __len__(self) -> int:
         return len(self.items)

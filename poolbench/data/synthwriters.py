@@ -413,9 +413,9 @@ def build(cfg: Mapping[str, Any], *, seed: int, progress: Progress | None = None
     pages, writers, is_test = data["pages"], data["writers"], data["is_test"]
     train_pages = list(pages[~is_test])
     test_pages = list(pages[is_test])
-    train = RandomPatches(train_pages, [ink_mask(p) for p in train_pages], writers[~is_test], patch_size,
+    train = RandomPatches(train_pages, ink_mask, writers[~is_test], patch_size,
                           input_size, options["train_patches_per_page"], min_ink)
-    test = TiledPatches(test_pages, [ink_mask(p) for p in test_pages], patch_size, input_size, min_ink)
+    test = TiledPatches(test_pages, ink_mask, patch_size, input_size, min_ink)
     page_writers = writers[is_test].clone()
     check_test_pages(page_writers, "synthwriters")
     return DataBundle(

@@ -114,9 +114,9 @@ def build_icdar17(cfg: Mapping[str, Any], *, seed: int,
 
     writer_index = {writer: i for i, writer in enumerate(sorted(set(train_ids)))}
     train_labels = torch.tensor([writer_index[w] for w in train_ids], dtype=torch.int64)
-    train = RandomPatches(train_pages, [edge_mask(p) for p in train_pages], train_labels, crop_size, input_size,
+    train = RandomPatches(train_pages, edge_mask, train_labels, crop_size, input_size,
                           patches_per_page, min_edges)
-    test = TiledPatches(test_pages, [edge_mask(p) for p in test_pages], crop_size, input_size, min_edges)
+    test = TiledPatches(test_pages, edge_mask, crop_size, input_size, min_edges)
     return DataBundle(
         name="icdar17",
         task="retrieval",
