@@ -132,3 +132,10 @@ def test_default_config_generates_quickly(tmp_path: Path) -> None:
     assert bundle.info["train_pages"] == 40 * 3 and bundle.info["test_pages"] == 100 * 5
     # About 4 s on an idle 2-core CPU; generous for a machine shared with other jobs.
     assert elapsed < 60
+
+
+def test_fonts_as_count(tmp_path: Path) -> None:
+    bundle = build_dataset(small_cfg(tmp_path, fonts=3), seed=0)
+    assert bundle.info["fonts"] == "scripts,cursive,scriptc"
+    with pytest.raises(ConfigError, match="fonts"):
+        build_dataset(small_cfg(tmp_path, fonts=0), seed=0)
