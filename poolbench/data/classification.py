@@ -91,7 +91,7 @@ def build_digits(cfg: Mapping[str, Any], *, seed: int, progress: Progress = None
     digits = load_digits()
     images = torch.from_numpy((digits.images * (255.0 / 16.0)).round().astype(np.uint8))[:, None]
     labels = torch.from_numpy(digits.target.astype(np.int64))
-    train, test = stratified_split(digits.target, test_fraction, int(options["split_seed"]))
+    train, test = stratified_split(digits.target, test_fraction, positive_int(options, "split_seed", 0))
     return in_memory_bundle("digits", images[train], labels[train], images[test], labels[test], 10,
                             optional_size(options))
 
@@ -242,7 +242,8 @@ def build_imagefolder(cfg: Mapping[str, Any], *, seed: int, progress: Progress =
         layout = "train/test folders"
     else:
         images, labels, classes = read_class_tree(root, mode, size, None, progress)
-        train, test = stratified_split(labels.numpy(), fraction(options, "test_fraction"), int(options["split_seed"]))
+        test_fraction, split_seed = fraction(options, "test_fraction"), positive_int(options, "split_seed", 0)
+        train, test = stratified_split(labels.numpy(), test_fraction, split_seed)
         train_images, train_labels, test_images, test_labels = images[train], labels[train], images[test], labels[test]
         layout = f"split {options['test_fraction']} of one tree"
     return in_memory_bundle("imagefolder", train_images, train_labels, test_images, test_labels, len(classes),
@@ -320,7 +321,7 @@ class PageCrops(Dataset):
 
 def read_clamm_split(folder: Path, csv_path: Path, options: Mapping[str, Any], classes: list[str] | None,
                      split: str, progress: Progress) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
-    rows = read_label_csv(csv_path, int(options["filename_column"]), int(options["label_column"]))
+    rows = read_label_csv(csv_path, options["filename_column"], options["label_column"])
     if classes is None:
         classes = sorted({label for _, label in rows})
     unknown = sorted({label for _, label in rows} - set(classes))
@@ -350,6 +351,8 @@ def build_clamm(cfg: Mapping[str, Any], *, seed: int, progress: Progress = None)
     check_task(cfg, "classification")
     options = dataset_options(cfg, CLAMM_DEFAULTS)
     positive_int(options, "short_side")
+    positive_int(options, "filename_column", 0)
+    positive_int(options, "label_column", 0)
     input_size = positive_int(options, "input_size")
     if input_size > options["short_side"]:
         raise ConfigError(f"clamm: input_size {input_size} is larger than short_side {options['short_side']}")
