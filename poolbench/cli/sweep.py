@@ -194,6 +194,8 @@ def sweep(
             summary = _summary(state_box[0]) if state_box else "nothing finished"
             console_err.print(f"[yellow]interrupted[/]: {summary}; re-run the same command to resume")
             raise typer.Exit(130) from None
+    if not console.is_terminal:  # rich leaves a non-terminal's last line open
+        console.line()
     console.print(_summary(state))
     if state.failed:
         console_err.print(f"[red]{len(state.failed)} run(s) failed[/] (their result.json says why):")

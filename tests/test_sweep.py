@@ -1,0 +1,280 @@
+"""`poolbench sweep`: grid expansion, planning, skip/resume/retry, failures, concurrency, executors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import DictConfig
+
+from poolbench import run as run_module
+from poolbench import runs, sweep
+from poolbench.config import group_options
+from poolbench.errors import ConfigError
+
+TINY = ["dataset=digits", "trainer.epochs=1", "trainer.steps_per_epoch=2", "trainer.latency.enabled=false"]
+
+
+class FakeTrainer:
+    """Stands in for the training inside run.execute (whose locking and record checks stay real)."""
+
+    def __init__(self, fail_for: tuple[str, ...] = ()) -> None:
+        self.fail_for = fail_for
+        self.calls: list[tuple[str, bool]] = []
+
+    def __call__(self, cfg: DictConfig, run_dir: Path, resuming: bool, progress: Any, log: Any) -> dict[str, Any]:
+        self.calls.append((run_dir.name, resuming))
+        record: dict[str, Any] = {
+            "run_id": run_dir.name,
+            "pooling": cfg.pooling.name,
+            "seed": cfg.seed,
+            "status": "running",
+        }
+        runs.atomic_write_json(run_dir / runs.RECORD, record)
+        if cfg.pooling.name in self.fail_for:
+            record.update(status="failed", error="RuntimeError: boom", wall_time_s=0.01)
+            runs.atomic_write_json(run_dir / runs.RECORD, record)
+            raise RuntimeError("boom")
+        record.update(status="completed", mAP=0.5, wall_time_s=0.01)
+        runs.atomic_write_json(run_dir / runs.RECORD, record)
+        return record
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeTrainer:
+    trainer = FakeTrainer(fail_for=("max",))
+    monkeypatch.setattr(run_module, "_train", trainer)
+    return trainer
+
+
+def test_expand_choices_range_and_glob_in_product_order() -> None:
+    combos = sweep.expand(["pooling=avg,max", "seed=range(0,2)", "model=glob(resnet1*)", "trainer.epochs=1"])
+    assert [swept for _, swept in combos] == [
+        ["pooling=avg", "seed=0", "model=resnet18"],
+        ["pooling=avg", "seed=1", "model=resnet18"],
+        ["pooling=max", "seed=0", "model=resnet18"],
+        ["pooling=max", "seed=1", "model=resnet18"],
+    ]
+    assert all(full[0] == "trainer.epochs=1" for full, _ in combos)
+    options = group_options("pooling")
+    every_but_avg = [s[0] for _, s in sweep.expand(["pooling=glob(*,exclude=avg)"])]
+    assert every_but_avg == [f"pooling={o}" for o in options if o != "avg"] and len(every_but_avg) > 5
+
+
+def test_preset_grid_and_command_line_overrides() -> None:
+    quick = [swept for _, swept in sweep.expand(["experiment=quick"])]
+    assert len(quick) == 15 and quick[:2] == [["seed=0", "pooling=avg"], ["seed=0", "pooling=max"]]
+    assert all(full[0] == "experiment=quick" for full, _ in sweep.expand(["experiment=quick"]))
+    narrowed = sweep.expand(["experiment=quick", "pooling=avg,dgmp", "seed=1"])
+    assert [swept for _, swept in narrowed] == [["pooling=avg"], ["pooling=dgmp"]]
+    assert all("seed=1" in full for full, _ in narrowed)
+    # An axis of override sets carries a per-operator setting (DGMP's λ init 5000 on CLaMM).
+    clamm = [swept for _, swept in sweep.expand(["experiment=dgmp_paper_clamm", "seed=0"])]
+    assert ["pooling=dgmp", "pooling.lam=5000"] in clamm and ["pooling=avg"] in clamm and len(clamm) == 5
+
+
+def test_bad_sweeps_fail_before_anything_runs(tmp_path: Path, fake: FakeTrainer) -> None:
+    with pytest.raises(ConfigError, match="pooling=dgmpp: unknown pooling option 'dgmpp'. Did you mean 'dgmp'"):
+        sweep.plan(["pooling=dgmpp,avg", f"results_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="interval sweeps"):
+        sweep.expand(["trainer.lr=interval(0.1,1)"])
+    with pytest.raises(ConfigError, match="matches no option"):
+        sweep.expand(["pooling=glob(nothing*)"])
+    with pytest.raises(ConfigError, match="unknown experiment 'quik'. Did you mean 'quick'"):
+        sweep.expand(["experiment=quik"])
+    assert list(tmp_path.iterdir()) == [] and fake.calls == []
+
+
+def test_same_config_twice_is_planned_once(tmp_path: Path) -> None:
+    planned = sweep.plan(["pooling=avg", "device=cpu,auto", f"results_dir={tmp_path}"])  # device: not identity
+    assert len(planned) == 1 and planned[0].status == "new"
+
+
+def _plan(tmp_path: Path, *extra: str) -> list[sweep.PlannedRun]:
+    return sweep.plan(["pooling=avg,max,gem", f"results_dir={tmp_path}", *extra])
+
+
+def test_rerun_skips_completed_resumes_unfinished_retries_failed(tmp_path: Path, fake: FakeTrainer) -> None:
+    state = sweep.run_sweep(_plan(tmp_path))
+    assert [o.run_id.split("-")[0] for o in state.done] == ["avg", "gem"]
+    assert [o.run_id.split("-")[0] for o in state.failed] == ["max"]
+    assert state.failed[0].error == "RuntimeError: boom"
+    assert runs.read_record(tmp_path / state.failed[0].run_id)["status"] == "failed"  # type: ignore[index]
+
+    gem = next(p for p in _plan(tmp_path) if p.run_id.startswith("gem"))
+    runs.atomic_write_json(gem.run_dir / runs.RECORD, {"status": "interrupted"})  # killed midway
+    (gem.run_dir / "checkpoint.pt").write_bytes(b"")
+    fake.calls.clear()
+    fake.fail_for = ()
+    planned = _plan(tmp_path)
+    assert {p.run_id.split("-")[0]: p.status for p in planned} == {
+        "avg": "completed",
+        "max": "failed",
+        "gem": "unfinished",
+    }
+    state = sweep.run_sweep(planned)
+    # gem resumes from its checkpoint, max starts over, avg is not touched
+    assert sorted(fake.calls) == sorted([(gem.run_id, True), (planned[1].run_id, False)])
+    assert state.skipped == 1 and len(state.done) == 2 and not state.failed
+    fake.calls.clear()
+    state = sweep.run_sweep(_plan(tmp_path))
+    assert fake.calls == [] and state.skipped == 3
+
+
+def test_fail_fast_starts_nothing_after_a_failure(tmp_path: Path, fake: FakeTrainer) -> None:
+    planned = sweep.plan(["pooling=max,avg,gem", f"results_dir={tmp_path}"])
+    state = sweep.run_sweep(planned, fail_fast=True)
+    assert len(state.failed) == 1 and state.done == [] and state.left == 2
+    assert [name.split("-")[0] for name, _ in fake.calls] == ["max"]
+
+
+def test_run_locked_by_another_process_is_left_to_it(tmp_path: Path, fake: FakeTrainer) -> None:
+    planned = _plan(tmp_path)
+    with runs.run_lock(planned[0].run_dir):  # a live holder (flock: another open file description)
+        assert sweep.plan(["pooling=avg", f"results_dir={tmp_path}"])[0].status == "elsewhere"
+        state = sweep.run_sweep(planned)  # planned before the lock: execute meets the lock
+    assert state.elsewhere == [planned[0].run_id]
+    assert planned[0].run_id not in [name for name, _ in fake.calls]
+
+
+def test_corrupt_record_means_unfinished(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / runs.RECORD).write_text('{"status": "compl')
+    assert sweep.run_status(tmp_path / "x") == ("unfinished", None)
+    assert sweep.run_status(tmp_path / "missing") == ("new", None)
+
+
+def test_eta_uses_finished_wall_times_and_parallel_slots(tmp_path: Path) -> None:
+    planned = [sweep.PlannedRun([], [], f"r{i}", tmp_path / f"r{i}", "new") for i in range(5)]
+    state = sweep.SweepState(planned, parallel=2)
+    assert state.eta_s() is None
+    for run in planned[:2]:
+        state.start(run)
+    state.finish(sweep.Outcome("r0", "completed", wall_time_s=100.0))
+    state.running["r1"] = time.monotonic() - 40.0  # 40 s into a ~100 s run
+    # 3 left x 100 s + 60 s remaining of r1, over 2 slots
+    assert state.eta_s() == pytest.approx((3 * 100 + 60) / 2, abs=1.0)
+
+
+def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    from poolbench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["poolbench", "sweep", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return int(exit_info.value.code or 0)
+
+
+def test_cli_dry_run_lists_statuses_and_runs_nothing(
+    tmp_path: Path, fake: FakeTrainer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sweep.run_sweep(sweep.plan(["pooling=avg,max", f"results_dir={tmp_path}"]))  # avg completed, max failed
+    fake.calls.clear()
+    monkeypatch.setenv("COLUMNS", "200")
+    code = run_cli(["pooling=avg,max,gem", f"results_dir={tmp_path}", "--dry-run"], monkeypatch)
+    printed = capsys.readouterr().out
+    assert code == 0 and fake.calls == []
+    assert "completed │ skip" in printed and "failed    │ retry" in printed and "new       │ run" in printed
+    assert "2 of 3 runs would start; nothing was run" in printed
+
+
+def test_cli_failure_exit_code_and_summary(
+    tmp_path: Path, fake: FakeTrainer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run_cli(["pooling=avg,max", f"results_dir={tmp_path}", "--name", "t"], monkeypatch)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "1 completed, 0 skipped (already completed), 1 failed" in captured.out
+    assert "RuntimeError: boom" in captured.err
+    assert run_cli(["pooling=avg", f"results_dir={tmp_path}"], monkeypatch) == 0  # everything it asks is done
+
+
+CONCURRENT_SWEEP = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from poolbench import run, runs
+    from poolbench.cli import main
+
+    EXECUTIONS = sys.argv[1]
+
+    def slow_train(cfg, run_dir, resuming, progress, log):
+        with open(EXECUTIONS, "a") as log_file:
+            log_file.write(run_dir.name + "\\n")
+        time.sleep(0.7)
+        record = {"run_id": run_dir.name, "status": "completed", "pooling": cfg.pooling.name, "seed": cfg.seed,
+                  "mAP": 0.5, "wall_time_s": 0.7}
+        runs.atomic_write_json(run_dir / runs.RECORD, record)
+        return record
+
+    run._train = slow_train
+    sys.argv = ["poolbench", "sweep", *sys.argv[2:]]
+    main()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_two_sweeps_on_overlapping_grids_run_each_run_once(tmp_path: Path) -> None:
+    executions = tmp_path / "executions.txt"
+    results = tmp_path / "runs"
+    grids = (["pooling=avg,max,gem", "seed=0,1"], ["pooling=gem,max,lse", "seed=1,0"])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_SWEEP, str(executions), *grid, f"results_dir={results}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for grid in grids
+    ]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    executed = executions.read_text().split()
+    assert len(executed) == len(set(executed)) == 8  # 4 + 4 runs, the 4 shared ones once
+    records, problems = runs.iter_records(results)
+    assert problems == [] and len(records) == 8 and {r["status"] for r in records} == {"completed"}
+
+
+@pytest.mark.slow
+def test_real_sweep_with_two_jobs_then_rerun_skips(tmp_path: Path) -> None:
+    results = tmp_path / "runs"
+    planned = sweep.plan(["pooling=avg,max", *TINY, f"results_dir={results}"])
+    state = sweep.run_sweep(planned, jobs=2)
+    assert [o.status for o in state.done] == ["completed", "completed"] and not state.failed
+    for outcome in state.done:
+        record = runs.read_record(results / outcome.run_id)
+        assert record is not None and record["cfg.trainer.num_threads"] >= 1 and "acc@1" in record
+    again = sweep.plan(["pooling=avg,max", *TINY, f"results_dir={results}"])
+    assert [p.status for p in again] == ["completed", "completed"]
+    assert sweep.run_sweep(again).skipped == 2
+
+    from poolbench import report
+
+    built = report.build(results, baseline="avg")
+    assert list(built.summary["choice.pooling"]) == ["avg", "max"] and len(built.comparison) == 2
+
+
+@pytest.mark.slow
+def test_submitit_local_executor(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("sbatch"):
+        pytest.skip("SLURM is available here: the submitit executor would submit to it")
+    results = tmp_path / "runs"
+    planned = sweep.plan(["pooling=avg,gem", *TINY, f"results_dir={results}"])
+    state = sweep.run_sweep(planned, jobs=2, executor="submitit", executor_params={"timeout_min": 10})
+    assert len(state.done) == 2 and not state.failed, state.failed
+    assert {runs.read_record(p.run_dir)["status"] for p in planned} == {"completed"}  # type: ignore[index]
+    logs = list((results / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2  # submitit's own job folders, under the results directory
+    result_files = list((results / ".submitit").rglob("*_result.pkl"))
+    assert len(result_files) == 2
+    assert json.loads((planned[0].run_dir / runs.RECORD).read_text())["status"] == "completed"
