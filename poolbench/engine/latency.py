@@ -7,11 +7,9 @@ timed call measured alone between device synchronisations; median and interquart
 from __future__ import annotations
 
 import copy
-import os
 import platform
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,8 +19,6 @@ from torch import nn
 from poolbench.engine.losses import batch_hard_triplet_loss, cross_entropy_loss
 from poolbench.engine.train import amp_dtype
 from poolbench.errors import ConfigError
-
-RSS_SAMPLE_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -67,17 +63,15 @@ def device_name(device: torch.device) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def peak_memory_mb(
+    fn: Callable[[], object], device: torch.device, exclude: Iterable[torch.Tensor] = ()
+) -> float:
+    """Memory one call of ``fn`` needs beyond what is allocated before it, in MiB.
 
-
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
-    """Memory ``fn`` needs beyond what is allocated before it, in MiB.
-
-    CUDA: max_memory_allocated − memory_allocated before the call (exact, caching allocator).
-    CPU: growth of the resident set size, sampled every 0.5 ms while ``fn`` runs (approximate:
-    memory the allocator reuses from earlier calls does not show as growth); NaN without /proc.
+    CUDA: max_memory_allocated − memory_allocated before the call (the allocator's exact peak).
+    CPU, where torch keeps no allocator statistics (and the process RSS barely moves because freed
+    blocks are reused): the activation memory, i.e. the unique storages autograd saves for backward
+    during the call, without the tensors in ``exclude`` (pass the parameters: they exist anyway).
     """
     if device.type == "cuda":
         synchronize(device)
@@ -86,28 +80,18 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
         fn()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    try:
-        before = _rss_bytes()
-    except OSError:
-        fn()
-        return float("nan")
-    peak = before
-    done = threading.Event()
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}
 
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss_bytes())
-            time.sleep(RSS_SAMPLE_INTERVAL_S)
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(0, max(peak, _rss_bytes()) - before) / 2**20
+    return sum(saved.values()) / 2**20
 
 
 def _input_memory_format(model: nn.Module) -> torch.memory_format:
@@ -140,7 +124,7 @@ def _train_step_timing(
         optimizer.step()
 
     stats = time_fn(train_step, **timing)
-    return stats, peak_memory_mb(train_step, timing["device"])
+    return stats, peak_memory_mb(train_step, timing["device"], exclude=trainee.parameters())
 
 
 def _pool_timing(
