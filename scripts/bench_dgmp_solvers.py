@@ -11,16 +11,18 @@ from other processes on a shared machine hits all methods alike; median and inte
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from poolbench.pooling.gmp import SOLVERS, _resolve_solver, generalized_max_pool
+from poolbench.pooling.gmp import SOLVERS, generalized_max_pool, resolve_solver
 
 REFERENCE = "dgmp-dual"
 
@@ -45,16 +47,32 @@ def methods(solvers: list[str]) -> dict[str, Callable[[Tensor, Tensor], Tensor]]
     return table
 
 
-def run_once(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, lam: Tensor, backward: bool) -> float:
+def run_once(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, lam: Tensor, backward: bool) -> tuple[float, float]:
+    """(wall, process CPU) seconds. CPU time is robust to other processes sharing the cores, and
+    with one thread it is the compute time; with more it also counts threads spinning at barriers."""
     x.grad = lam.grad = None
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     if backward:
         out = fn(x, lam)
-        out.backward(torch.ones_like(out))
+        # A fixed random cotangent, like a loss's gradient.
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
     else:
         with torch.no_grad():
             fn(x, lam)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+@contextlib.contextmanager
+def silenced_stderr() -> Iterator[None]:
+    """MKL prints one line per failing LU to the C-level stderr; keep the table readable."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def summary(times: list[float]) -> tuple[float, float]:
@@ -76,35 +94,50 @@ def bench_shape(
 
     failures: dict[str, str] = {}
     outputs: dict[str, Tensor] = {}
+    positions = shape[2] * shape[3]
+    wrong_form = "dgmp-primal" if positions <= shape[1] else "dgmp-dual"
+    if wrong_form in table and not args.all_forms:
+        # The other form's system is the larger one here (e.g. 2048x2048 instead of 49x49).
+        failures[wrong_form] = "skipped: the other form solves the smaller system here (--all-forms)"
     for name, fn in table.items():
+        if name in failures:
+            continue
         try:
-            with torch.no_grad():
+            with torch.no_grad(), silenced_stderr():
                 outputs[name] = fn(x, lam)
         except RuntimeError as error:
             failures[name] = str(error).strip().splitlines()[0][:90]
     live = [name for name in table if name not in failures]
 
     results: dict[tuple[str, bool], list[float]] = {(n, b): [] for n in live for b in (False, True)}
+    cpu_fb: dict[str, list[float]] = {n: [] for n in live}
     for backward in (False, True):
         for _ in range(args.warmup):
             for name in live:
                 run_once(table[name], x, lam, backward)
         for _ in range(args.repeats):
             for name in live:
-                results[name, backward].append(run_once(table[name], x, lam, backward))
+                wall, cpu = run_once(table[name], x, lam, backward)
+                results[name, backward].append(wall)
+                if backward:
+                    cpu_fb[name].append(cpu)
 
-    positions = shape[2] * shape[3]
     print(
         f"\nB={shape[0]} C={shape[1]} {shape[2]}x{shape[3]} (N={positions}); "
-        f"auto -> {_resolve_solver('auto', shape[1], positions)}; {args.repeats} repeats, median [IQR] ms"
+        f"auto -> {resolve_solver('auto', shape[1], positions)[0]}; {args.repeats} repeats; wall median [IQR] ms, "
+        "fwd+bwd process CPU median ms, ratios of wall medians, rel.err = max ‖ξ - ξ_ref‖/‖ξ_ref‖"
     )
-    print(f"{'method':<12} {'forward':>18} {'fwd+bwd':>18} {'fb x avg':>9} {'fb x authors':>13} {'rel.err':>9}")
+    print(
+        f"{'method':<12} {'forward':>18} {'fwd+bwd':>18} {'fb cpu':>8} {'fb x avg':>9} {'fb x authors':>13} "
+        f"{'rel.err':>9}"
+    )
     reference = outputs.get("authors-lu", outputs.get(REFERENCE))
     avg_fb = summary(results["avg", True])[0]
     authors_fb = summary(results["authors-lu", True])[0] if "authors-lu" in live else None
     for name in table:
         if name in failures:
-            print(f"{name:<12} fails: {failures[name]}")
+            verdict = failures[name] if failures[name].startswith("skipped") else f"fails: {failures[name]}"
+            print(f"{name:<12} {verdict}")
             continue
         fwd, fwd_iqr = summary(results[name, False])
         fb, fb_iqr = summary(results[name, True])
@@ -114,7 +147,7 @@ def bench_shape(
             rel = ((outputs[name] - reference).norm(dim=1) / reference.norm(dim=1)).max().item()
             err = f"{rel:.1e}" + ("" if rel <= 1e-4 else " FAIL")
         print(
-            f"{name:<12} {fwd:>9.1f} [{fwd_iqr:>6.1f}] {fb:>9.1f} [{fb_iqr:>6.1f}] "
+            f"{name:<12} {fwd:>9.1f} [{fwd_iqr:>6.1f}] {fb:>9.1f} [{fb_iqr:>6.1f}] {summary(cpu_fb[name])[0]:>8.1f} "
             f"{fb / avg_fb:>9.1f} {vs_authors:>13} {err:>9}"
         )
 
@@ -134,12 +167,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--lam", type=float, default=1000.0)
+    parser.add_argument("--all-forms", action="store_true", help="also time primal for N <= C, dual for N > C")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, lam={args.lam:g}, CPU"
+        f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, lam={args.lam:g}, CPU"
     )
     table = methods(args.solvers)
     for shape in args.shapes:

@@ -31,9 +31,17 @@ from torch import Tensor, nn
 from poolbench.pooling.registry import GlobalPool, register
 
 SOLVERS = ("auto", "dual", "primal", "cg")
-# "auto" switches from Cholesky to CG once min(N, C) reaches this (scripts/bench_dgmp_solvers.py).
-CG_MIN_SIZE = 10**9
+# "auto" picks CG on CPU once min(N, C) reaches this. Measured with scripts/bench_dgmp_solvers.py
+# (torch 2.15, 1 thread, post-ReLU features, fwd+bwd CPU time, CG/Cholesky): 0.86 at N = 576 with
+# λ = 1000 but 1.5 and 1.9 with λ = 100 and 10 (CG's iterations grow as λ shrinks against ‖Φ‖²,
+# Cholesky's cost does not), 0.64 at N = 1024 and 0.38 at N = 1600. Off CPU, fast GEMMs favour
+# Cholesky (not measured here), so "auto" never picks CG there.
+CG_AUTO_MIN_SIZE = 1024
+# Iterations per CG solve: an explicit solver="cg" gets CG_MAX_ITER; "auto" gets min(N, C) / 40,
+# about the cost of the direct solve on CPU, so that a badly conditioned batch, which then falls
+# back to Cholesky, costs at most about twice the direct solve.
 CG_MAX_ITER = 100
+CG_AUTO_UNKNOWNS_PER_ITERATION = 40
 # Relative residual at which CG stops: gives ≤ 1e-4 relative agreement of ξ with the direct solve.
 CG_TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 # Estimated float32 rounding error of the dual's ξ (relative) above which it is solved in float64.
@@ -85,8 +93,8 @@ def _dual_matvec(phi: Tensor, lam: Tensor, v: Tensor) -> Tensor:
     return _bmv(phi.mT, _bmv(phi, v)) + lam * v
 
 
-def _cg(matvec: SolveFn, rhs: Tensor, diag: Tensor, tol: float, max_iter: int) -> tuple[Tensor, bool]:
-    """Batched Jacobi-preconditioned CG for SPD systems; returns (solution, every sample converged)."""
+def _cg(matvec: SolveFn, rhs: Tensor, diag: Tensor, tol: float, max_iter: int) -> Tensor | None:
+    """Batched Jacobi-preconditioned CG for SPD systems; None unless every sample converged."""
     x = torch.zeros_like(rhs)
     r = rhs.clone()
     z = r / diag
@@ -96,7 +104,7 @@ def _cg(matvec: SolveFn, rhs: Tensor, diag: Tensor, tol: float, max_iter: int) -
     for _ in range(max_iter):
         active = r.norm(dim=-1) > threshold
         if not bool(active.any()):
-            return x, True
+            return x
         ap = matvec(p)
         # Converged samples get step 0, so their 0/0 never reaches x.
         step = torch.where(active, rz / (p * ap).sum(-1), 0.0).unsqueeze(-1)
@@ -106,81 +114,95 @@ def _cg(matvec: SolveFn, rhs: Tensor, diag: Tensor, tol: float, max_iter: int) -
         rz_next = (r * z).sum(-1)
         p = z + torch.where(active, rz_next / rz, 0.0).unsqueeze(-1) * p
         rz = rz_next
-    return x, bool((r.norm(dim=-1) <= threshold).all())
+    return x if bool((r.norm(dim=-1) <= threshold).all()) else None
 
 
-def _dual_solver(phi: Tensor, lam: Tensor, method: str) -> tuple[SolveFn, Tensor]:
-    """A solver for (ΦᵀΦ + λI) a = rhs (Cholesky, or CG falling back to Cholesky if it stalls) and
-    the system's diagonal ‖φ_i‖² + λ."""
-    if method == "dual":
-        system = _with_ridge(phi.mT @ phi, lam)
-        return _spd_solver(system, lam), system.diagonal(dim1=-2, dim2=-1)
-    diag = phi.square().sum(1) + lam
-    tol = CG_TOL[phi.dtype]
-    direct: list[SolveFn] = []
-
-    def solve(rhs: Tensor) -> Tensor:
-        x, converged = _cg(lambda v: _dual_matvec(phi, lam, v), rhs, diag, tol, CG_MAX_ITER)
-        if converged:
-            return x
-        if not direct:
-            direct.append(_spd_solver(_with_ridge(phi.mT @ phi, lam), lam))
-        return direct[0](rhs)
-
-    return solve, diag
+def _direct_form(phi: Tensor) -> str:
+    """The Cholesky form with the smaller system: dual (N×N) when N ≤ C, else primal (C×C)."""
+    return "dual" if phi.shape[2] <= phi.shape[1] else "primal"
 
 
-def _solve(phi: Tensor, lam: Tensor, method: str) -> tuple[Tensor, tuple[Tensor, ...], SolveFn]:
-    """ξ, the tensors the backward needs, and the factorised solver it reuses."""
+def _factorise(phi: Tensor, lam: Tensor, form: str) -> SolveFn:
+    return _spd_solver(_with_ridge(phi.mT @ phi if form == "dual" else phi @ phi.mT, lam), lam)
+
+
+def _solve(
+    phi: Tensor, lam: Tensor, method: str, max_iter: int
+) -> tuple[Tensor, Tensor | None, Callable[[Tensor], Tensor | None]]:
+    """ξ, the dual coefficients α (None for the primal) and the solver the backward reuses.
+
+    The CG solver returns None where it does not converge; the forward then falls back to Cholesky.
+    """
     if method == "primal":
-        solve = _spd_solver(_with_ridge(phi @ phi.mT, lam), lam)
-        xi = solve(phi.sum(-1))
-        return xi, (phi, xi), solve
-    solve, diag = _dual_solver(phi, lam, method)
-    alpha = solve(phi.new_ones(phi.shape[0], phi.shape[2]))
+        solve = _factorise(phi, lam, "primal")
+        return solve(phi.sum(-1)), None, solve
+    ones = phi.new_ones(phi.shape[0], phi.shape[2])
+    if method == "cg":
+        diag = torch.linalg.vector_norm(phi, dim=1).square() + lam
+        tol = CG_TOL[phi.dtype]
+
+        def solve(rhs: Tensor) -> Tensor | None:
+            return _cg(lambda v: _dual_matvec(phi, lam, v), rhs, diag, tol, max_iter)
+
+        alpha = solve(ones)
+        if alpha is None:
+            return _solve(phi, lam, _direct_form(phi), max_iter)
+        frobenius_sq = (diag.sum(-1) - lam * phi.shape[2]).clamp_min(0)
+    else:
+        solve = _factorise(phi, lam, "dual")
+        alpha = solve(ones)
+        frobenius_sq = torch.linalg.vector_norm(phi, dim=(1, 2)).square()
     xi = _bmv(phi, alpha)
     if phi.dtype == torch.float32:
         # ξ = Φα cancels large α components when λ is tiny and the descriptors are linearly
         # dependent (α ~ 1/λ along null(Φ)); its float32 rounding error is about ε‖Φ‖‖α‖.
         # Beyond DUAL_FLOAT32_ERROR relative to ‖ξ‖, solve again in float64.
-        frobenius = (diag.sum(-1) - lam * phi.shape[2]).clamp_min(0).sqrt()
-        error = torch.finfo(torch.float32).eps * frobenius * alpha.norm(dim=-1)
+        error = torch.finfo(torch.float32).eps * frobenius_sq.sqrt() * alpha.norm(dim=-1)
         if bool((error > DUAL_FLOAT32_ERROR * xi.norm(dim=-1)).any()):
-            return _solve(phi.double(), lam.double(), method)
-    return xi, (phi, xi, alpha), solve
+            return _solve(phi.double(), lam.double(), method, max_iter)
+    return xi, alpha, solve
 
 
 class _GMPSolve(torch.autograd.Function):
     """ξ(Φ, λ) for Φ (B, C, N), λ a 0-dim tensor; backward by implicit differentiation."""
 
     @staticmethod
-    def forward(ctx, phi: Tensor, lam: Tensor, method: str) -> Tensor:  # type: ignore[override]
-        xi, saved, solve = _solve(phi, lam, method)
-        ctx.method, ctx.solve, ctx.input_dtype = method, solve, phi.dtype
-        ctx.save_for_backward(*saved)
+    def forward(ctx, phi: Tensor, lam: Tensor, method: str, max_iter: int) -> Tensor:  # type: ignore[override]
+        xi, alpha, solve = _solve(phi, lam, method, max_iter)
+        # Which system the backward solves: CG and its fallbacks end up in either form. The saved
+        # tensors are float64 when a float32 dual was re-solved in float64.
+        ctx.method = "primal" if alpha is None else "dual"
+        ctx.solve, ctx.input_dtype = solve, phi.dtype
+        ctx.save_for_backward(phi.to(xi.dtype), lam.to(xi.dtype), xi, alpha)
         return xi.to(phi.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_xi: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, grad_xi: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
         # With y the adjoint solution (same SPD matrix), dL/dλ = −yᵀ(solution) and dL/dΦ is a
         # rank-2 matrix U Vᵀ; see the module docstring for the two systems.
-        if ctx.method == "primal":
-            phi, xi = ctx.saved_tensors
-            y = ctx.solve(grad_xi.to(phi.dtype))
+        phi, lam, xi, alpha = ctx.saved_tensors
+        grad_xi = grad_xi.to(phi.dtype)
+        form, solve = ctx.method, ctx.solve
+        y = None
+        if form == "dual":
+            y = solve(_project(phi, grad_xi))
+            if y is None:  # CG did not converge: the direct form gives the same gradient
+                form = _direct_form(phi)
+                solve = _factorise(phi, lam, form)
+                y = solve(_project(phi, grad_xi)) if form == "dual" else None
+        if form == "primal":
+            y = solve(grad_xi)
             left = torch.stack((y, -xi), dim=-1)
             right = torch.stack((1.0 - _project(phi, xi), _project(phi, y)), dim=-1)
             solution = xi
         else:
-            phi, xi, alpha = ctx.saved_tensors
-            grad_xi = grad_xi.to(phi.dtype)
-            y = ctx.solve(_project(phi, grad_xi))
             left = torch.stack((grad_xi - _bmv(phi, y), -xi), dim=-1)
             right = torch.stack((alpha, y), dim=-1)
             solution = alpha
         grad_phi = (left @ right.mT).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
         grad_lam = -(y * solution).sum().to(ctx.input_dtype).reshape(()) if ctx.needs_input_grad[1] else None
-        return grad_phi, grad_lam, None
+        return grad_phi, grad_lam, None, None
 
 
 def _project(phi: Tensor, v: Tensor) -> Tensor:
@@ -188,14 +210,20 @@ def _project(phi: Tensor, v: Tensor) -> Tensor:
     return _bmv(phi.mT, v)
 
 
-def _resolve_solver(solver: str, channels: int, positions: int) -> str:
+def _check_solver(solver: str) -> None:
     if solver not in SOLVERS:
         raise ValueError(f"unknown GMP solver '{solver}'. Valid choices: {', '.join(SOLVERS)}")
+
+
+def resolve_solver(solver: str, channels: int, positions: int, device_type: str = "cpu") -> tuple[str, int]:
+    """(method, CG iteration budget) that ``solver`` means for C = channels, N = positions."""
+    _check_solver(solver)
     if solver != "auto":
-        return solver
-    if min(channels, positions) >= CG_MIN_SIZE:
-        return "cg"
-    return "dual" if positions <= channels else "primal"
+        return solver, CG_MAX_ITER
+    unknowns = min(channels, positions)
+    if device_type == "cpu" and unknowns >= CG_AUTO_MIN_SIZE:
+        return "cg", unknowns // CG_AUTO_UNKNOWNS_PER_ITERATION
+    return ("dual" if positions <= channels else "primal"), CG_MAX_ITER
 
 
 def _check_lam(lam: float | Tensor) -> None:
@@ -215,7 +243,7 @@ def generalized_max_pool(x: Tensor, lam: float | Tensor, solver: str = "auto", *
     if x.dim() != 4:
         raise ValueError(f"generalized_max_pool expects (B, C, H, W), got shape {tuple(x.shape)}")
     _check_lam(lam)
-    method = _resolve_solver(solver, x.shape[1], x.shape[2] * x.shape[3])
+    method, max_iter = resolve_solver(solver, x.shape[1], x.shape[2] * x.shape[3], x.device.type)
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
         phi = x.flatten(2).to(compute_dtype)
@@ -223,12 +251,12 @@ def generalized_max_pool(x: Tensor, lam: float | Tensor, solver: str = "auto", *
             lam_t = lam.to(device=x.device, dtype=compute_dtype).reshape(())
         else:
             lam_t = torch.tensor(float(lam), dtype=compute_dtype, device=x.device)
-        xi = _GMPSolve.apply(phi, lam_t, method)
+        xi = _GMPSolve.apply(phi, lam_t, method, max_iter)
         if normalize:
             # The output direction does not depend on a positive per-sample scale, so rescale ξ
             # (detached: exact gradients, since normalisation is 0-homogeneous) to the order of
             # ‖Φ1‖ for large λ and of ‖Φ‖ for small λ, keeping ‖ξ‖ far from NORM_EPS.
-            scale = lam_t.detach() + phi.detach().square().sum((1, 2)) / phi.shape[2]
+            scale = lam_t.detach() + torch.linalg.vector_norm(phi.detach(), dim=(1, 2)).square() / phi.shape[2]
             xi = F.normalize(xi * scale.unsqueeze(-1), dim=-1, eps=NORM_EPS)
     return xi.to(x.dtype)
 
@@ -249,7 +277,7 @@ class GMP(GlobalPool):
     def __init__(self, lam: float = 1000.0, solver: str = "auto") -> None:
         super().__init__()
         _check_lam(lam)
-        _resolve_solver(solver, 1, 1)
+        _check_solver(solver)
         self.lam = float(lam)
         self.solver = solver
 
@@ -277,7 +305,7 @@ class DGMP(GlobalPool):
     def __init__(self, lam: float = 1000.0, solver: str = "auto") -> None:
         super().__init__()
         _check_lam(lam)
-        _resolve_solver(solver, 1, 1)
+        _check_solver(solver)
         self.log_lam = nn.Parameter(torch.tensor(math.log(lam)))
         self.solver = solver
 

@@ -65,11 +65,49 @@ def test_cg_agrees_with_direct_solve_to_1e_4(lam: float) -> None:
     assert ((cg - direct).norm(dim=1) / direct.norm(dim=1)).max() <= 1e-4
 
 
-def test_cg_that_does_not_converge_falls_back_to_direct(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = relu_map(2, 64, 6, 6)
-    direct = generalized_max_pool(x, 1.0, "dual")
-    monkeypatch.setattr(gmp, "CG_MAX_ITER", 1)
-    torch.testing.assert_close(generalized_max_pool(x, 1.0, "cg"), direct)
+@pytest.mark.parametrize("shape", [(2, 64, 6, 6), (2, 8, 6, 6)])  # falls back to the dual, the primal
+@pytest.mark.parametrize("failing_call", [0, 1])  # CG fails in the forward, or only in the backward
+def test_cg_that_does_not_converge_falls_back_to_direct(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], failing_call: int
+) -> None:
+    x = relu_map(*shape, dtype=torch.float64).requires_grad_()
+    lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    direct = generalized_max_pool(x, lam, "dual" if shape[1] >= 36 else "primal", normalize=True)
+    expected_grads = torch.autograd.grad(direct.sum(), (x, lam))
+    real_cg, calls = gmp._cg, []
+
+    def cg_failing_from_call(*args: object) -> Tensor | None:
+        calls.append(1)
+        return None if len(calls) > failing_call else real_cg(*args)
+
+    monkeypatch.setattr(gmp, "_cg", cg_failing_from_call)
+    out = generalized_max_pool(x, lam, "cg", normalize=True)
+    torch.testing.assert_close(out, direct)
+    for grad, expected in zip(torch.autograd.grad(out.sum(), (x, lam)), expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected)
+    assert len(calls) == (1 if failing_call == 0 else 2)
+
+
+def test_auto_uses_cg_within_budget_on_large_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = relu_map(2, 1024, 32, 32, seed=3)
+    factorisations = []
+    monkeypatch.setattr(gmp, "_spd_solver", lambda *args: factorisations.append(1))
+    auto = generalized_max_pool(x, 1000.0, "auto")
+    assert not factorisations  # CG converged within its budget: no Cholesky fallback
+    monkeypatch.undo()
+    direct = generalized_max_pool(x, 1000.0, "dual")
+    assert ((auto - direct).norm(dim=1) / direct.norm(dim=1)).max() <= 1e-4
+
+
+def test_auto_solver_per_shape_and_device() -> None:
+    resolve = gmp.resolve_solver
+    assert resolve("auto", 2048, 7 * 7) == ("dual", gmp.CG_MAX_ITER)
+    assert resolve("auto", 2048, 24 * 24)[0] == "dual"
+    assert resolve("auto", 64, 24 * 24)[0] == "primal"
+    assert resolve("auto", 2048, 32 * 32) == ("cg", 1024 // gmp.CG_AUTO_UNKNOWNS_PER_ITERATION)
+    assert resolve("auto", 4096, 48 * 48)[0] == "cg"
+    assert resolve("auto", 2048, 32 * 32, "cuda")[0] == "dual"
+    assert resolve("cg", 8, 4) == ("cg", gmp.CG_MAX_ITER)
 
 
 @pytest.mark.parametrize("solver", ALL_SOLVERS)
