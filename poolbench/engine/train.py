@@ -288,6 +288,8 @@ def fit(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
+    for leftover in run_dir.glob(f".{CHECKPOINT}.*.tmp"):  # from a process killed while saving
+        leftover.unlink(missing_ok=True)
     dtype = s.amp_dtype(device)
     memory_format = torch.channels_last if s.use_channels_last(device) else torch.contiguous_format
 
