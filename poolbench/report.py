@@ -287,7 +287,11 @@ def compare(frame: pd.DataFrame, metrics: Sequence[str], keys: Sequence[str], ba
                         "baseline_mean": float(base_values.mean()),
                     }
                 )
-    return pd.DataFrame(rows)
+    order = {m: i for i, m in enumerate(metrics)}
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.sort_values(["metric", "context", "pooling"], key=lambda c: c.map(order) if c.name == "metric" else c)
 
 
 def _fmt_p(p: float) -> str:
@@ -300,11 +304,16 @@ def _comparison_line(row: dict[str, Any]) -> str:
     """``dgmp vs avg: ΔmAP = +0.041 ± 0.012 (95% CI), p = 0.03, n = 3``."""
     where = f"[{row['context']}] " if row["context"] else ""
     ci = "n/a" if math.isnan(row["ci95"]) else f"{row['ci95']:.3g}"
-    wilcoxon = "" if math.isnan(row["p_wilcoxon"]) else f", Wilcoxon p = {_fmt_p(row['p_wilcoxon'])}"
+    wilcoxon = "" if math.isnan(row["p_wilcoxon"]) else f", Wilcoxon p {_p_clause(row['p_wilcoxon'])}"
     return (
         f"{where}{row['pooling']} vs {row['baseline']}: Δ{row['metric']} = {row['mean_delta']:+.3g} ± {ci} (95% CI), "
-        f"p = {_fmt_p(row['p_ttest'])}{wilcoxon}, n = {row['n']}"
+        f"p {_p_clause(row['p_ttest'])}{wilcoxon}, n = {row['n']}"
     )
+
+
+def _p_clause(p: float) -> str:
+    text = _fmt_p(p)
+    return text if text.startswith("<") else f"= {text}"
 
 
 def environment_warnings(frame: pd.DataFrame) -> list[str]:
@@ -532,7 +541,7 @@ def plot_pareto(report: Report, path: Path) -> Path | None:
     contexts = _contexts(report, summarize(report.runs, [metric, latency], report.keys))
     columns = min(3, len(contexts))
     rows = math.ceil(len(contexts) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(max(7.0, 5.5 * columns), 4.4 * rows), squeeze=False)
     operators = sorted({op for _, part in contexts for op in part["_operator"]})
     colours = {op: plt.get_cmap("tab10" if len(operators) <= 10 else "tab20")(i) for i, op in enumerate(operators)}
     for ax, (name, part) in zip(axes.flat, contexts, strict=False):
@@ -563,8 +572,8 @@ def plot_pareto(report: Report, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(contexts) :]:
         ax.set_visible(False)
-    fig.suptitle(f"{metric} vs {latency}: mean ± std over seeds; dashed = Pareto front", y=0.995, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.suptitle(f"{metric} vs {latency}\nmean ± std over seeds; dashed: Pareto front", fontsize=10)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
