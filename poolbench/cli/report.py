@@ -28,9 +28,9 @@ def report(
     where: list[str] = typer.Option(
         None, "--where", "-w", help="Keep runs with key=value (or key=v1,v2), e.g. dataset=synthwriters. Repeatable."
     ),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder [default: <RESULTS_DIR>/../report]."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: <RESULTS_DIR>/../report)."),
     formats: str = typer.Option(
-        None, "--format", "-f", help="Comma-separated: csv, md, tex, parquet (needs pyarrow) [default: all available]."
+        None, "--format", "-f", help="Comma-separated: csv, md, tex, parquet (needs pyarrow) (default: all available)."
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write pareto.png and bars.png."),
 ) -> None:

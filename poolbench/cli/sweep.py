@@ -131,7 +131,7 @@ def sweep(
         "is available, else its local executor); slurm: submitit's SLURM executor.",
     ),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Start no new run after the first failure."),
-    name: str = typer.Option(None, "--name", help="Recorded as sweep_name [default: the experiment's name]."),
+    name: str = typer.Option(None, "--name", help="Recorded as sweep_name (default: the experiment's name)."),
     timeout_min: int = typer.Option(240, "--timeout-min", help="submitit/SLURM: time limit per run (minutes)."),
     slurm_partition: str = typer.Option(None, "--slurm-partition", help="SLURM partition."),
     gpus_per_node: int = typer.Option(None, "--gpus-per-node", help="submitit/SLURM: GPUs per run."),
