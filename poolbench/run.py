@@ -95,7 +95,7 @@ def _train(cfg: DictConfig, run_dir: Path, resuming: bool, progress: Progress | 
     import torch
 
     from poolbench.data import build_dataset
-    from poolbench.engine import NonFiniteLossError, evaluate, fit, measure_latency
+    from poolbench.engine import NonFiniteLossError, evaluate, fit, measure_latency, seed_everything
     from poolbench.models import build_model
 
     started = time.perf_counter()
@@ -115,7 +115,8 @@ def _train(cfg: DictConfig, run_dir: Path, resuming: bool, progress: Progress | 
     }
     runs.atomic_write_json(run_dir / runs.RECORD, record)
     try:
-        data = build_dataset(cfg.dataset, seed=int(cfg.dataset.get("seed", 0)), progress=progress)
+        data = build_dataset(cfg.dataset, seed=int(cfg.seed), progress=progress)
+        seed_everything(int(cfg.seed))  # the model's initial weights depend on the seed alone
         model = build_model(
             cfg.model,
             cfg.pooling,
@@ -155,7 +156,9 @@ def _train(cfg: DictConfig, run_dir: Path, resuming: bool, progress: Progress | 
         )
         record.update({f"train.{k}": v for k, v in summary.items()})
         amp = resolve_amp(str(cfg.trainer.amp), device)
-        metrics = evaluate(model, data, device=torch.device(device), batch_size=cfg.trainer.eval_batch_size, amp=amp)
+        metrics = evaluate(
+            model, data, device=torch.device(device), batch_size=cfg.trainer.eval_batch_size, amp=amp, progress=progress
+        )
         record.update(metrics)
         if cfg.trainer.latency.enabled:
             latency = measure_latency(
