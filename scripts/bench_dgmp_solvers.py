@@ -15,6 +15,7 @@ import contextlib
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -63,16 +64,19 @@ def run_once(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, lam: Tensor, bac
 
 
 @contextlib.contextmanager
-def silenced_stderr() -> Iterator[None]:
-    """MKL prints one line per failing LU to the C-level stderr; keep the table readable."""
-    saved = os.dup(2)
+def silenced_output() -> Iterator[None]:
+    """MKL prints one line per failing LU to the C-level stdout; keep the table readable."""
+    sys.stdout.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
     with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
+        for fd in (1, 2):
+            os.dup2(devnull.fileno(), fd)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def summary(times: list[float]) -> tuple[float, float]:
@@ -103,7 +107,7 @@ def bench_shape(
         if name in failures:
             continue
         try:
-            with torch.no_grad(), silenced_stderr():
+            with torch.no_grad(), silenced_output():
                 outputs[name] = fn(x, lam)
         except RuntimeError as error:
             failures[name] = str(error).strip().splitlines()[0][:90]

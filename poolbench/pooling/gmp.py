@@ -16,6 +16,9 @@ gradients (CG) on the dual, which never forms the N×N Gram matrix. Gradients ar
 differentiation: the backward solves the adjoint system (same matrix) with the saved factor or CG
 again, so it costs a solve and rank-2 updates, not a second Gram-sized product.
 
+``solver="auto"`` takes the smaller Cholesky form, except on CPU once min(N, C) ≥ 1024, where CG
+(with an iteration budget, then Cholesky) was measured faster; see CG_AUTO_MIN_SIZE.
+
 Batched LU (``torch.linalg.solve``) is deliberately not used: on CPU it fails for N ≥ ~150 with B > 1.
 """
 
@@ -44,8 +47,8 @@ CG_MAX_ITER = 100
 CG_AUTO_UNKNOWNS_PER_ITERATION = 40
 # Relative residual at which CG stops: gives ≤ 1e-4 relative agreement of ξ with the direct solve.
 CG_TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
-# Estimated float32 rounding error of the dual's ξ (relative) above which it is solved in float64.
-DUAL_FLOAT32_ERROR = 1e-4
+# Estimated float32 rounding error of ξ (relative) above which it is solved again in float64.
+FLOAT32_ERROR = 1e-4
 # Floor on ‖ξ‖ in DGMP's L2 normalisation: an all-zero map gives ξ = 0 → output 0, finite gradient.
 NORM_EPS = 1e-6
 
@@ -80,8 +83,9 @@ def _with_ridge(gram: Tensor, lam: Tensor) -> Tensor:
 def _bmv(matrices: Tensor, vectors: Tensor) -> Tensor:
     """Batched matrix-vector product (B, P, Q) x (B, Q) -> (B, P).
 
-    On CPU, bmm with a single right-hand column is 4-25x slower than one ``torch.mv`` per sample
-    (measured with torch 2.15, 2 threads, (32, 2048, 49) and (32, 2048, 576)), so loop there.
+    On CPU, bmm with a single right-hand column was 3-8x slower than one ``torch.mv`` per sample
+    with 1 thread and up to 20x with 2 threads on a loaded machine (torch 2.15, Φ of shape
+    (32, 2048, 49) and (32, 2048, 576)), so loop there.
     """
     if matrices.device.type == "cpu":
         return torch.stack([torch.mv(m, v) for m, v in zip(matrices, vectors, strict=True)])
@@ -134,6 +138,12 @@ def _solve(
     The CG solver returns None where it does not converge; the forward then falls back to Cholesky.
     """
     if method == "primal":
+        # Cholesky's relative error is about ε·cond ≤ ε(‖Φ‖²_F + λ)/λ: large for a tiny λ against a
+        # rank-deficient ΦΦᵀ (e.g. duplicated channels), whose null space then takes rounding noise.
+        if phi.dtype == torch.float32:
+            condition = 1 + torch.linalg.vector_norm(phi, dim=(1, 2)).square().max() / lam
+            if float(condition) * torch.finfo(torch.float32).eps > FLOAT32_ERROR:
+                return _solve(phi.double(), lam.double(), method, max_iter)
         solve = _factorise(phi, lam, "primal")
         return solve(phi.sum(-1)), None, solve
     ones = phi.new_ones(phi.shape[0], phi.shape[2])
@@ -156,9 +166,9 @@ def _solve(
     if phi.dtype == torch.float32:
         # ξ = Φα cancels large α components when λ is tiny and the descriptors are linearly
         # dependent (α ~ 1/λ along null(Φ)); its float32 rounding error is about ε‖Φ‖‖α‖.
-        # Beyond DUAL_FLOAT32_ERROR relative to ‖ξ‖, solve again in float64.
+        # Beyond FLOAT32_ERROR relative to ‖ξ‖, solve again in float64.
         error = torch.finfo(torch.float32).eps * frobenius_sq.sqrt() * alpha.norm(dim=-1)
-        if bool((error > DUAL_FLOAT32_ERROR * xi.norm(dim=-1)).any()):
+        if bool((error > FLOAT32_ERROR * xi.norm(dim=-1)).any()):
             return _solve(phi.double(), lam.double(), method, max_iter)
     return xi, alpha, solve
 
@@ -170,7 +180,7 @@ class _GMPSolve(torch.autograd.Function):
     def forward(ctx, phi: Tensor, lam: Tensor, method: str, max_iter: int) -> Tensor:  # type: ignore[override]
         xi, alpha, solve = _solve(phi, lam, method, max_iter)
         # Which system the backward solves: CG and its fallbacks end up in either form. The saved
-        # tensors are float64 when a float32 dual was re-solved in float64.
+        # tensors are float64 when a float32 input was re-solved in float64.
         ctx.method = "primal" if alpha is None else "dual"
         ctx.solve, ctx.input_dtype = solve, phi.dtype
         ctx.save_for_backward(phi.to(xi.dtype), lam.to(xi.dtype), xi, alpha)
