@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "test_writers": 100,
     "test_pages_per_writer": 5,
     "fonts": ["scripts", "cursive"],
-    "difficulty": 0.5,
+    "difficulty": 0.35,
     "train_patches_per_page": 100,
     "min_ink": 0.05,
     "generation_seed": None,  # null = the run's seed
