@@ -65,6 +65,18 @@ def test_cg_agrees_with_direct_solve_to_1e_4(lam: float) -> None:
     assert ((cg - direct).norm(dim=1) / direct.norm(dim=1)).max() <= 1e-4
 
 
+def test_cg_gradients_agree_with_direct_solve() -> None:
+    cotangent = torch.randn(4, 256, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for solver in ("dual", "cg"):
+        x = relu_map(4, 256, 12, 12, seed=1).requires_grad_()
+        lam = torch.tensor(10.0, requires_grad=True)
+        out = generalized_max_pool(x, lam, solver, normalize=True)
+        grads[solver] = torch.autograd.grad(out, (x, lam), cotangent)
+    for direct, cg in zip(grads["dual"], grads["cg"], strict=True):
+        assert (cg - direct).norm() <= 1e-4 * direct.norm()
+
+
 @pytest.mark.parametrize("shape", [(2, 64, 6, 6), (2, 8, 6, 6)])  # falls back to the dual, the primal
 @pytest.mark.parametrize("failing_call", [0, 1])  # CG fails in the forward, or only in the backward
 def test_cg_that_does_not_converge_falls_back_to_direct(
