@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from poolbench.data import build_dataset, dataset_names
-from poolbench.data.synthwriters import generate, generation_params
+from poolbench.data.synthwriters import DEFAULTS, generate, generation_params
 from poolbench.errors import ConfigError, DataError
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
@@ -52,7 +52,7 @@ def test_bundle_structure(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_pages_and_cache_reuse(tmp_path: Path) -> None:
-    params = generation_params(small_cfg(tmp_path) | {"fonts": ["scripts", "cursive"], "difficulty": 0.5}, seed=3)
+    params = generation_params(DEFAULTS | small_cfg(tmp_path), seed=3)
     first, second = generate(params), generate(params)
     assert torch.equal(first["pages"], second["pages"])
     other = generate(params | {"seed": 4})
