@@ -379,7 +379,10 @@ def build_model(
         dim = mcfg.get("embedding_dim")
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise ConfigError(f"model.embedding_dim must be null or an integer >= 1, got {dim!r}")
-        head = nn.Sequential(nn.Linear(width, dim) if dim else nn.Identity(), L2Normalize())
+        # BatchNorm before the L2 normalisation: without it, batch-hard triplet training from scratch
+        # collapses every embedding onto one direction (loss stuck at the margin, measured on synthwriters).
+        embed = [nn.Linear(width, dim), nn.BatchNorm1d(dim)] if dim else [nn.Identity()]
+        head = nn.Sequential(*embed, L2Normalize())
     model = PoolNet(
         trunk,
         pool,
