@@ -7,6 +7,7 @@ Configs are composed with Hydra's compose API from ``conf/`` (the top-level fold
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -35,6 +36,7 @@ NON_IDENTITY_KEYS = (
     "trainer.num_workers",
     "dataset.cache_dir",
     "grid",  # an experiment preset's sweep grid (poolbench sweep); each run's own values are in its config
+    "choices.experiment",  # a preset is a bundle of values: the same values without it are the same run
 )
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
@@ -81,9 +83,17 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConf
     _reject_sweeps(overrides)
     cfg = _compose_raw(overrides)
     if validate:
-        reference = _compose_raw([o for o in overrides if _is_group_override(o)])
-        validate_config(cfg, reference)
+        validate_config(cfg, _reference(tuple(o for o in overrides if _is_group_override(o))))
     return cfg
+
+
+@functools.lru_cache(maxsize=256)
+def _reference(group_overrides: tuple[str, ...]) -> DictConfig:
+    """The composed defaults of these group choices: the types and keys a config is checked against.
+
+    Cached because a sweep validates many configs that share their group choices.
+    """
+    return _compose_raw(list(group_overrides))
 
 
 def _compose_raw(overrides: list[str]) -> DictConfig:
