@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from poolbench.config import CHOICES
 from poolbench.data.base import DataBundle
 from poolbench.engine.losses import batch_hard_triplet_loss, cross_entropy_loss
 from poolbench.engine.samplers import PKBatchSampler, RandomBatchSampler
@@ -84,13 +85,8 @@ class TrainerSettings:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         known = {f.name for f in fields(cls)}
         settings = cls(**{k: v for k, v in raw.items() if k in known})  # type: ignore[arg-type]
-        for key, options in (
-            ("loss", ("auto", "ce", "triplet")),
-            ("optimizer", ("adam", "adamw", "sgd")),
-            ("scheduler", ("cosine", "exponential", "none")),
-            ("amp", ("auto", "bf16", "fp16", "none")),
-            ("channels_last", ("auto", True, False)),
-        ):
+        for dotted, options in CHOICES.items():
+            key = dotted.removeprefix("trainer.")
             if getattr(settings, key) not in options:
                 raise ConfigError(unknown_choice(f"trainer.{key}", getattr(settings, key), map(str, options)))
         if not isinstance(settings.epochs, int) or settings.epochs < 1:
