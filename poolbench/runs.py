@@ -198,3 +198,17 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the run's lock (without creating a lock file)."""
+    lock = run_dir / LOCK
+    if not lock.is_file():
+        return False
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False

@@ -14,7 +14,6 @@ overrides of the same keys replace the preset's.
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import itertools
 import multiprocessing
 import os
@@ -159,20 +158,6 @@ def expand(overrides: Sequence[str]) -> list[tuple[list[str], list[str]]]:
 # ------------------------------------------------------------------------------------------ the plan
 
 
-def is_locked(run_dir: Path) -> bool:
-    """Whether a live process holds the run's lock (without creating a lock file)."""
-    lock = run_dir / runs.LOCK
-    if not lock.is_file():
-        return False
-    with open(lock) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
-
-
 def run_status(run_dir: Path, overwrite: bool = False) -> tuple[str, float | None]:
     """Plan status of a run directory and, when completed, its wall time."""
     try:
@@ -183,7 +168,7 @@ def run_status(run_dir: Path, overwrite: bool = False) -> tuple[str, float | Non
         return ("overwrite" if overwrite else "completed"), record.get("wall_time_s")
     if not run_dir.is_dir():
         return "new", None
-    if is_locked(run_dir):
+    if runs.is_locked(run_dir):
         return "elsewhere", None
     if record is None:
         return ("unfinished" if (run_dir / "checkpoint.pt").is_file() else "new"), None
