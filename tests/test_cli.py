@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -91,3 +92,35 @@ def test_train_end_to_end_writes_a_complete_record_and_reuses_it(tmp_path: Path)
     again = poolbench("train", "--quiet", *TINY, f"results_dir={tmp_path}")
     assert again.returncode == 0 and "reused" in again.stdout
     assert json.loads((run_dir / "result.json").read_text())["finished_at"] == record["finished_at"]
+
+
+@pytest.mark.slow
+def test_train_on_a_tiny_icdar17_folder_reports_writer_retrieval(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "icdar17_layout", Path(__file__).parent / "data" / "test_data_icdar17.py"
+    )
+    assert spec is not None and spec.loader is not None
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)  # reuse the data tests' writer of the Historical-WI layout
+
+    root = layout.make_layout(tmp_path / "icdar17", train={1001: 3, 1002: 3, 1003: 3}, test={7: 2, 8: 3, 9: 2})
+    result = poolbench(
+        "train",
+        "--quiet",
+        "dataset=icdar17",
+        f"dataset.root={root}",
+        "dataset.page_scale=1.0",
+        "dataset.patch_size=60",
+        "dataset.input_size=32",
+        "trainer.writers_per_batch=3",
+        "trainer.patches_per_writer=2",
+        "trainer.epochs=1",
+        "trainer.steps_per_epoch=2",
+        "trainer.latency.enabled=false",
+        "pooling=dgmp",
+        f"results_dir={tmp_path / 'runs'}",
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(next((tmp_path / "runs").glob("*/result.json")).read_text())
+    assert record["status"] == "completed" and record["task"] == "retrieval" and record["pooling"] == "dgmp"
+    assert 0.0 <= record["mAP"] <= 1.0 and {"top1", "soft@2", "hard@2"} <= record.keys()
