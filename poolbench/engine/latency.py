@@ -7,7 +7,6 @@ timed call measured alone between device synchronisations; median and interquart
 from __future__ import annotations
 
 import copy
-import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from torch import nn
 from poolbench.engine.losses import batch_hard_triplet_loss, cross_entropy_loss
 from poolbench.engine.train import amp_dtype
 from poolbench.errors import ConfigError
+from poolbench.runs import cpu_model
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,10 @@ def time_fn(fn: Callable[[], object], *, device: torch.device, warmup: int, repe
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the thread count the timings ran with."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def peak_memory_mb(
