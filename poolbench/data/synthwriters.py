@@ -26,9 +26,8 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from poolbench.data.base import DataBundle
 from poolbench.data.common import check_task, dataset_options, fraction, positive_int
 from poolbench.data.pages import RandomPatches, TiledPatches, check_test_pages, ink_mask
 from poolbench.errors import ConfigError, DataError, unknown_choice
+from poolbench.runs import atomic_write
 
 # Bump when the drawing code changes, so old caches are not reused for new pictures.
 GENERATOR_VERSION = 1
@@ -381,11 +381,7 @@ def load_or_generate(params: Mapping[str, Any], cache_dir: Path, progress: Progr
     data = generate(params, progress)
     data["params"] = json.dumps(params, sort_keys=True)  # type: ignore[assignment]
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(data, handle)
-        os.replace(tmp, path)
+        atomic_write(path, partial(torch.save, data))
     except OSError as err:
         import warnings
 

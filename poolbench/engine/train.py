@@ -8,11 +8,11 @@ random numbers an uninterrupted run draws in epoch e + 1.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +31,7 @@ from poolbench.data.base import DataBundle
 from poolbench.engine.losses import batch_hard_triplet_loss, cross_entropy_loss
 from poolbench.engine.samplers import PKBatchSampler, RandomBatchSampler
 from poolbench.errors import ConfigError, PoolbenchError, unknown_choice
+from poolbench.runs import atomic_write, atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -180,27 +181,6 @@ def _lr_factor(s: TrainerSettings, steps_per_epoch: int) -> Callable[[int], floa
     return lambda step: 1.0
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, rename: ``path`` is always whole."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in history)
-    os.replace(tmp, path)
-
-
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
@@ -311,7 +291,7 @@ def fit(
                 log(f"resuming from {checkpoint_path} after epoch {start_epoch}/{s.epochs}")
         # Rewritten from the checkpoint's history: a crash between checkpoint and append must not
         # leave a missing or duplicated line.
-        _write_history(metrics_path, history)
+        atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in history))
 
         batch_generator = torch.Generator()
         sampler: PKBatchSampler | RandomBatchSampler
@@ -373,18 +353,16 @@ def fit(
             done += n
             row = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr, "seconds": round(seconds, 4), "steps": n}
             history.append(row)
-            _atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1,
-                    "rng": _rng_state(),
-                    "history": history,
-                },
-                checkpoint_path,
-            )
+            checkpoint = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch + 1,
+                "rng": _rng_state(),
+                "history": history,
+            }
+            atomic_write(checkpoint_path, functools.partial(torch.save, checkpoint))
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             if log:
