@@ -105,8 +105,7 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
     except MissingConfigException as exc:
         raise ConfigError(_missing_option_message(str(exc))) from None
     except OverrideParseException as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{first}. Overrides look like key=value, +new.key=value or ~key") from None
+        raise ConfigError(_parse_error_message(exc)) from None
     except HydraException as exc:
         raise ConfigError(_composition_message(exc)) from None
     finally:
@@ -133,20 +132,19 @@ class _open:
 
 
 def _reject_sweeps(overrides: list[str]) -> None:
-    for parsed in OverridesParser.create().parse_overrides(overrides=_parseable(overrides)):
-        if parsed.is_sweep_override():
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+    except OverrideParseException as exc:
+        raise ConfigError(_parse_error_message(exc)) from None
+    for override in parsed:
+        if override.is_sweep_override():
             raise ConfigError(
-                f"'{parsed.input_line}' is a sweep; `poolbench train` runs one config. Use `poolbench sweep`"
+                f"'{override.input_line}' is a sweep; `poolbench train` runs one config. Use `poolbench sweep`"
             )
 
 
-def _parseable(overrides: list[str]) -> list[str]:
-    try:
-        OverridesParser.create().parse_overrides(overrides=overrides)
-    except OverrideParseException as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{first}. Overrides look like key=value, +new.key=value or ~key") from None
-    return overrides
+def _parse_error_message(exc: OverrideParseException) -> str:
+    return f"{str(exc).splitlines()[0]}. Overrides look like key=value, +new.key=value or ~key"
 
 
 def _is_group_override(override: str) -> bool:
