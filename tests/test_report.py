@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,22 +233,17 @@ def test_plots_are_written(results: Path, tmp_path: Path) -> None:
         assert image.shape[0] > 300 and image.shape[1] > 500
 
 
-def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    from poolbench.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["poolbench", "report", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return int(exit_info.value.code or 0)
-
-
 def test_cli_prints_table_and_comparison_and_writes_files(
-    results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    run_cli: Callable[..., int],
+    results: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     out = tmp_path / "out"
     code = run_cli(
-        [str(results), "--baseline", "avg", "--metric", "mAP", "--out", str(out), "--format", "csv,md"], monkeypatch
+        "report", str(results), "--baseline", "avg", "--metric", "mAP", "--out", str(out), "--format", "csv,md"
     )
     captured = capsys.readouterr()
     printed = captured.out
@@ -261,9 +256,9 @@ def test_cli_prints_table_and_comparison_and_writes_files(
 
 
 def test_cli_missing_dir_is_one_red_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    run_cli: Callable[..., int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = run_cli([str(tmp_path / "missing")], monkeypatch)
+    code = run_cli("report", str(tmp_path / "missing"))
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.strip().startswith("error: results directory") and len(captured.err.strip().splitlines()) == 1

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,22 +163,17 @@ def test_eta_uses_finished_wall_times_and_parallel_slots(tmp_path: Path) -> None
     assert state.eta_s() == pytest.approx((3 * 100 + 60) / 2, abs=1.0)
 
 
-def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    from poolbench.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["poolbench", "sweep", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return int(exit_info.value.code or 0)
-
-
 def test_cli_dry_run_lists_statuses_and_runs_nothing(
-    tmp_path: Path, fake: FakeTrainer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    run_cli: Callable[..., int],
+    tmp_path: Path,
+    fake: FakeTrainer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     sweep.run_sweep(sweep.plan(["pooling=avg,max", f"results_dir={tmp_path}"]))  # avg completed, max failed
     fake.calls.clear()
     monkeypatch.setenv("COLUMNS", "200")
-    code = run_cli(["pooling=avg,max,gem", f"results_dir={tmp_path}", "--dry-run"], monkeypatch)
+    code = run_cli("sweep", "pooling=avg,max,gem", f"results_dir={tmp_path}", "--dry-run")
     printed = capsys.readouterr().out
     assert code == 0 and fake.calls == []
     assert "completed │ skip" in printed and "failed    │ retry" in printed and "new       │ run" in printed
@@ -185,14 +181,18 @@ def test_cli_dry_run_lists_statuses_and_runs_nothing(
 
 
 def test_cli_failure_exit_code_and_summary(
-    tmp_path: Path, fake: FakeTrainer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    run_cli: Callable[..., int],
+    tmp_path: Path,
+    fake: FakeTrainer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code = run_cli(["pooling=avg,max", f"results_dir={tmp_path}", "--name", "t"], monkeypatch)
+    code = run_cli("sweep", "pooling=avg,max", f"results_dir={tmp_path}", "--name", "t")
     captured = capsys.readouterr()
     assert code == 1
     assert "1 completed, 0 skipped (already completed), 1 failed" in captured.out
     assert "RuntimeError: boom" in captured.err
-    assert run_cli(["pooling=avg", f"results_dir={tmp_path}"], monkeypatch) == 0  # everything it asks is done
+    assert run_cli("sweep", "pooling=avg", f"results_dir={tmp_path}") == 0  # everything it asks is done
 
 
 CONCURRENT_SWEEP = textwrap.dedent(
