@@ -661,7 +661,7 @@ def rank_operators(report: Report) -> dict[str, Any] | None:
     table = pd.DataFrame(scores).T
     if table.empty:
         return None
-    complete = table.dropna(axis=1)
+    complete = table[table.notna().sum(axis=1) >= 2].dropna(axis=1)  # contexts with a choice, then full columns
     if complete.shape[0] < 2 or complete.shape[1] < 2:
         return None
     result = stats.rank_analysis(complete[sorted(complete.columns)])

@@ -155,6 +155,8 @@ def _tight(fig: Any, *, legend: bool = True) -> None:
 
 def _context_parts(report: Report, summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     summary = summary.copy()
+    if "choice.pooling" not in summary.columns and "choice.pooling" in report.runs.columns:
+        summary["choice.pooling"] = report.runs["choice.pooling"].iloc[0]  # one operator: not a grouping key
     context_keys = [k for k in report.keys if not k.startswith(("choice.pooling", "cfg.pooling."))]
     summary["_context"] = [context_label(row, context_keys) for _, row in summary.iterrows()]
     summary["_operator"] = [treatment_label(row, report.keys) for _, row in summary.iterrows()]
