@@ -36,7 +36,7 @@ def test_html_is_self_contained_and_escaped(run_cli: Callable[..., int], tmp_pat
     assert "Holm-adjusted over the family of" in page
 
 
-@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no headless browser: install Debian's chromium + chromium-driver")
+@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no headless browser (Debian: chromium + chromium-driver)")
 def test_html_renders_in_headless_chromium(run_cli: Callable[..., int], tmp_path: Path) -> None:
     selenium = pytest.importorskip("selenium", reason="selenium is not installed")
     from selenium.webdriver.chrome.options import Options

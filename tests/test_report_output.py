@@ -42,7 +42,7 @@ def test_wrong_records_are_skipped_with_their_reason_and_never_remove_a_metric(t
     assert len(built.skipped) == 6, reasons
     assert "alone" in reasons and "missing run_id" in reasons
     assert "not a poolbench run record" in reasons  # the list
-    assert "too deeply nested" in reasons or "deep" in reasons
+    assert "deep/result.json: too deeply nested" in reasons
     assert "acc@1 is 'high', not a number" in reasons
     assert "seed is 'one', not an int" in reasons
     assert "nested is nested" in reasons
@@ -154,10 +154,7 @@ def test_a_failing_writer_leaves_the_previous_report(tmp_path: Path) -> None:
     with pytest.raises(PoolbenchError, match="No space left on device"):
         report.write_report(built, out, [broken])
     assert (out / "runs.csv").read_text() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["runs", "out"] or sorted(p.name for p in tmp_path.iterdir()) == [
-        "out",
-        "runs",
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]  # the staging folder is gone
 
 
 def test_unknown_metric_names_the_existing_ones(tmp_path: Path) -> None:
