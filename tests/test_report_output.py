@@ -233,3 +233,13 @@ def test_parquet_keeps_the_provenance(tmp_path: Path) -> None:
     built = report.build(_good(tmp_path / "runs"))
     report.write_tables(built, tmp_path / "out", ["parquet"])
     assert "filters: none" in pd.read_parquet(tmp_path / "out" / "runs.parquet").attrs["poolbench_report"]
+
+
+def test_markup_in_a_bad_value_is_one_literal_error_line(
+    run_cli: Callable[..., int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = _good(tmp_path / "runs")
+    assert run_cli("report", str(results), "-b", "[/x][bold]", "--out", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown baseline pooling '[/x][bold]'") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 # Importing the command modules registers their commands on `app`.
 from poolbench.cli import listing, train  # noqa: E402,F401,I001
@@ -24,7 +25,7 @@ def main() -> None:
     try:
         app()
     except PoolbenchError as exc:
-        console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console_err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console_err.print("[yellow]interrupted[/]")
