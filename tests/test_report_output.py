@@ -213,7 +213,14 @@ def test_side_by_side_latency_replaces_per_run_figures(tmp_path: Path) -> None:
     ids = {p: sorted(r for r in os.listdir(results) if r.startswith(p)) for p in ("avg", "gem")}
     rows = [
         {"run_ids": ids["avg"], "pooling": "avg", "infer_image_ms": 1.0, "infer_image_ms_ci": [0.9, 1.1]},
-        {"run_ids": ids["gem"], "pooling": "gem", "infer_image_ms": 2.0, "infer_image_ms_ci": [1.8, 2.2]},
+        {
+            "run_ids": ids["gem"],
+            "pooling": "gem",
+            "infer_image_ms": 2.0,
+            "infer_image_ms_ci": [1.8, 2.2],
+            "ratio_infer": 2.0,
+            "ratio_infer_ci": [1.9, 2.1],
+        },
     ]
     side = {"schema": 1, "created": "2026-12-02T08:00:00+00:00", "env": {}, "baseline": "avg", "rows": rows}
     (results / "side_by_side.json").write_text(json.dumps(side))
@@ -222,6 +229,7 @@ def test_side_by_side_latency_replaces_per_run_figures(tmp_path: Path) -> None:
     cells = report.display_summary(built).set_index("pooling")["latency.infer_image_ms"]
     assert cells["gem"] == "2.000 [1.800, 2.200]"
     assert set(built.comparison["metric"]) == {"acc@1"}  # one measurement per config: not tested over seeds
+    assert built.side_by_side == ["gem vs avg: inference latency × 2 [1.9, 2.1] (side by side)"]
     (results / "side_by_side.json").write_text("{broken")
     rebuilt = report.build(results, metrics=["acc@1"])
     assert any("side_by_side.json ignored" in w for w in rebuilt.warnings)

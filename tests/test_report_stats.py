@@ -144,3 +144,42 @@ def test_ranks_friedman_and_nemenyi_match_the_libraries(results_three_contexts: 
     assert np.allclose(ranking["nemenyi"].to_numpy(), nemenyi.to_numpy())
     lines = report.ranking_lines(ranking)
     assert lines[0].startswith("average rank over 3 contexts by mAP (clamm), mAP (icdar17), mAP (synthwriters)")
+
+
+def _real_record(overrides: list[str], value: float) -> dict[str, object]:
+    """A record with the exact identity fields `poolbench train` writes for these overrides."""
+    from poolbench.config import compose
+    from poolbench.run import _identity_fields
+
+    return {**_identity_fields(compose(overrides)), "status": "completed", "acc@1": value}
+
+
+def test_composed_configs_hide_option_definitions_and_commands_rebuild_the_same_runs(tmp_path: Path) -> None:
+    from poolbench.config import compose
+    from poolbench.report.html import commands
+    from poolbench.run import run_id
+
+    for seed in range(2):
+        for dataset in ("digits", "synthwriters"):
+            for pooling in ("avg", "gem", "dgmp"):
+                extra = ["trainer.epochs=2"] + (["pooling.p=4.0"] if pooling == "gem" else [])
+                record = _real_record([f"pooling={pooling}", f"dataset={dataset}", f"seed={seed}", *extra], 0.5)
+                write(tmp_path, record)
+    built = report.build(tmp_path, baseline="avg")
+    assert built.keys == ["choice.dataset", "choice.pooling", "cfg.pooling.p"]  # p=4 set by hand; gem's own is 3
+    assert not built.design.confounded and "cfg.dataset.task" in built.design.hidden
+    rebuilt = set()
+    for command in commands(built):
+        words = command.split()
+        assert words[:2] == ["poolbench", "sweep"] and words[-1].startswith("seed=")
+        for seed in words[-1][len("seed=") :].split(","):
+            rebuilt.add(run_id(compose([*words[2:-1], f"seed={seed}"])))
+    assert rebuilt == set(built.runs["run_id"])
+
+
+def test_the_issue_case_with_composed_configs(tmp_path: Path) -> None:
+    for seed in range(2):
+        write(tmp_path, _real_record(["pooling=avg", "dataset=digits", f"seed={seed}"], 0.5))
+        write(tmp_path, _real_record(["pooling=dgmp", "dataset=digits", "dataset.image_size=48", f"seed={seed}"], 0.9))
+    built = report.build(tmp_path, baseline="avg")
+    assert list(built.design.confounded) == ["cfg.dataset.image_size"] and built.comparison.empty

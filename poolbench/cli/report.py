@@ -74,6 +74,8 @@ def report(
     if result.ranking is not None:
         for line in reporting.ranking_lines(result.ranking):
             console.print(line, highlight=False, markup=False)
+    for line in result.side_by_side:
+        console.print(line, highlight=False, markup=False)
     for metric_name, source in result.latency_source.items():
         console.print(f"[dim]{escape(metric_name)} from {escape(source)}[/]", highlight=False)
     destination = out or results_dir.parent / "report"

@@ -89,6 +89,7 @@ class Report:
     latency_source: dict[str, str] = field(default_factory=dict)  # latency column -> where its figures come from
     ranking: dict[str, Any] | None = None  # see rank_operators
     notes: list[str] = field(default_factory=list)  # informational lines (not warnings)
+    side_by_side: list[str] = field(default_factory=list)  # latency ratios from side_by_side.json
 
     @property
     def comparison_lines(self) -> list[str]:
@@ -276,8 +277,11 @@ def _filter(frame: pd.DataFrame, condition: str) -> pd.DataFrame:
     return frame[keep.astype(bool)]
 
 
-def read_side_by_side(results_dir: Path, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str], list[str]]:
-    """Runs with their latency columns replaced by ``side_by_side.json`` (when present), sources, warnings.
+def read_side_by_side(
+    results_dir: Path, frame: pd.DataFrame
+) -> tuple[pd.DataFrame, dict[str, str], list[str], list[dict[str, Any]]]:
+    """Runs with their latency columns replaced by ``side_by_side.json`` (when present), the source of
+    each latency column, warnings, and the file's rows.
 
     Side-by-side figures are measured interleaved in one process, so they are comparable across
     operators; per-run figures were measured after each run and drift with the machine's load.
@@ -287,14 +291,14 @@ def read_side_by_side(results_dir: Path, frame: pd.DataFrame) -> tuple[pd.DataFr
     latency = [c for c in frame.columns if c.startswith("latency.") and _is_numeric_column(frame[c])]
     per_run = {c: PER_RUN_LATENCY for c in latency}
     if not path.is_file():
-        return frame, per_run, []
+        return frame, per_run, [], []
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         rows = data["rows"] if isinstance(data, dict) and data.get("schema") == 1 else None
         if not isinstance(rows, list):
             raise ValueError("not schema 1 with a list of rows")
     except (OSError, ValueError, KeyError, RecursionError) as exc:
-        return frame, per_run, [f"{safe_text(str(path))} ignored ({safe_text(str(exc))[:80]}); latency is per run"]
+        return frame, per_run, [f"{safe_text(str(path))} ignored ({safe_text(str(exc))[:80]}); latency is per run"], []
     frame = frame.copy()
     by_id = {run_id: i for i, run_id in enumerate(frame["run_id"])}
     used: set[str] = set()
@@ -314,7 +318,29 @@ def read_side_by_side(results_dir: Path, frame: pd.DataFrame) -> tuple[pd.DataFr
     created = safe_text(str(data.get("created", "?")))
     source = f"{SIDE_BY_SIDE} (interleaved in one process, created {created})"
     sources = {**per_run, **{c: source for c in used}}
-    return frame, sources, []
+    return frame, sources, [], [{"baseline": data.get("baseline"), **r} for r in rows if isinstance(r, dict)]
+
+
+def side_by_side_lines(rows: list[dict[str, Any]], frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """``[digits] gem vs avg: inference latency × 1.46 [1.40, 1.52] (side by side)`` per row with a ratio."""
+    by_id = {run_id: i for i, run_id in enumerate(frame["run_id"])}
+    lines = []
+    for row in rows:
+        ratio, interval, baseline = row.get("ratio_infer"), row.get("ratio_infer_ci"), row.get("baseline")
+        index = [by_id[r] for r in row.get("run_ids") or [] if isinstance(r, str) and r in by_id]
+        if not index or not _is_number(ratio):
+            continue
+        run = frame.iloc[index[0]]
+        context = context_label(run, [k for k in keys if not _is_treatment(k)])
+        ci = ""
+        if isinstance(interval, list) and len(interval) == 2 and all(_is_number(v) for v in interval):
+            ci = f" [{interval[0]:.3g}, {interval[1]:.3g}]"
+        against = f" vs {safe_text(str(baseline))}" if baseline else ""
+        where = f"[{context}] " if context else ""
+        lines.append(
+            f"{where}{treatment_label(run, keys)}{against}: inference latency × {ratio:.3g}{ci} (side by side)"
+        )
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ the design
@@ -696,7 +722,7 @@ def build(
     allow_confounded: bool = False,
 ) -> Report:
     frame, skipped = load(results_dir, where)
-    frame, latency_source, sbs_warnings = read_side_by_side(results_dir, frame)
+    frame, latency_source, sbs_warnings, sbs_rows = read_side_by_side(results_dir, frame)
     found = design(frame, baseline)
     chosen = choose_metrics(frame, metrics)
     report = Report(
@@ -730,4 +756,5 @@ def build(
             if m in chosen
         ]
     report.ranking = rank_operators(report)
+    report.side_by_side = side_by_side_lines(sbs_rows, frame, found.keys)
     return report

@@ -43,6 +43,8 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def _override(key: str, value: Any) -> str:
+    if hasattr(value, "item"):  # a numpy scalar from the DataFrame
+        value = value.item()
     text = json.dumps(value) if isinstance(value, list | bool) or value is None else str(value)
     if isinstance(value, str) and value.startswith("["):  # a list stored as JSON text in the frame
         text = value
@@ -160,6 +162,10 @@ def write_html(report: Report, out_dir: Path) -> list[Path]:
         parts.append("<h2>Ranks across contexts</h2>")
         parts += [f"<p>{_e(line)}</p>" for line in ranking_lines(report.ranking)]
         parts.append(_table(display_ranking(report.ranking)))
+    if report.side_by_side:
+        parts.append("<h2>Latency measured side by side</h2><ul>")
+        parts += [f"<li>{_e(line)}</li>" for line in report.side_by_side]
+        parts.append("</ul>")
     figures = [(out_dir / f"{stem}.png") for stem in FIGURES if (out_dir / f"{stem}.png").is_file()]
     if figures:
         parts.append("<h2>Figures</h2>")
