@@ -77,7 +77,7 @@ def test_markup_and_undecodable_text_in_records_is_printed_literally(
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "[bold]x[/x]" in captured.out and "[[bold]x[/x]] gem vs avg" in captured.out
-    assert "bad\\udcff" in captured.out  # shown escaped, not a UnicodeEncodeError
+    assert "bad\\xff" in captured.out  # shown escaped, not a UnicodeEncodeError
 
 
 def test_several_contexts_keep_their_label_on_every_line(tmp_path: Path) -> None:
@@ -251,3 +251,13 @@ def test_markup_in_a_bad_value_is_one_literal_error_line(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown baseline pooling '[/x][bold]'") and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_results_folder_whose_name_is_not_utf8(
+    run_cli: Callable[..., int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = _with_curves(Path(os.fsdecode(bytes(tmp_path) + b"/runs\xff")))
+    assert run_cli("report", str(results), "-b", "avg", "--html") == 0, capsys.readouterr().err
+    out = tmp_path / "report"  # the default: <results_dir>/../report
+    assert (out / "curves.png").is_file()  # metrics.jsonl found in the undecodable folder
+    assert "runs\\xff" in pd.read_csv(out / "runs.csv", comment="#")["run_dir"].iloc[0]

@@ -50,6 +50,7 @@ SIDE_BY_SIDE_COLUMNS = {
     "pool_fwdbwd_ms": ("latency.pool_fwdbwd_ms", None),
     "peak_mem_mb": ("latency.peak_mem_mb", None),
 }
+RAW_RUN_DIR = "_run_dir_path"
 PER_RUN_LATENCY = "per run (measured after each run's training, not interleaved)"
 
 
@@ -90,6 +91,7 @@ class Report:
     ranking: dict[str, Any] | None = None  # see rank_operators
     notes: list[str] = field(default_factory=list)  # informational lines (not warnings)
     side_by_side: list[str] = field(default_factory=list)  # latency ratios from side_by_side.json
+    run_dirs: dict[str, Path] = field(default_factory=dict)  # run_id -> its folder (for metrics.jsonl, env.json)
 
     @property
     def comparison_lines(self) -> list[str]:
@@ -108,7 +110,7 @@ class Report:
     def provenance(self) -> list[str]:
         """What produced this report (stated at the top of every exported file), warnings last."""
         lines = [
-            f"poolbench report of {self.results_dir}: {len(self.runs)} completed runs",
+            f"poolbench report of {safe_text(str(self.results_dir))}: {len(self.runs)} completed runs",
             f"filters: {' '.join(f'--where {w}' for w in self.filters) or 'none'}",
             f"metrics: {', '.join(self.metrics)}",
             f"grouped by: {', '.join(label(k) for k in self.keys) or 'nothing (one configuration)'}",
@@ -132,9 +134,12 @@ def label(column: str) -> str:
 
 def safe_text(value: Any) -> Any:
     """Strings made printable and encodable: undecodable path bytes and lone surrogates become ``\\x..``."""
-    if isinstance(value, str):
+    if not isinstance(value, str):
+        return value
+    try:  # a file name's undecodable bytes (os.fsdecode's surrogates) shown as the bytes they were
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # other lone surrogates (e.g. "\ud800" in a JSON record)
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -210,7 +215,7 @@ def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
             skipped.append(f"{where}: {problem}")
             continue
         record["run_dir"] = str(path.parent)
-        records.append({k: safe_text(v) for k, v in record.items()})
+        records.append({**{k: safe_text(v) for k, v in record.items()}, RAW_RUN_DIR: path.parent})
     return records, skipped
 
 
@@ -240,6 +245,8 @@ def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, li
             f"no completed runs under {safe_text(str(results_dir))} ({len(skipped)} unfinished or broken)"
         )
     frame = pd.DataFrame.from_records(completed)
+    # The folders themselves (their names may not be valid UTF-8, unlike the printable run_dir column).
+    run_dirs = dict(zip(frame["run_id"], frame.pop(RAW_RUN_DIR), strict=True))
     for column in frame.columns:
         if frame[column].dtype == object:  # lists cannot be grouped or compared
             frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
@@ -247,7 +254,9 @@ def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, li
         frame = _filter(frame, condition)
     if frame.empty:
         raise PoolbenchError(f"no completed run matches --where {' '.join(where)}")
-    return frame.reset_index(drop=True), skipped
+    frame = frame.reset_index(drop=True)
+    frame.attrs[RAW_RUN_DIR] = {run_id: run_dirs[run_id] for run_id in frame["run_id"]}
+    return frame, skipped
 
 
 def _column(frame: pd.DataFrame, key: str, what: str) -> str:
@@ -722,6 +731,7 @@ def build(
     allow_confounded: bool = False,
 ) -> Report:
     frame, skipped = load(results_dir, where)
+    run_dirs = frame.attrs[RAW_RUN_DIR]
     frame, latency_source, sbs_warnings, sbs_rows = read_side_by_side(results_dir, frame)
     found = design(frame, baseline)
     chosen = choose_metrics(frame, metrics)
@@ -738,6 +748,7 @@ def build(
         results_dir=Path(results_dir),
         filters=list(where),
         latency_source={m: s for m, s in latency_source.items() if m in chosen or m == "latency.infer_image_ms"},
+        run_dirs=run_dirs,
     )
     if baseline is not None:
         side_by_side = [m for m, s in latency_source.items() if s != PER_RUN_LATENCY]

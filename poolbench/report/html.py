@@ -104,9 +104,10 @@ def commands(report: Report) -> list[str]:
 def recorded_commands(report: Report) -> list[str]:
     """The distinct command lines stored in the runs' env.json."""
     found: dict[str, None] = {}
-    for run_dir in report.runs["run_dir"]:
+    for run_id, run_dir in zip(report.runs["run_id"], report.runs["run_dir"], strict=True):
         try:
-            env = json.loads((Path(str(run_dir)) / "env.json").read_text(encoding="utf-8"))
+            folder = report.run_dirs.get(run_id, Path(str(run_dir)))
+            env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
             continue
         if isinstance(env, dict) and isinstance(env.get("command"), str):

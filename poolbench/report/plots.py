@@ -300,7 +300,7 @@ def read_curves(report: Report) -> pd.DataFrame:
     context_keys = [k for k in report.keys if not k.startswith(("choice.pooling", "cfg.pooling."))]
     rows = []
     for _, run in report.runs.iterrows():
-        path = Path(str(run["run_dir"])) / METRICS_FILE
+        path = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"]))) / METRICS_FILE
         try:
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
