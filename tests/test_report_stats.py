@@ -55,6 +55,7 @@ def test_confounding_is_warned_in_console_and_every_file(
     assert run_cli("report", str(confounded), "-b", "avg", "-m", "acc@1", "--out", str(out), "--html") == 0
     captured = capsys.readouterr()
     assert "CONFOUNDED: dataset.channels" in captured.err and "dgmp vs avg" not in captured.out
+    assert "nothing compared: the operators are confounded" in captured.out
     for path in out.iterdir():
         if path.suffix == ".png":
             from PIL import Image

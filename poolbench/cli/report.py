@@ -59,7 +59,9 @@ def report(
         console_err.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False)
     console.print(_table(reporting.display_summary(result), _title(result), numeric_from=len(result.keys)))
     if result.baseline is not None:
-        if result.comparison.empty:
+        if result.comparison.empty and result.design is not None and result.design.confounded:
+            console.print("nothing compared: the operators are confounded with other keys (see the warnings)")
+        elif result.comparison.empty:
             console.print(
                 f"no run shares a seed and configuration with a '{escape(result.baseline)}' run: nothing to compare"
             )

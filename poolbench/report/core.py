@@ -546,7 +546,12 @@ def _present(value: Any) -> bool:
 
 
 def context_label(row: dict[str, Any] | pd.Series, keys: Sequence[str]) -> str:
-    parts = [str(row[k]) for k in keys if not _is_treatment(k) and _present(row[k])]
+    """``digits / resnet18``: choices by their value, other keys as ``key=value`` (``trainer.lr=0.01``)."""
+    parts = [
+        str(row[k]) if k.startswith("choice.") else f"{label(k)}={row[k]}"
+        for k in keys
+        if not _is_treatment(k) and _present(row[k])
+    ]
     return " / ".join(parts)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,6 @@ def _pyplot() -> Any:
 def _save(fig: Any, report: Report, out_dir: Path, stem: str) -> list[Path]:
     """PNG and PDF, with the provenance in their metadata and any confounding warning on the figure."""
     header = [safe_text(line) for line in report.provenance()]
-    confounded = [w for w in report.warnings if w.startswith("CONFOUNDED")]
-    if confounded:
-        fig.text(0.01, 0.002, "\n".join(confounded), color="#b00000", fontsize=FONT - 2, va="bottom", wrap=True)
-        fig.subplots_adjust(bottom=max(fig.subplotpars.bottom, 0.1 + 0.03 * len(confounded)))
     out_dir.mkdir(parents=True, exist_ok=True)
     png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
     fig.savefig(png, dpi=200, metadata={"Software": "poolbench report", "Description": "\n".join(header)})
@@ -147,17 +144,40 @@ def _legend(fig: Any, palette: dict[str, Any], operators: Sequence[str], kind: s
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), frameon=False, bbox_to_anchor=(0.5, 1))
 
 
-def _tight(fig: Any, *, legend: bool = True) -> None:
-    """Tight layout leaving room for the legend above (0.3 in) and the caption below (0.25 in)."""
+def _finish(fig: Any, report: Report, caption: str, *, legend: bool = True) -> None:
+    """Caption under the panels, any confounding warning in red under it, legend room above; tight layout.
+
+    The figure grows by the height of the warning so that the panels keep their size.
+    """
+    # characters per line of (FONT - 1) pt text; DejaVu Sans averages ~0.6 em per character
+    width_chars = int(0.95 * fig.get_figwidth() * 72 / (0.6 * (FONT - 1)))
+    warning = [
+        line for w in report.warnings if w.startswith("CONFOUNDED") for line in textwrap.wrap(safe_text(w), width_chars)
+    ]
+    caption = "\n".join(line for part in caption.split("\n") for line in textwrap.wrap(part, width_chars - 8))
+    line_height = (FONT + 2) / 72
+    warning_height = line_height * len(warning) + (0.05 if warning else 0.0)
+    fig.set_figheight(fig.get_figheight() + warning_height)
     height = fig.get_figheight()
-    fig.tight_layout(rect=(0, 0.25 / height, 1, 1 - (0.3 if legend else 0.0) / height))
+    if warning:
+        fig.text(0.01, 0.02 / height, "\n".join(warning), color="#b00000", fontsize=FONT - 1, va="bottom")
+    fig.text(0.5, (warning_height + 0.03) / height, caption, ha="center", va="bottom")
+    bottom = (warning_height + 0.1 + line_height * (caption.count("\n") + 1)) / height
+    fig.tight_layout(rect=(0, bottom, 1, 1 - (0.3 if legend else 0.0) / height))
+
+
+def _figure_contexts(report: Report) -> list[str]:
+    """The keys that split figures into panels: the comparison's context (confounded keys leave it when
+    confounded operators are compared anyway, and then each figure carries the warning)."""
+    confounded = report.design.confounded if report.design is not None and report.allow_confounded else {}
+    return [k for k in report.keys if not k.startswith(("choice.pooling", "cfg.pooling.")) and k not in confounded]
 
 
 def _context_parts(report: Report, summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     summary = summary.copy()
     if "choice.pooling" not in summary.columns and "choice.pooling" in report.runs.columns:
         summary["choice.pooling"] = report.runs["choice.pooling"].iloc[0]  # one operator: not a grouping key
-    context_keys = [k for k in report.keys if not k.startswith(("choice.pooling", "cfg.pooling."))]
+    context_keys = _figure_contexts(report)
     summary["_context"] = [context_label(row, context_keys) for _, row in summary.iterrows()]
     summary["_operator"] = [treatment_label(row, report.keys) for _, row in summary.iterrows()]
     fallback = " / ".join(str(report.runs[c].iloc[0]) for c in ("dataset", "model") if c in report.runs)
@@ -233,8 +253,7 @@ def plot_pareto(report: Report, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.margins(0.15)
     _legend(fig, palette, sorted(set(shown)))
-    fig.suptitle("mean ± std over seeds; black line and outlined points: Pareto front", y=0.0, va="bottom")
-    _tight(fig)
+    _finish(fig, report, "mean ± std over seeds; black line and outlined points: Pareto front")
     return _save(fig, report, out_dir, "pareto")
 
 
@@ -251,7 +270,7 @@ def bar_panels(report: Report) -> tuple[list[tuple[str, str, pd.DataFrame]], lis
     for name, rows in _context_parts(report, report.summary):
         for metric in report.metrics:
             part = rows[rows[f"{metric}.mean"].notna()]
-            if part.empty:
+            if part["_operator"].nunique() < 2:  # nothing to compare in this context
                 continue
             spreads = part[f"{metric}.std"].tolist()
             if f"{metric}.ci_low" in part.columns:
@@ -290,14 +309,13 @@ def plot_bars(report: Report, out_dir: Path) -> list[Path]:
         ax.set_ylabel(metric_label(metric))
         ax.set_title(name + ("" if stats.higher_is_better(metric) else " (lower is better)"))
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("mean ± std over seeds", y=0.0, va="bottom")
-    _tight(fig, legend=False)
+    _finish(fig, report, "mean ± std over seeds", legend=False)
     return _save(fig, report, out_dir, "bars")
 
 
 def read_curves(report: Report) -> pd.DataFrame:
     """Per-epoch rows of every run's metrics.jsonl with its operator and context (malformed lines skipped)."""
-    context_keys = [k for k in report.keys if not k.startswith(("choice.pooling", "cfg.pooling."))]
+    context_keys = _figure_contexts(report)
     rows = []
     for _, run in report.runs.iterrows():
         path = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"]))) / METRICS_FILE
@@ -369,8 +387,7 @@ def plot_curves(report: Report, out_dir: Path) -> list[Path]:
         if curves["epoch"].max() <= 12:
             ax.set_xticks(sorted(part["epoch"].unique()))
     _legend(fig, palette, sorted(curves["_operator"].unique()), kind="")
-    fig.suptitle(f"per epoch, from {METRICS_FILE}: mean ± std band over seeds", y=0.0, va="bottom")
-    _tight(fig)
+    _finish(fig, report, f"per epoch, from {METRICS_FILE}: mean ± std band over seeds")
     return _save(fig, report, out_dir, "curves")
 
 
@@ -390,15 +407,13 @@ def plot_cd_diagram(report: Report, out_dir: Path) -> list[Path]:
         ranking["average_ranks"], ranking["nemenyi"], ax=ax, color_palette={op: palette[op] for op in operators}
     )
     metrics = ", ".join(f"{m} ({c})" for c, m in ranking["metric_of"].items())
-    fig.text(
-        0.5,
-        0.01,
+    _finish(
+        fig,
+        report,
         f"average rank (1 = best) over {len(ranking['scores'])} contexts by {metrics}; Friedman p = "
         f"{ranking['friedman_p']:.2g}\nhorizontal bars join operators the Nemenyi test does not separate (α = 0.05)",
-        ha="center",
-        va="bottom",
+        legend=False,
     )
-    fig.subplots_adjust(left=0.2, right=0.8, top=0.85, bottom=0.25)
     return _save(fig, report, out_dir, "cd_diagram")
 
 
