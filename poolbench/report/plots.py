@@ -173,6 +173,11 @@ def _figure_contexts(report: Report) -> list[str]:
     return [k for k in report.keys if not k.startswith(("choice.pooling", "cfg.pooling.")) and k not in confounded]
 
 
+def _single_context(report: Report) -> str:
+    """The title of a report's only context: its dataset and model."""
+    return " / ".join(str(report.runs[c].iloc[0]) for c in ("dataset", "model") if c in report.runs)
+
+
 def _context_parts(report: Report, summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     summary = summary.copy()
     if "choice.pooling" not in summary.columns and "choice.pooling" in report.runs.columns:
@@ -180,7 +185,7 @@ def _context_parts(report: Report, summary: pd.DataFrame) -> list[tuple[str, pd.
     context_keys = _figure_contexts(report)
     summary["_context"] = [context_label(row, context_keys) for _, row in summary.iterrows()]
     summary["_operator"] = [treatment_label(row, report.keys) for _, row in summary.iterrows()]
-    fallback = " / ".join(str(report.runs[c].iloc[0]) for c in ("dataset", "model") if c in report.runs)
+    fallback = _single_context(report)
     return [(name or fallback, part) for name, part in summary.groupby("_context", sort=True)]
 
 
@@ -372,7 +377,9 @@ def plot_curves(report: Report, out_dir: Path) -> list[Path]:
         first = next(iter(means.values()))
         if len(means) > 1 and all(m.index.equals(first.index) and np.allclose(m, first) for m in means.values()):
             # the same for every operator (e.g. the schedule): one black line, not overdrawn colours
+            std = part.groupby("epoch")[quantity].std(ddof=1).fillna(0.0)
             ax.plot(first.index, first.to_numpy(), marker="o", markersize=3, color="black")
+            ax.fill_between(first.index, (first - std).to_numpy(), (first + std).to_numpy(), color="black", alpha=0.1)
             ax.text(0.98, 0.95, "same for all operators", transform=ax.transAxes, ha="right", va="top", color="grey")
             per_operator = {}
         for operator, by_epoch in per_operator.items():
@@ -382,7 +389,7 @@ def plot_curves(report: Report, out_dir: Path) -> list[Path]:
             ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(), color=colour, alpha=0.2)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric_label(quantity))
-        ax.set_title(context or "all runs")
+        ax.set_title(context or _single_context(report))
         ax.grid(alpha=0.3)
         if curves["epoch"].max() <= 12:
             ax.set_xticks(sorted(part["epoch"].unique()))
