@@ -261,3 +261,31 @@ def test_a_results_folder_whose_name_is_not_utf8(
     out = tmp_path / "report"  # the default: <results_dir>/../report
     assert (out / "curves.png").is_file()  # metrics.jsonl found in the undecodable folder
     assert "runs\\xff" in pd.read_csv(out / "runs.csv", comment="#")["run_dir"].iloc[0]
+
+
+def test_copied_run_folders_bools_and_huge_numbers_are_skipped_not_counted(tmp_path: Path) -> None:
+    import shutil
+
+    _good(tmp_path)
+    first = sorted(tmp_path.iterdir())[0]
+    shutil.copytree(first, tmp_path / "copy")
+    write(tmp_path, {**make_record("max", 0), "acc@1": True})
+    write(tmp_path, {**make_record("max", 1), "acc@1": 10**400})
+    built = report.build(tmp_path)
+    assert len(built.runs) == 6 and built.metrics == ["acc@1"]
+    reasons = "\n".join(built.skipped)
+    assert "same run_id as" in reasons and "acc@1 is true, not a number" in reasons and "acc@1 is 1000" in reasons
+
+
+def test_out_under_a_file_is_refused_before_any_output(
+    run_cli: Callable[..., int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = _good(tmp_path / "runs")
+    write(results, make_record("avg", 7, **{"acc@1": 0.5, "env.torch": "0.1"}))  # would print a warning first
+    (tmp_path / "file").write_text("")
+    assert run_cli("report", str(results), "--out", str(tmp_path / "file" / "out")) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"error: cannot write the report to {tmp_path}/file/out: {tmp_path}/file is a file"
+    ]
+    assert captured.out == ""

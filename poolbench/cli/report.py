@@ -48,6 +48,8 @@ def report(
     from poolbench import report as reporting
 
     chosen_formats = reporting.parse_formats(formats)
+    destination = out or results_dir.parent / "report"
+    reporting.check_destination(destination)  # before anything is printed or computed
     result = reporting.build(
         results_dir, metrics=metric or (), baseline=baseline, where=where or (), allow_confounded=allow_confounded
     )
@@ -80,7 +82,6 @@ def report(
         console.print(line, highlight=False, markup=False)
     for metric_name, source in result.latency_source.items():
         console.print(f"[dim]{escape(metric_name)} from {escape(source)}[/]", highlight=False)
-    destination = out or results_dir.parent / "report"
     writers = [partial(reporting.write_tables, formats=chosen_formats)]
     if plots:
         writers.append(reporting.write_plots)

@@ -21,7 +21,7 @@ from poolbench.report.core import (
     treatment_label,
 )
 from poolbench.report.html import write_html
-from poolbench.report.output import MANIFEST, write_report
+from poolbench.report.output import MANIFEST, check_destination, write_report
 from poolbench.report.plots import metric_label, write_plots
 from poolbench.report.tables import (
     available_formats,
@@ -37,7 +37,8 @@ from poolbench.report.tables import (
 )
 
 __all__ = [
-    "DEFAULT_METRICS", "MANIFEST", "Design", "Report", "available_formats", "build", "choose_metrics", "compare",
+    "DEFAULT_METRICS", "MANIFEST", "Design", "Report", "available_formats", "build", "check_destination",
+    "choose_metrics", "compare",
     "context_label", "design", "display_comparison", "display_ranking", "display_summary", "environment_warnings",
     "format_mean_std", "group_keys", "label", "latex_escape", "load", "metric_columns", "metric_label",
     "parse_formats", "ranking_lines", "read_records", "safe_text", "summarize", "to_latex", "to_markdown",

@@ -146,7 +146,10 @@ def safe_text(value: Any) -> Any:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A JSON number that fits a float64 column (bools and 400-digit integers do not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, float) or abs(value) < 2**63
 
 
 def _record_problem(record: dict[str, Any]) -> str | None:
@@ -174,7 +177,7 @@ def _mistyped(records: list[dict[str, Any]]) -> dict[int, str]:
     other: dict[str, int] = {}
     for record in records:
         for name, value in record.items():
-            if name.startswith(NOT_METRICS) or value is None or isinstance(value, bool):
+            if name.startswith(NOT_METRICS) or value is None:
                 continue
             counts = numeric if _is_number(value) else other
             counts[name] = counts.get(name, 0) + 1
@@ -183,7 +186,7 @@ def _mistyped(records: list[dict[str, Any]]) -> dict[int, str]:
     for i, record in enumerate(records):
         for name in sorted(expected_numbers & record.keys()):
             value = record[name]
-            if value is not None and not isinstance(value, bool) and not _is_number(value):
+            if value is not None and not _is_number(value):
                 problems[i] = f"{name} is {_shown(value)}, not a number"
                 break
     return problems
@@ -222,6 +225,8 @@ def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
 def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
     """Completed runs under ``results_dir`` (filtered by ``key=value[,value...]``) and the skipped ones."""
     results_dir = Path(results_dir)
+    if results_dir.exists() and not results_dir.is_dir():
+        raise PoolbenchError(f"results directory {safe_text(str(results_dir))} is a file, not a folder of runs")
     if not results_dir.is_dir():
         raise PoolbenchError(
             f"results directory {safe_text(str(results_dir))} does not exist"
@@ -231,7 +236,12 @@ def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, li
     if not records and not skipped:
         raise PoolbenchError(f"no run records (result.json) under {safe_text(str(results_dir))}")
     completed = []
+    first_seen: dict[str, str] = {}
     for record in records:
+        if record["run_id"] in first_seen:  # a copied run folder must not count twice
+            skipped.append(f"{record['run_dir']}: same run_id as {first_seen[record['run_id']]}")
+            continue
+        first_seen[record["run_id"]] = record["run_dir"]
         if record["status"] == "completed":
             completed.append(record)
             continue

@@ -28,8 +28,12 @@ def _umask() -> int:
     return mask
 
 
-def _check_destination(out_dir: Path) -> None:
+def check_destination(out_dir: Path) -> None:
+    """Refuse, before any work, an ``--out`` that is a file, lies under a file, or holds other files."""
     shown = safe_text(str(out_dir))
+    blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise PoolbenchError(f"cannot write the report to {shown}: {safe_text(str(blocking))} is a file")
     if out_dir.exists() and not out_dir.is_dir():
         raise PoolbenchError(f"--out {shown} is a file, not a folder; choose a folder for the report")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
@@ -41,7 +45,7 @@ def _check_destination(out_dir: Path) -> None:
 def write_report(report: Report, out_dir: Path, writers: Sequence[Callable[[Report, Path], list[Path]]]) -> list[Path]:
     """Run every ``writer(report, folder)`` into a temporary folder, add the manifest, swap it in."""
     out_dir = Path(out_dir)
-    _check_destination(out_dir)
+    check_destination(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.new-"))
