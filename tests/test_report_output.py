@@ -289,3 +289,13 @@ def test_out_under_a_file_is_refused_before_any_output(
         f"error: cannot write the report to {tmp_path}/file/out: {tmp_path}/file is a file"
     ]
     assert captured.out == ""
+
+
+def test_pareto_front_keeps_only_undominated_points() -> None:
+    from poolbench.report.plots import pareto_front
+
+    points = pd.DataFrame(
+        {"ms": [1.0, 1.0, 2.0, 3.0, 2.5, 4.0], "acc": [0.50, 0.40, 0.70, 0.60, 0.80, 0.80]},
+        index=["a", "a-slow-twin", "b", "dominated", "c", "c-slower"],
+    )
+    assert list(pareto_front(points, "ms", "acc").index) == ["a", "b", "c"]
