@@ -84,7 +84,8 @@ def test_an_option_that_cannot_be_composed_is_not_hidden(tmp_path: Path) -> None
 
 
 def test_paired_statistics_match_scipy() -> None:
-    values, base = np.array([0.66, 0.68, 0.65, 0.70]), np.array([0.61, 0.64, 0.66, 0.62])
+    values = np.array([0.66, 0.68, 0.65, 0.70, 0.69, 0.64])
+    base = np.array([0.61, 0.64, 0.66, 0.62, 0.60, 0.63])
     got = stats.paired(values, base)
     deltas = values - base
     boot = scipy_stats.bootstrap(
@@ -98,11 +99,12 @@ def test_paired_statistics_match_scipy() -> None:
     assert got["boot_low"] == pytest.approx(boot.low) and got["boot_high"] == pytest.approx(boot.high)
     assert stats.paired(values, base)["boot_low"] == got["boot_low"]  # deterministic
     assert got["effect_dz"] == pytest.approx(deltas.mean() / deltas.std(ddof=1))
-    assert got["p_improve"] == 0.75  # seed 2 is worse
-    low, high = scipy_stats.t.interval(0.95, 3, loc=deltas.mean(), scale=scipy_stats.sem(deltas))
+    assert got["p_improve"] == pytest.approx(5 / 6)  # seed 2 is worse
+    low, high = scipy_stats.t.interval(0.95, 5, loc=deltas.mean(), scale=scipy_stats.sem(deltas))
     assert (got["ci_low"], got["ci_high"]) == (pytest.approx(low), pytest.approx(high))
     # lower is better for latency: the same deltas improve when negative
-    assert stats.paired(base, values, higher_better=False)["p_improve"] == 0.75
+    assert stats.paired(base, values, higher_better=False)["p_improve"] == pytest.approx(5 / 6)
+    assert math.isnan(stats.paired(values[:5], base[:5])["boot_low"])  # too few pairs for a bootstrap
     assert not stats.higher_is_better("latency.peak_mem_mb") and stats.higher_is_better("acc@1")
 
 

@@ -156,7 +156,8 @@ def write_html(report: Report, out_dir: Path) -> list[Path]:
         else:
             parts.append(
                 f'<p class="note">Holm-adjusted over the family of {report.family_size} paired t-tests of this report;'
-                " bootstrap: paired BCa, 9999 resamples; d_z: mean Δ / sd Δ; P(better): share of seeds improved.</p>"
+                " bootstrap: paired BCa, 9999 resamples, from 6 pairs; d_z: mean Δ / sd Δ;"
+                " P(better): share of seeds improved.</p>"
             )
             parts.append(_table(display_comparison(report)))
     if report.ranking is not None:

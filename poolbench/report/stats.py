@@ -4,7 +4,7 @@ Every test comes from scipy, statsmodels or scikit-posthocs; this module only ar
 
 - Paired comparison of an operator with the baseline over shared seeds: mean Δ with a 95% t-interval,
   paired t-test, Wilcoxon signed-rank (n ≥ 6), a paired bootstrap interval of the mean Δ
-  (``scipy.stats.bootstrap``, BCa, seeded), Cohen's d_z = mean Δ / sd Δ, and the probability of
+  (``scipy.stats.bootstrap``, BCa, seeded; n ≥ 6), Cohen's d_z = mean Δ / sd Δ, and the probability of
   improvement (share of seeds where the operator beats the baseline, in the metric's direction).
 - Holm–Bonferroni step-down adjustment over every p-value of one report (Holm 1979).
 - Across contexts (datasets / backbones): ranks per context, average ranks, Friedman test and the
@@ -22,6 +22,9 @@ import pandas as pd
 
 # Smallest n at which a two-sided exact Wilcoxon signed-rank test can reach p < 0.05 (2/2^6).
 WILCOXON_MIN_N = 6
+# Below 6 pairs a bootstrap has too few distinct resamples (10 for n = 3) and its interval is far too
+# narrow (it excluded 0 where the t-interval did not, on 3 seeds): not reported.
+BOOTSTRAP_MIN_N = 6
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0  # fixed: the same records give the same report
 # Metrics where a smaller value is better: time, memory, cost and loss.
@@ -72,8 +75,8 @@ def paired(values: np.ndarray, base: np.ndarray, *, higher_better: bool = True) 
             out["p_wilcoxon"] = float(stats.wilcoxon(values, base).pvalue)
         if std > 0:
             out["effect_dz"] = out["mean_delta"] / std
-            interval = bootstrap_interval(values, base)
-            out["boot_low"], out["boot_high"] = interval
+        if std > 0 and n >= BOOTSTRAP_MIN_N:
+            out["boot_low"], out["boot_high"] = bootstrap_interval(values, base)
     return out
 
 
