@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from poolbench.engine.policies import build_optimizer, loss_function, resolve_device
 from poolbench.errors import ConfigError, unknown_choice
 
 Shape = tuple[int, int, int, int]
@@ -123,20 +124,6 @@ COLUMNS = tuple("pass" if f.name == "pass_" else f.name for f in fields(BenchRow
 
 def row_dict(row: BenchRow) -> dict[str, Any]:
     return {("pass" if k == "pass_" else k): v for k, v in asdict(row).items()}
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{requested}' requested but CUDA is not available here; use cpu or auto")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ConfigError(unknown_choice("device", requested, ("auto", "cpu", "cuda", "cuda:<index>"))) from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(unknown_choice("device", requested, ("auto", "cpu", "cuda", "cuda:<index>")))
-    return device
 
 
 def parse_shape(text: str) -> Shape:
@@ -418,18 +405,13 @@ class ModelCase:
 
 
 def pooling_config(name: str) -> dict[str, Any]:
-    """The pooling group node of ``name`` from conf/pooling (its tuned defaults), else registry defaults."""
-    from omegaconf import OmegaConf
-
+    """The config node of the global pool ``name`` (its registered defaults and lr_mult)."""
     from poolbench import pooling
-    from poolbench.config import conf_dir
 
-    path = conf_dir() / "pooling" / f"{name}.yaml"
-    if path.is_file():
-        return dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
-    if name not in pooling.names():
-        raise ConfigError(unknown_choice("pooling", name, pooling.names()))
-    return {"name": name}
+    try:
+        return pooling.spec(name).config_node()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
@@ -468,11 +450,9 @@ def build_case(
         num_classes=num_classes,
         task=task,
     )
-    groups: list[dict[str, Any]] = [{"params": net.backbone_parameters()}]
-    if net.pool_parameters():
-        lr_mult = float(pool_cfg.get("lr_mult", 1.0))
-        groups.append({"params": net.pool_parameters(), "lr": lr * lr_mult, "weight_decay": 0.0})
-    optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=1e-5)
+    optimizer = build_optimizer(
+        net, optimizer="adam", lr=lr, weight_decay=1e-5, pool_lr_mult=float(pool_cfg.get("lr_mult", 1.0))
+    )
     return ModelCase(model_name, pooling, net, optimizer, task, net.feature_map_size)
 
 
@@ -483,9 +463,7 @@ def model_step_fns(
 
     The loss is the task's training loss: batch-hard triplet (retrieval) or cross-entropy.
     """
-    from poolbench.engine.losses import batch_hard_triplet_loss, cross_entropy_loss
-
-    loss_fn = batch_hard_triplet_loss if case.task == "retrieval" else cross_entropy_loss
+    loss_fn = loss_function("auto", case.task)
 
     def inference() -> torch.Tensor:
         case.net.eval()
@@ -600,7 +578,7 @@ def bench_models(
 
 
 def environment(settings: BenchSettings) -> dict[str, Any]:
-    from poolbench.runs import capture_env
+    from poolbench.environment import capture_env
 
     env = capture_env(str(settings.device))
     env.update(
@@ -615,7 +593,7 @@ def environment(settings: BenchSettings) -> dict[str, Any]:
 
 def write_results(rows: Sequence[BenchRow], env: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """results/bench/<UTC timestamp>-<host>.csv and .json (rows plus environment); atomic writes."""
-    from poolbench.runs import atomic_write_json, atomic_write_text
+    from poolbench.files import atomic_write_json, atomic_write_text
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     stem = f"{stamp}-{socket.gethostname()}"

@@ -17,6 +17,7 @@ from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -38,6 +39,11 @@ NON_IDENTITY_KEYS = (
     "grid",  # an experiment preset's sweep grid (poolbench sweep); each run's own values are in its config
     "choices.experiment",  # a preset is a bundle of values: the same values without it are the same run
 )
+# Keys added after poolbench 0.1, left out of a run's identity while they hold this value (the
+# behaviour 0.1 had), so the runs of 0.1 keep their ids and are found again.
+IDENTITY_NEUTRAL: dict[str, Any] = {
+    "pooling.solver": "auto",
+}
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -69,9 +75,29 @@ def conf_dir() -> Path:
 
 
 def group_options(group: str) -> list[str]:
-    """The option names of a config group, e.g. ``group_options('pooling')``."""
+    """The option names of a config group, e.g. ``group_options('pooling')``: its yaml files and the
+    nodes generated from the registries."""
+    _store_generated_nodes()
     folder = conf_dir() / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    files = {p.stem for p in folder.glob("*.yaml")} if folder.is_dir() else set()
+    try:
+        generated = {name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)}
+    except OSError:  # ConfigStore raises OSError for a group it does not hold
+        generated = set()
+    return sorted(files | generated)
+
+
+def _store_generated_nodes() -> None:
+    """Put one node per registered operator into Hydra's ConfigStore (``pooling=<name>``,
+    ``local_pooling=<name>``): an operator's registration is the only description of its config.
+    Called before every composition, so operators registered since (plugins) are options too."""
+    from poolbench import pooling
+
+    store = ConfigStore.instance()
+    for group, kind in (("pooling", "global"), ("local_pooling", "local")):
+        for spec in pooling.specs(kind):
+            store.store(group=group, name=spec.name, node=spec.config_node())
+    store.store(group="local_pooling", name="none", node={"name": "none"})
 
 
 def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConfig:
@@ -98,6 +124,7 @@ def _reference(group_overrides: tuple[str, ...]) -> DictConfig:
 
 def _compose_raw(overrides: list[str]) -> DictConfig:
     _check_experiment(overrides)
+    _store_generated_nodes()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):
@@ -272,7 +299,11 @@ def _validate_pooling(cfg: DictConfig) -> None:
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The part of the resolved config that determines a run's results."""
     flat = flatten(cfg)
-    return {k: v for k, v in sorted(flat.items()) if not k.startswith(NON_IDENTITY_KEYS)}
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if not k.startswith(NON_IDENTITY_KEYS) and not (k in IDENTITY_NEUTRAL and IDENTITY_NEUTRAL[k] == v)
+    }
 
 
 def config_hash(cfg: DictConfig) -> str:

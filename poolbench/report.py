@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from poolbench import runs
+from poolbench import records
 from poolbench.config import NON_IDENTITY_KEYS
 from poolbench.errors import PoolbenchError, unknown_choice
 
@@ -73,11 +73,11 @@ def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, li
         raise PoolbenchError(
             f"results directory {results_dir} does not exist (run `poolbench sweep` or `poolbench train` first)"
         )
-    records, skipped = runs.iter_records(results_dir)
-    if not records and not skipped:
+    found, skipped = records.iter_records(results_dir)
+    if not found and not skipped:
         raise PoolbenchError(f"no run records (result.json) under {results_dir}")
     completed = []
-    for record in records:
+    for record in found:
         if record["status"] == "completed":
             completed.append(record)
             continue

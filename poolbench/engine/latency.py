@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from poolbench.engine.losses import batch_hard_triplet_loss, cross_entropy_loss
-from poolbench.engine.train import amp_dtype
+from poolbench.engine.policies import amp_dtype
+from poolbench.environment import cpu_model
 from poolbench.errors import ConfigError
-from poolbench.runs import cpu_model
 
 
 @dataclass(frozen=True)
