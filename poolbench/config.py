@@ -30,7 +30,9 @@ from poolbench.errors import ConfigError, unknown_choice
 from poolbench.schema import Range, Required
 
 # Groups whose options are typed schemas (poolbench.schema); the others are checked by their owners.
-SCHEMA_GROUPS = ("dataset", "model", "trainer")
+SCHEMA_GROUPS = ("dataset", "model", "augment", "trainer")
+# augment=auto (the default) stands for the dataset's own recipe (its option's meta "augment").
+AUTO_AUGMENT = "auto"
 # Root keys that only an experiment preset sets.
 PRESET_KEYS = ("grid",)
 
@@ -47,7 +49,7 @@ class RunSettings:
     # Set by `poolbench sweep`; recorded, never part of the run's identity.
     sweep_name: str | None = None
 
-GROUPS = ("dataset", "model", "pooling", "local_pooling", "trainer", "experiment")
+GROUPS = ("dataset", "model", "pooling", "local_pooling", "augment", "trainer", "experiment")
 # Keys that change how a run is executed or stored, not what it computes: excluded from its identity.
 NON_IDENTITY_KEYS = (
     "results_dir",
@@ -67,6 +69,8 @@ NON_IDENTITY_KEYS = (
 # behaviour 0.1 had), so the runs of 0.1 keep their ids and are found again.
 IDENTITY_NEUTRAL: dict[str, Any] = {
     "pooling.solver": "auto",
+    "augment.name": "none",
+    "choices.augment": "none",
 }
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
@@ -103,6 +107,8 @@ def _store_generated_nodes() -> None:
         for spec in pooling.specs(kind):
             store.store(group=group, name=spec.name, node=spec.config_node())
     store.store(group="local_pooling", name="none", node={"name": "none"})
+    store.store(group="augment", name=AUTO_AUGMENT, node={"name": AUTO_AUGMENT})
+    store.store(group="augment", name="none", node={"name": "none"})
     _import_schema_owners()
     for group in schema.groups():
         for name, opt in schema.options(group).items():
@@ -154,10 +160,22 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS}
+    if choices["augment"] == AUTO_AUGMENT:
+        # The dataset's own recipe, composed like an explicit augment=<recipe>: the same training is
+        # the same run, and the record names the recipe that ran.
+        kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "augment"]
+        return _compose_raw([*kept, f"augment={default_augment(choices['dataset'])}"])
     with _open(cfg):
         del cfg["hydra"]
         cfg.choices = choices
     return cfg
+
+
+def default_augment(dataset: str | None) -> str:
+    """The augmentation recipe the literature uses for a dataset option (``augment=auto``)."""
+    dataset_option = schema.options("dataset").get(str(dataset))
+    recipe = dataset_option.meta.get("augment", "none") if dataset_option else "none"
+    return recipe if recipe in group_options("augment") else "none"
 
 
 class _open:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from poolbench.config import GROUPS, compose, conf_dir, config_hash, group_options, identity, run_id
+from poolbench.config import (
+    GROUPS,
+    compose,
+    conf_dir,
+    config_hash,
+    default_augment,
+    group_options,
+    identity,
+    run_id,
+)
 from poolbench.errors import ConfigError
 
 
@@ -22,7 +31,9 @@ def test_default_config_composes_and_records_choices() -> None:
 )
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
     cfg = compose([f"{group}={option}"])
-    assert cfg.choices[group] == option
+    # augment=auto composes the dataset's own recipe and records that one.
+    expected = default_augment(cfg.choices.dataset) if (group, option) == ("augment", "auto") else option
+    assert cfg.choices[group] == expected
 
 
 @pytest.mark.parametrize("option", group_options("experiment"))

@@ -160,3 +160,12 @@ def names() -> list[str]:
 
 def local_names() -> list[str]:
     return [s.name for s in specs("local")]
+
+
+def learned_scalars(module: nn.Module) -> dict[str, float]:
+    """Every learnable scalar of a pool in its natural unit: the module's ``learned_values()`` when it
+    defines one (DGMP's λ rather than the log λ it learns), else its one-element parameters as they are."""
+    own = getattr(module, "learned_values", None)
+    if callable(own):
+        return {str(k): float(v) for k, v in own().items()}
+    return {name: p.detach().float().item() for name, p in module.named_parameters() if p.numel() == 1}
