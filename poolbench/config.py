@@ -135,6 +135,11 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConf
     return cfg
 
 
+def compose_many(override_sets: Sequence[Sequence[str]]) -> list[DictConfig]:
+    """:func:`compose` for many override lists (a sweep's runs), in order."""
+    return [compose(overrides) for overrides in override_sets]
+
+
 @functools.lru_cache(maxsize=256)
 def _reference(group_overrides: tuple[str, ...]) -> DictConfig:
     """The composed defaults of these group choices: the types and keys a config is checked against.
