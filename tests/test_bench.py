@@ -13,6 +13,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from poolbench import bench
+from poolbench.engine.latency import peak_memory_mb
 from poolbench.errors import ConfigError
 
 DOCUMENTED_COLUMNS = (
@@ -29,9 +30,12 @@ DOCUMENTED_COLUMNS = (
     "samples",
     "images_per_s",
     "ratio_to_avg",
+    "ratio_to_reference",
     "peak_mem_mb",
     "bandwidth_gb_s",
     "copy_bandwidth_gb_s",
+    "flops",
+    "params",
     "note",
 )
 SHAPE = (2, 8, 4, 4)
@@ -97,7 +101,7 @@ def test_cpu_peak_memory_counts_the_tensors_a_call_creates() -> None:
         del a
         return b.view(256, 256) * 2  # the view shares b's storage: b and the result, 512 KiB
 
-    assert bench.peak_memory_mb(chain, torch.device("cpu")) == 0.5
+    assert peak_memory_mb(chain, torch.device("cpu")) == 0.5
 
 
 def test_results_files_are_written_and_parseable(settings: bench.BenchSettings, tmp_path: Path) -> None:

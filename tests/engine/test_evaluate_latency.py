@@ -17,6 +17,7 @@ LATENCY_KEYS = {
     "pool_fwdbwd_ms",
     "peak_mem_mb",
     "device_name",
+    "timing_warning",
 }
 
 
@@ -83,7 +84,8 @@ def test_measure_latency_keys_and_no_side_effects(
     assert torch.equal(torch.rand(3), expected_next)  # global RNG untouched
     assert set(result) == LATENCY_KEYS
     assert all(
-        result[k] > 0 for k in LATENCY_KEYS - {"device_name", "peak_mem_mb", "infer_batch_ms_iqr", "train_step_ms_iqr"}
+        result[k] > 0
+        for k in LATENCY_KEYS - {"device_name", "timing_warning", "peak_mem_mb", "infer_batch_ms_iqr", "train_step_ms_iqr"}
     )
     assert result["infer_image_ms"] == pytest.approx(result["infer_batch_ms"] / 8)
     assert result["peak_mem_mb"] >= 0 and "threads" in result["device_name"]
