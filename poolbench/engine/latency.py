@@ -333,6 +333,8 @@ _LINALG_FLOPS: dict[Any, Callable[[tuple], int]] = {
     _ATEN.linalg_lu_factor_ex: _lu_factor_flops,  # 2n³/3
     _ATEN.linalg_lu_solve: _lu_solve_flops,  # 2n²k
 }
+# Tagged pointwise by torch but pure data movement: no arithmetic.
+_DATA_MOVEMENT = {_ATEN.clone, _ATEN.copy_, _ATEN.copy, _ATEN._to_copy, _ATEN.fill_, _ATEN.zero_, _ATEN.fill}
 _WINDOW_POOLS = {_ATEN.max_pool2d_with_indices, _ATEN.avg_pool2d, _ATEN.max_pool2d}
 
 
@@ -366,7 +368,7 @@ class _UncountedFlops(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         packet = func.overloadpacket
-        if packet in self._counted_elsewhere:
+        if packet in self._counted_elsewhere or packet in _DATA_MOVEMENT:
             return out
         if packet in _LINALG_FLOPS:
             self.total += _LINALG_FLOPS[packet](args)
