@@ -181,7 +181,7 @@ def _make_operator(kind: str, name: str) -> nn.Module:
     return pooling.create(name) if kind == "global" else pooling.create_local(name)
 
 
-def _sample(fns: dict[Any, Callable[[], Any]], settings: BenchSettings) -> tuple[dict[Any, list[float]], dict]:
+def sample_interleaved(fns: dict[Any, Callable[[], Any]], settings: BenchSettings) -> tuple[dict[Any, list[float]], dict]:
     return interleaved_samples(
         fns, warmup=settings.warmup, rounds=settings.repeats, budget_s=settings.budget_s, min_samples=MIN_SAMPLES
     )
@@ -315,7 +315,7 @@ def _bench_shape(
     for pass_, fns in passes:
         for module in built:  # forward is inference (eval mode), forward+backward is training
             module.train(pass_ == "forward+backward")
-        samples, errors = _sample(fns, settings)
+        samples, errors = sample_interleaved(fns, settings)
         medians = {key: median_iqr(values)[0] for key, values in samples.items() if values}
         baseline = {kind: medians.get((kind, BASELINE)) for kind, _ in ops}
         if ("baseline", "copy") in medians:
@@ -517,7 +517,7 @@ def bench_models(
         costs = {p: measure_cost(case.net, images.shape[1:]) for p, case in cases.items()}
         fns = {p: model_step_fns(case, images, labels) for p, case in cases.items()}
         for index, pass_ in enumerate(("inference", "train step")):
-            samples, errors = _sample({p: pair[index] for p, pair in fns.items()}, settings)
+            samples, errors = sample_interleaved({p: pair[index] for p, pair in fns.items()}, settings)
             for p, case in cases.items():
                 height, width = case.feature_map
                 row = BenchRow(
