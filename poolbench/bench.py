@@ -181,7 +181,9 @@ def _make_operator(kind: str, name: str) -> nn.Module:
     return pooling.create(name) if kind == "global" else pooling.create_local(name)
 
 
-def sample_interleaved(fns: dict[Any, Callable[[], Any]], settings: BenchSettings) -> tuple[dict[Any, list[float]], dict]:
+def sample_interleaved(
+    fns: dict[Any, Callable[[], Any]], settings: BenchSettings
+) -> tuple[dict[Any, list[float]], dict]:
     return interleaved_samples(
         fns, warmup=settings.warmup, rounds=settings.repeats, budget_s=settings.budget_s, min_samples=MIN_SAMPLES
     )

@@ -315,6 +315,21 @@ def _lu_solve_flops(args: tuple) -> int:
     return 2 * int(args[0].shape[-1]) ** 2 * _rhs_columns(args[2])
 
 
+def _row_length(values: torch.Tensor, dim: int) -> int:
+    return int(values.shape[dim]) if values.dim() else 1
+
+
+def _sort_flops(args: tuple, out: Any) -> int:
+    """n·⌈log2 n⌉ comparisons per sorted row of n elements (comparison sort)."""
+    n = _row_length(args[0], args[1] if len(args) > 1 and isinstance(args[1], int) else -1)
+    return args[0].numel() * math.ceil(math.log2(n)) if n > 1 else 0
+
+
+def _topk_flops(args: tuple, out: Any) -> int:
+    """n·max(1, ⌈log2 k⌉) comparisons per row of n elements: a heap of the k largest, every element compared."""
+    return args[0].numel() * max(1, math.ceil(math.log2(max(int(args[1]), 1))))
+
+
 def _window_pool_flops(args: tuple, out: Any) -> int:
     kernel = args[1] if len(args) > 1 else 1
     area = math.prod(kernel) if isinstance(kernel, (list, tuple)) else int(kernel) ** 2
@@ -346,6 +361,7 @@ class _UncountedFlops(TorchDispatchMode):
     - Pointwise ops (``torch.Tag.pointwise``): one flop per output element.
     - Reductions (``torch.Tag.reduction``) and adaptive pools: one flop per input element.
     - Window pools (max/avg pool2d): kernel area flops per output element.
+    - Sort: n·⌈log2 n⌉ comparisons per sorted row of n elements; top-k: n·max(1, ⌈log2 k⌉).
     - Data movement (copies, views, indexing, dtype casts) costs no flop.
 
     Iterative solvers are counted as executed, so their count holds for the given input: one CG
@@ -374,9 +390,13 @@ class _UncountedFlops(TorchDispatchMode):
             self.total += _LINALG_FLOPS[packet](args)
         elif packet in _WINDOW_POOLS:
             self.total += _window_pool_flops(args, out)
+        elif packet is _ATEN.sort:
+            self.total += _sort_flops(args, out)
+        elif packet is _ATEN.topk:
+            self.total += _topk_flops(args, out)
         elif torch.Tag.pointwise in func.tags:
             self.total += sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-        elif torch.Tag.reduction in func.tags or packet.__name__.startswith("_adaptive"):
+        elif torch.Tag.reduction in func.tags or "adaptive_" in packet.__name__:
             self.total += args[0].numel() if isinstance(args[0], torch.Tensor) else 0
         return out
 

@@ -173,6 +173,10 @@ def test_count_flops_adds_analytic_counts_for_linear_algebra_and_elementwise_ops
     assert count_flops(lambda: x.sum((2, 3))) == x.numel()  # reduction: one per input element
     assert count_flops(lambda: torch.nn.functional.avg_pool2d(x, 2)) == 2 * 3 * 4 * 4 * 4
     assert count_flops(lambda: x.view(6, 64).clone()) == 0  # data movement
+    assert count_flops(lambda: torch.nn.functional.adaptive_max_pool2d(x, 2)) == x.numel()
+    rows = torch.randn(4, 8)
+    assert count_flops(lambda: rows.sort(dim=1)) == 4 * 8 * 3  # n log2 n per row
+    assert count_flops(lambda: rows.topk(4, dim=1)) == 4 * 8 * 2  # n log2 k per row
 
 
 def test_measure_cost_of_a_model_and_its_pool(tiny_classification: DataBundle) -> None:
