@@ -14,8 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from poolbench import runs
+from poolbench import records
 from poolbench.config import config_hash, flatten, run_id
+from poolbench.engine.policies import should_resume
+from poolbench.environment import capture_env
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -23,24 +25,6 @@ Log = Callable[[str], None]
 
 def _quiet(_: str) -> None:
     return None
-
-
-def resolve_device(requested: str) -> str:
-    import torch
-
-    from poolbench.errors import ConfigError
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={requested} but CUDA is not available here; use device=cpu or device=auto")
-    return requested
-
-
-def resolve_amp(requested: str, device: str) -> str:
-    if requested == "auto":
-        return "bf16" if device.startswith("cuda") else "none"
-    return requested
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -72,19 +56,18 @@ def execute(cfg: DictConfig, *, progress: Progress | None = None, log: Log | Non
     """Run (or reuse, or resume) the run that ``cfg`` identifies and return its flat record."""
     log = log or _quiet
     results_dir = Path(cfg.results_dir)
-    runs.check_writable(results_dir)
+    records.check_writable(results_dir)
     run_dir = run_dir_of(cfg)
-    with runs.run_lock(run_dir):
+    with records.run_lock(run_dir):
         try:
-            existing = runs.read_record(run_dir)
+            existing = records.read_record(run_dir)
         except ValueError as exc:
             log(f"ignoring the unreadable old record: {exc}")
             existing = None
         if existing and existing["status"] == "completed" and not cfg.trainer.overwrite:
             log(f"run {run_dir.name} already completed; reusing its record (trainer.overwrite=true trains again)")
             return {**existing, "reused": True}
-        checkpoint = run_dir / "checkpoint.pt"
-        resuming = bool(cfg.trainer.resume) and checkpoint.is_file()
+        resuming = should_resume(cfg.trainer.resume, run_dir / "checkpoint.pt")
         if not resuming:
             for stale in ("checkpoint.pt", "metrics.jsonl"):
                 (run_dir / stale).unlink(missing_ok=True)
@@ -96,24 +79,25 @@ def _train(cfg: DictConfig, run_dir: Path, resuming: bool, progress: Progress | 
 
     from poolbench.data import build_dataset
     from poolbench.engine import NonFiniteLossError, evaluate, fit, measure_latency, seed_everything
+    from poolbench.engine.policies import TASK_LOSS, resolve_device
     from poolbench.models import build_model
 
     started = time.perf_counter()
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     device = resolve_device(str(cfg.device))
-    env = runs.capture_env(device)
-    runs.atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    runs.atomic_write_json(run_dir / "env.json", env)
+    env = capture_env(str(device))
+    records.atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    records.atomic_write_json(run_dir / "env.json", env)
     record: dict[str, Any] = {
         **_identity_fields(cfg),
         **_env_fields(env),
         "status": "running",
-        "started_at": runs.now(),
+        "started_at": records.now(),
         "resumed": resuming,
         "run_dir": str(run_dir),
     }
-    runs.atomic_write_json(run_dir / runs.RECORD, record)
+    records.atomic_write_json(run_dir / records.RECORD, record)
     try:
         data = build_dataset(cfg.dataset, seed=int(cfg.seed), progress=progress)
         seed_everything(int(cfg.seed))  # the model's initial weights depend on the seed alone
@@ -146,7 +130,7 @@ def _train(cfg: DictConfig, run_dir: Path, resuming: bool, progress: Progress | 
             model,
             data,
             cfg.trainer,
-            device=torch.device(device),
+            device=device,
             seed=int(cfg.seed),
             run_dir=run_dir,
             pool_lr_mult=float(cfg.pooling.get("lr_mult", 1.0)),
@@ -155,21 +139,21 @@ def _train(cfg: DictConfig, run_dir: Path, resuming: bool, progress: Progress | 
             log=log,
         )
         record.update({f"train.{k}": v for k, v in summary.items()})
-        amp = resolve_amp(str(cfg.trainer.amp), device)
+        amp = str(cfg.trainer.amp)
         metrics = evaluate(
-            model, data, device=torch.device(device), batch_size=cfg.trainer.eval_batch_size, amp=amp, progress=progress
+            model, data, device=device, batch_size=cfg.trainer.eval_batch_size, amp=amp, progress=progress
         )
         record.update(metrics)
         if cfg.trainer.latency.enabled:
             latency = measure_latency(
                 model,
                 input_shape=(data.in_channels, data.input_size, data.input_size),
-                device=torch.device(device),
+                device=device,
                 batch_size=cfg.trainer.latency.batch_size,
                 warmup=cfg.trainer.latency.warmup,
                 repeats=cfg.trainer.latency.repeats,
                 amp=amp,
-                train_loss="triplet" if data.task == "retrieval" else "ce",
+                train_loss=TASK_LOSS[data.task],
             )
             record.update({f"latency.{k}": v for k, v in latency.items()})
         record.update(
@@ -190,6 +174,6 @@ def _train(cfg: DictConfig, run_dir: Path, resuming: bool, progress: Progress | 
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        record.update(finished_at=runs.now(), wall_time_s=round(time.perf_counter() - started, 3))
-        runs.atomic_write_json(run_dir / runs.RECORD, record)
+        record.update(finished_at=records.now(), wall_time_s=round(time.perf_counter() - started, 3))
+        records.atomic_write_json(run_dir / records.RECORD, record)
     return record

@@ -29,7 +29,7 @@ from hydra.core.override_parser.types import Glob, Override
 from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 
-from poolbench import runs
+from poolbench import records
 from poolbench.config import compose, group_options, run_id
 from poolbench.errors import ConfigError, PoolbenchError
 
@@ -161,14 +161,14 @@ def expand(overrides: Sequence[str]) -> list[tuple[list[str], list[str]]]:
 def run_status(run_dir: Path, overwrite: bool = False) -> tuple[str, float | None]:
     """Plan status of a run directory and, when completed, its wall time."""
     try:
-        record = runs.read_record(run_dir)
+        record = records.read_record(run_dir)
     except ValueError:
         record = {"status": "corrupt"}
     if record is not None and record["status"] == "completed":
         return ("overwrite" if overwrite else "completed"), record.get("wall_time_s")
     if not run_dir.is_dir():
         return "new", None
-    if runs.is_locked(run_dir):
+    if records.is_locked(run_dir):
         return "elsewhere", None
     if record is None:
         return ("unfinished" if (run_dir / "checkpoint.pt").is_file() else "new"), None
@@ -215,7 +215,7 @@ def run_one(overrides: list[str]) -> Outcome:
     identifier = run_id(cfg)
     try:
         record = run_module.execute(cfg)
-    except runs.RunLockedError as exc:
+    except records.RunLockedError as exc:
         return Outcome(identifier, "elsewhere", error=str(exc))
     except Exception as exc:
         return Outcome(identifier, "failed", error=f"{type(exc).__name__}: {exc}")

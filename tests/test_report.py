@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from poolbench import report, runs
+from poolbench import records, report
 from poolbench.errors import PoolbenchError
 
 # mAP per pooling and seed; avg is the baseline.
@@ -58,7 +58,7 @@ def make_record(pooling: str, seed: int, *, dataset: str = "synthwriters", **fie
 
 
 def write(results: Path, record: dict[str, Any]) -> None:
-    runs.atomic_write_json(results / record["run_id"] / runs.RECORD, record)
+    records.atomic_write_json(results / record["run_id"] / records.RECORD, record)
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def test_swept_pooling_parameter_is_a_key_and_labels_the_operator(tmp_path: Path
 
 def test_broken_and_unfinished_records_are_skipped_and_listed(results: Path) -> None:
     (results / "truncated").mkdir()
-    (results / "truncated" / runs.RECORD).write_text('{"status": "completed", "mAP": 0.')
+    (results / "truncated" / records.RECORD).write_text('{"status": "completed", "mAP": 0.')
     write(results, {**make_record("gem", 0, mAP=0.1), "status": "failed", "error": "NonFiniteLossError: loss is nan"})
     write(results, {**make_record("gem", 1, mAP=0.1), "status": "running"})
     built = report.build(results)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from test_report import make_record, write
 
-from poolbench import report, runs
+from poolbench import records, report
 from poolbench.errors import PoolbenchError
 
 
@@ -25,7 +25,7 @@ def _good(folder: Path, seeds: int = 3) -> Path:
 
 def _raw(folder: Path, name: str, text: str) -> None:
     (folder / name).mkdir(parents=True)
-    (folder / name / runs.RECORD).write_text(text)
+    (folder / name / records.RECORD).write_text(text)
 
 
 def test_wrong_records_are_skipped_with_their_reason_and_never_remove_a_metric(tmp_path: Path) -> None:
@@ -83,9 +83,9 @@ def test_markup_and_undecodable_text_in_records_is_printed_literally(
 def test_several_contexts_keep_their_label_on_every_line(tmp_path: Path) -> None:
     for dataset in ("synthwriters", "digits"):
         _good(tmp_path / dataset)
-    for path in (tmp_path / "digits").rglob(runs.RECORD):
+    for path in (tmp_path / "digits").rglob(records.RECORD):
         record = json.loads(path.read_text())
-        runs.atomic_write_json(path, {**record, "choice.dataset": "digits", "run_id": record["run_id"] + "-d"})
+        records.atomic_write_json(path, {**record, "choice.dataset": "digits", "run_id": record["run_id"] + "-d"})
     built = report.build(tmp_path, baseline="avg")
     assert [line.split("]")[0] for line in built.comparison_lines] == ["[digits", "[synthwriters"]
 

@@ -158,9 +158,8 @@ def _real_record(overrides: list[str], value: float) -> dict[str, object]:
 
 
 def test_composed_configs_hide_option_definitions_and_commands_rebuild_the_same_runs(tmp_path: Path) -> None:
-    from poolbench.config import compose
+    from poolbench.config import compose, run_id
     from poolbench.report.html import commands
-    from poolbench.run import run_id
 
     for seed in range(2):
         for dataset in ("digits", "synthwriters"):

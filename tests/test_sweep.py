@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig
 
+from poolbench import records, sweep
 from poolbench import run as run_module
-from poolbench import runs, sweep
 from poolbench.config import group_options
 from poolbench.errors import ConfigError
 
@@ -37,13 +37,13 @@ class FakeTrainer:
             "seed": cfg.seed,
             "status": "running",
         }
-        runs.atomic_write_json(run_dir / runs.RECORD, record)
+        records.atomic_write_json(run_dir / records.RECORD, record)
         if cfg.pooling.name in self.fail_for:
             record.update(status="failed", error="RuntimeError: boom", wall_time_s=0.01)
-            runs.atomic_write_json(run_dir / runs.RECORD, record)
+            records.atomic_write_json(run_dir / records.RECORD, record)
             raise RuntimeError("boom")
         record.update(status="completed", mAP=0.5, wall_time_s=0.01)
-        runs.atomic_write_json(run_dir / runs.RECORD, record)
+        records.atomic_write_json(run_dir / records.RECORD, record)
         return record
 
 
@@ -106,10 +106,10 @@ def test_rerun_skips_completed_resumes_unfinished_retries_failed(tmp_path: Path,
     assert [o.run_id.split("-")[0] for o in state.done] == ["avg", "gem"]
     assert [o.run_id.split("-")[0] for o in state.failed] == ["max"]
     assert state.failed[0].error == "RuntimeError: boom"
-    assert runs.read_record(tmp_path / state.failed[0].run_id)["status"] == "failed"  # type: ignore[index]
+    assert records.read_record(tmp_path / state.failed[0].run_id)["status"] == "failed"  # type: ignore[index]
 
     gem = next(p for p in _plan(tmp_path) if p.run_id.startswith("gem"))
-    runs.atomic_write_json(gem.run_dir / runs.RECORD, {"status": "interrupted"})  # killed midway
+    records.atomic_write_json(gem.run_dir / records.RECORD, {"status": "interrupted"})  # killed midway
     (gem.run_dir / "checkpoint.pt").write_bytes(b"")
     fake.calls.clear()
     fake.fail_for = ()
@@ -137,7 +137,7 @@ def test_fail_fast_starts_nothing_after_a_failure(tmp_path: Path, fake: FakeTrai
 
 def test_run_locked_by_another_process_is_left_to_it(tmp_path: Path, fake: FakeTrainer) -> None:
     planned = _plan(tmp_path)
-    with runs.run_lock(planned[0].run_dir):  # a live holder (flock: another open file description)
+    with records.run_lock(planned[0].run_dir):  # a live holder (flock: another open file description)
         assert sweep.plan(["pooling=avg", f"results_dir={tmp_path}"])[0].status == "elsewhere"
         state = sweep.run_sweep(planned)  # planned before the lock: execute meets the lock
     assert state.elsewhere == [planned[0].run_id]
@@ -146,7 +146,7 @@ def test_run_locked_by_another_process_is_left_to_it(tmp_path: Path, fake: FakeT
 
 def test_corrupt_record_means_unfinished(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
-    (tmp_path / "x" / runs.RECORD).write_text('{"status": "compl')
+    (tmp_path / "x" / records.RECORD).write_text('{"status": "compl')
     assert sweep.run_status(tmp_path / "x") == ("unfinished", None)
     assert sweep.run_status(tmp_path / "missing") == ("new", None)
 
@@ -210,7 +210,7 @@ CONCURRENT_SWEEP = textwrap.dedent(
         time.sleep(0.7)
         record = {"run_id": run_dir.name, "status": "completed", "pooling": cfg.pooling.name, "seed": cfg.seed,
                   "mAP": 0.5, "wall_time_s": 0.7}
-        runs.atomic_write_json(run_dir / runs.RECORD, record)
+        records.atomic_write_json(run_dir / records.RECORD, record)
         return record
 
     run._train = slow_train
@@ -239,8 +239,8 @@ def test_two_sweeps_on_overlapping_grids_run_each_run_once(tmp_path: Path) -> No
     assert [p.returncode for p in procs] == [0, 0], outputs
     executed = executions.read_text().split()
     assert len(executed) == len(set(executed)) == 8  # 4 + 4 runs, the 4 shared ones once
-    records, problems = runs.iter_records(results)
-    assert problems == [] and len(records) == 8 and {r["status"] for r in records} == {"completed"}
+    found, problems = records.iter_records(results)
+    assert problems == [] and len(found) == 8 and {r["status"] for r in found} == {"completed"}
 
 
 @pytest.mark.slow
@@ -250,7 +250,7 @@ def test_real_sweep_with_two_jobs_then_rerun_skips(tmp_path: Path) -> None:
     state = sweep.run_sweep(planned, jobs=2)
     assert [o.status for o in state.done] == ["completed", "completed"] and not state.failed
     for outcome in state.done:
-        record = runs.read_record(results / outcome.run_id)
+        record = records.read_record(results / outcome.run_id)
         assert record is not None and record["cfg.trainer.num_threads"] >= 1 and "acc@1" in record
     again = sweep.plan(["pooling=avg,max", *TINY, f"results_dir={results}"])
     assert [p.status for p in again] == ["completed", "completed"]
@@ -272,9 +272,9 @@ def test_submitit_local_executor(tmp_path: Path) -> None:
     planned = sweep.plan(["pooling=avg,gem", *TINY, f"results_dir={results}"])
     state = sweep.run_sweep(planned, jobs=2, executor="submitit", executor_params={"timeout_min": 10})
     assert len(state.done) == 2 and not state.failed, state.failed
-    assert {runs.read_record(p.run_dir)["status"] for p in planned} == {"completed"}  # type: ignore[index]
+    assert {records.read_record(p.run_dir)["status"] for p in planned} == {"completed"}  # type: ignore[index]
     logs = list((results / ".submitit").rglob("*_log.out"))
     assert len(logs) == 2  # submitit's own job folders, under the results directory
     result_files = list((results / ".submitit").rglob("*_result.pkl"))
     assert len(result_files) == 2
-    assert json.loads((planned[0].run_dir / runs.RECORD).read_text())["status"] == "completed"
+    assert json.loads((planned[0].run_dir / records.RECORD).read_text())["status"] == "completed"

@@ -39,7 +39,7 @@ from poolbench.data.base import DataBundle
 from poolbench.data.common import check_task, dataset_options, fraction, positive_int
 from poolbench.data.pages import RandomPatches, TiledPatches, check_test_pages, ink_mask
 from poolbench.errors import ConfigError, DataError, unknown_choice
-from poolbench.runs import atomic_write
+from poolbench.files import atomic_write
 
 # Bump when the drawing code changes, so old caches are not reused for new pictures.
 GENERATOR_VERSION = 1

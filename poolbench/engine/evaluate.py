@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from poolbench.data.base import DataBundle
-from poolbench.engine.train import amp_dtype
+from poolbench.engine.policies import amp_dtype
 from poolbench.errors import DataError
 from poolbench.metrics import accuracy, writer_retrieval
 

@@ -16,22 +16,29 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from poolbench.config import CHOICES
 from poolbench.data.base import DataBundle
-from poolbench.engine.losses import batch_hard_triplet_loss, cross_entropy_loss
+from poolbench.engine.policies import (
+    amp_dtype,
+    autocast,
+    build_optimizer,
+    loss_function,
+    loss_name,
+    should_resume,
+    use_channels_last,
+)
 from poolbench.engine.samplers import PKBatchSampler, RandomBatchSampler
-from poolbench.errors import ConfigError, PoolbenchError, unknown_choice
-from poolbench.runs import atomic_write, atomic_write_text
+from poolbench.engine.settings import TrainerSettings
+from poolbench.errors import ConfigError, PoolbenchError
+from poolbench.files import atomic_write, atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -52,62 +59,6 @@ class NonFiniteLossError(PoolbenchError):
             "try a lower trainer.lr, trainer.grad_clip or trainer.amp=none"
         )
         self.epoch, self.step, self.value = epoch, step, value
-
-
-@dataclass(frozen=True)
-class TrainerSettings:
-    """The trainer keys ``fit`` uses (see conf/trainer/default.yaml), checked once."""
-
-    epochs: int = 4
-    steps_per_epoch: int | None = None
-    loss: str = "auto"
-    margin: float = 0.1
-    batch_size: int = 64
-    writers_per_batch: int = 16
-    patches_per_writer: int = 4
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    amsgrad: bool = False
-    scheduler: str = "cosine"
-    decay_start_epoch: int = 0
-    gamma: float = 0.9
-    grad_clip: float | None = None
-    amp: str = "auto"
-    channels_last: str | bool = "auto"
-    compile: bool = False
-    deterministic: bool = False
-    num_workers: int = 0
-    resume: bool = False
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig | Mapping[str, Any]) -> TrainerSettings:
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        known = {f.name for f in fields(cls)}
-        settings = cls(**{k: v for k, v in raw.items() if k in known})  # type: ignore[arg-type]
-        for dotted, options in CHOICES.items():
-            key = dotted.removeprefix("trainer.")
-            if getattr(settings, key) not in options:
-                raise ConfigError(unknown_choice(f"trainer.{key}", getattr(settings, key), map(str, options)))
-        if not isinstance(settings.epochs, int) or settings.epochs < 1:
-            raise ConfigError(f"trainer.epochs must be an integer >= 1, got {settings.epochs!r}")
-        if settings.steps_per_epoch is not None and settings.steps_per_epoch < 1:
-            raise ConfigError(f"trainer.steps_per_epoch must be null or >= 1, got {settings.steps_per_epoch!r}")
-        return settings
-
-    def amp_dtype(self, device: torch.device) -> torch.dtype | None:
-        return amp_dtype(self.amp, device)
-
-    def use_channels_last(self, device: torch.device) -> bool:
-        return device.type == "cuda" if self.channels_last == "auto" else bool(self.channels_last)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """auto → bf16 on CUDA, none elsewhere."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
 def seed_everything(seed: int) -> None:
@@ -151,22 +102,6 @@ def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
 
 
-def _optimizer(
-    model: nn.Module, s: TrainerSettings, pool_lr_mult: float, local_pool_lr_mult: float
-) -> torch.optim.Optimizer:
-    # Pool parameters (GeM p, DGMP λ, ...) get their own lr and no weight decay: decay would pull
-    # them towards 0, which is no neutral value for them (cirtorch #61).
-    groups: list[dict[str, Any]] = [{"params": model.backbone_parameters(), "weight_decay": s.weight_decay}]
-    pools = ((model.global_pool_parameters(), pool_lr_mult), (model.local_pool_parameters(), local_pool_lr_mult))
-    for params, mult in pools:
-        if params:
-            groups.append({"params": params, "lr": s.lr * mult, "weight_decay": 0.0})
-    if s.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    adam = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
-    return adam(groups, lr=s.lr, weight_decay=s.weight_decay, amsgrad=s.amsgrad)
-
-
 def _lr_factor(s: TrainerSettings, steps_per_epoch: int) -> Callable[[int], float]:
     """lr multiplier as a function of the optimiser step (the scheduler is stepped every step).
 
@@ -205,14 +140,6 @@ def _check_finite(losses: torch.Tensor, start: int, stop: int, epoch: int) -> No
     if bool(bad.any()):
         index = start + int(bad.nonzero()[0])
         raise NonFiniteLossError(epoch + 1, index + 1, float(losses[index]))
-
-
-def _loss_name(s: TrainerSettings, task: str) -> str:
-    name = s.loss if s.loss != "auto" else ("triplet" if task == "retrieval" else "ce")
-    wanted = "triplet" if task == "retrieval" else "ce"
-    if name != wanted:
-        raise ConfigError(f"trainer.loss={name} does not fit a {task} dataset; use trainer.loss=auto or {wanted}")
-    return name
 
 
 def _steps_per_epoch(s: TrainerSettings, data: DataBundle, loss: str) -> int:
@@ -257,26 +184,35 @@ def fit(
     only, all epochs including those before a resume), steps_per_s and resumed_from_epoch.
     Raises :class:`NonFiniteLossError` when the loss is NaN/Inf; the last checkpoint stays intact.
     """
-    s = TrainerSettings.from_cfg(trainer_cfg)
-    loss_name = _loss_name(s, data.task)
-    loss_fn = batch_hard_triplet_loss if loss_name == "triplet" else cross_entropy_loss
-    steps = _steps_per_epoch(s, data, loss_name)
+    s = TrainerSettings.from_mapping(trainer_cfg)
+    loss = loss_name(s.loss, data.task)
+    loss_fn = loss_function(s.loss, data.task)
+    steps = _steps_per_epoch(s, data, loss)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
     for leftover in run_dir.glob(f".{CHECKPOINT}.*.tmp"):  # from a process killed while saving
         leftover.unlink(missing_ok=True)
-    dtype = s.amp_dtype(device)
-    memory_format = torch.channels_last if s.use_channels_last(device) else torch.contiguous_format
+    dtype = amp_dtype(s.amp, device)
+    memory_format = torch.channels_last if use_channels_last(s.channels_last, device) else torch.contiguous_format
 
     with deterministic_mode(s.deterministic, device):
         model.to(device=device, memory_format=memory_format)
-        optimizer = _optimizer(model, s, pool_lr_mult, local_pool_lr_mult)
+        optimizer = build_optimizer(
+            model,
+            optimizer=s.optimizer,
+            lr=s.lr,
+            weight_decay=s.weight_decay,
+            momentum=s.momentum,
+            amsgrad=s.amsgrad,
+            pool_lr_mult=pool_lr_mult,
+            local_pool_lr_mult=local_pool_lr_mult,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(s, steps))
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         history: list[dict[str, Any]] = []
         start_epoch = 0
-        if s.resume and checkpoint_path.is_file():
+        if should_resume(s.resume, checkpoint_path):
             state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
             try:
                 model.load_state_dict(state["model"])
@@ -295,7 +231,7 @@ def fit(
 
         batch_generator = torch.Generator()
         sampler: PKBatchSampler | RandomBatchSampler
-        if loss_name == "triplet":
+        if loss == "triplet":
             sampler = PKBatchSampler(
                 data.train_labels, s.writers_per_batch, s.patches_per_writer, steps, batch_generator
             )
@@ -330,18 +266,18 @@ def fit(
             for n, (x, y) in enumerate(loader, start=1):  # noqa: B007  (n is the step count after the loop)
                 x = x.to(device, non_blocking=True, memory_format=memory_format)
                 y = y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                with autocast(device, dtype):
                     out = step_model(x)
-                loss = loss_fn(out.float(), y, s.margin)
+                step_loss = loss_fn(out.float(), y, s.margin)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(step_loss).backward()
                 if s.grad_clip:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                losses[n - 1] = loss.detach()
+                losses[n - 1] = step_loss.detach()
                 if n - checked >= check_every:
                     _check_finite(losses, checked, n, epoch)
                     checked = n

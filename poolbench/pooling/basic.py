@@ -268,6 +268,8 @@ class LpNormPool(GlobalPool):
     formula="(mean_i max(x_i, eps)^p)^(1/p), p learnable",
     reference="GeM (Radenović, Tolias & Chum, TPAMI 2018)",
     learnable=True,
+    # learnable p needs a higher lr and no weight decay (cirtorch #61)
+    lr_mult=10,
 )
 class GeM(GlobalPool):
     """Generalised-mean pooling: y_c = ((1/N) Σ_i max(x_ci, eps)^p)^(1/p) with a learnable p.
@@ -302,6 +304,7 @@ class GeM(GlobalPool):
     formula="(1/r) log mean_i exp(r x_i), r learnable",
     reference="log-sum-exp pooling (Pinheiro & Collobert, CVPR 2015)",
     learnable=True,
+    lr_mult=10,  # as the DGMP authors trained their LSE baseline
 )
 class LSEPool(GlobalPool):
     """Log-sum-exp pooling: y_c = (1/r) log((1/N) Σ_i exp(r·x_ci)), between avg (r → 0) and max (r → ∞).
@@ -332,6 +335,7 @@ class LSEPool(GlobalPool):
     formula="a max_i x_i + (1-a) mean_i x_i, a = sigmoid(learnable logit)",
     reference="mixed pooling (Lee, Gallagher & Tu, AISTATS 2016)",
     learnable=True,
+    lr_mult=10,  # as the DGMP authors trained their mixed baseline
 )
 class MixedPool(GlobalPool):
     """Mixed max-average pooling: y_c = a·max_i x_ci + (1 − a)·mean_i x_ci, a = sigmoid(logit) in (0, 1).
@@ -409,6 +413,7 @@ class StochasticPool(GlobalPool):
     formula="sum_{j<=k} softmax(w)_j x_(j), x_(1) >= x_(2) >= ...",
     reference="sorted pooling (Singla et al.)",
     learnable=True,
+    lr_mult=10,  # like the other learnable pooling weights
 )
 class SortPool(GlobalPool):
     """Sorted pooling: y_c = Σ_{j=1..k} softmax(w)_j · x_c,(j), the k largest values in descending order.

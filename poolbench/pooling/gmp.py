@@ -284,7 +284,7 @@ class GMP(GlobalPool):
     descriptor. λ → ∞ gives sum pooling up to scale; λ → 0 the min-norm equalising solution.
     """
 
-    def __init__(self, lam: float = 1000.0, solver: str = "auto") -> None:
+    def __init__(self, lam: float = 1000, solver: str = "auto") -> None:
         super().__init__()
         _check_lam(lam)
         _check_solver(solver)
@@ -304,6 +304,12 @@ class GMP(GlobalPool):
     formula="ξ/‖ξ‖, ξ = argmin ‖Φᵀξ − 1‖² + λ‖ξ‖², λ = exp(θ) learnable",
     reference="Christlein et al., Deep Generalized Max Pooling, ICDAR 2019 (arXiv 1908.05040)",
     learnable=True,
+    # λ is learnt as θ = log λ. The authors trained raw λ with Adam at lr × 1000: Adam's step is about
+    # lr × mult whatever the gradient's scale, so raw λ moved by ~lr·1000, i.e. a relative step of
+    # lr·1000/λ = lr at λ = 1000. On log λ Adam's step *is* the relative step, so lr_mult 1 matches
+    # them (with the default Adam trainer). Under SGD the gradient scales instead: ∂L/∂θ = λ·∂L/∂λ,
+    # and matching lr × 1000 on raw λ at λ = 1000 would need lr_mult = 1000/λ² = 1e-3.
+    lr_mult=1,
 )
 class DGMP(GlobalPool):
     """Deep generalized max pooling (Christlein et al., ICDAR 2019, arXiv 1908.05040).
@@ -312,7 +318,7 @@ class DGMP(GlobalPool):
     positive by learning θ = log λ (``log_lam``); gradients reach both the features and θ.
     """
 
-    def __init__(self, lam: float = 1000.0, solver: str = "auto") -> None:
+    def __init__(self, lam: float = 1000, solver: str = "auto") -> None:
         super().__init__()
         _check_lam(lam)
         _check_solver(solver)

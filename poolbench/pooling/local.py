@@ -369,6 +369,7 @@ class FractionalLocal(LocalPool):
     formula="Σ_j softmax(w)_j · x_(j), top k of the window sorted descending",
     reference="sorted pooling (Singla et al.)",
     learnable=True,
+    lr_mult=10,
 )
 class SortLocal(LocalPool):
     """Sorted pooling: the k largest values of each window, descending, weighted by softmax of k
@@ -410,6 +411,7 @@ class SoftPoolLocal(LocalPool):
     formula="a·max + (1−a)·avg, a = sigmoid(learnable logit)",
     reference="mixed pooling (Lee, Gallagher & Tu, AISTATS 2016)",
     learnable=True,
+    lr_mult=10,
 )
 class MixedLocal(LocalPool):
     """Mixed max-average pooling (Lee, Gallagher & Tu, AISTATS 2016): a·max + (1−a)·avg per window,

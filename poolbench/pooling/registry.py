@@ -62,6 +62,14 @@ class PoolSpec:
     learnable: bool
     width: str = "C"
     params: dict[str, Any] = field(default_factory=dict)
+    lr_mult: float = 1
+
+    def config_node(self) -> dict[str, Any]:
+        """The operator's config group node (``pooling=<name>`` / ``local_pooling=<name>``): its name, the
+        learning-rate multiplier of its own parameters and its constructor's parameters with their
+        defaults. Local pools also take ``kernel_size``/``stride`` (null: inherit the replaced max-pool's)."""
+        geometry = {"kernel_size": None, "stride": None} if self.kind == "local" else {}
+        return {"name": self.name, **geometry, "lr_mult": self.lr_mult, **self.params}
 
 
 _REGISTRY: dict[Kind, dict[str, PoolSpec]] = {"global": {}, "local": {}}
@@ -80,15 +88,26 @@ def _signature_params(cls: type[nn.Module], kind: Kind) -> dict[str, Any]:
 
 
 def register(
-    name: str, *, kind: Kind, formula: str, reference: str, learnable: bool = False, width: str = "C"
+    name: str,
+    *,
+    kind: Kind,
+    formula: str,
+    reference: str,
+    learnable: bool = False,
+    width: str = "C",
+    lr_mult: float = 1,
 ) -> Callable[[T], T]:
-    """Class decorator adding an operator to the registry under ``name``."""
+    """Class decorator adding an operator to the registry under ``name``.
+
+    ``lr_mult`` multiplies the learning rate of the operator's own parameters (they also get no weight
+    decay); the constructor's signature gives the parameters and their defaults.
+    """
 
     def wrap(cls: T) -> T:
         if name in _REGISTRY[kind]:
             raise RuntimeError(f"{kind} pooling '{name}' is registered twice")
         _REGISTRY[kind][name] = PoolSpec(
-            name, kind, cls, formula, reference, learnable, width, _signature_params(cls, kind)
+            name, kind, cls, formula, reference, learnable, width, _signature_params(cls, kind), lr_mult
         )
         return cls
 
@@ -141,3 +160,12 @@ def names() -> list[str]:
 
 def local_names() -> list[str]:
     return [s.name for s in specs("local")]
+
+
+def learned_scalars(module: nn.Module) -> dict[str, float]:
+    """Every learnable scalar of a pool in its natural unit: the module's ``learned_values()`` when it
+    defines one (DGMP's λ rather than the log λ it learns), else its one-element parameters as they are."""
+    own = getattr(module, "learned_values", None)
+    if callable(own):
+        return {str(k): float(v) for k, v in own().items()}
+    return {name: p.detach().float().item() for name, p in module.named_parameters() if p.numel() == 1}

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from poolbench import runs
+from poolbench import records
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
 from poolbench.errors import PoolbenchError, unknown_choice
 from poolbench.report import stats
@@ -197,11 +197,11 @@ def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     ``run_dir`` is set to where the record was found (a results folder may have been moved).
     """
-    records, skipped = [], []
-    for path in sorted(Path(results_dir).rglob(runs.RECORD)):
+    found, skipped = [], []
+    for path in sorted(Path(results_dir).rglob(records.RECORD)):
         where = safe_text(str(path))
         try:
-            record = runs.read_record(path.parent)
+            record = records.read_record(path.parent)
         except ValueError as exc:
             skipped.append(safe_text(str(exc)))
             continue
@@ -218,8 +218,8 @@ def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
             skipped.append(f"{where}: {problem}")
             continue
         record["run_dir"] = str(path.parent)
-        records.append({**{k: safe_text(v) for k, v in record.items()}, RAW_RUN_DIR: path.parent})
-    return records, skipped
+        found.append({**{k: safe_text(v) for k, v in record.items()}, RAW_RUN_DIR: path.parent})
+    return found, skipped
 
 
 def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
@@ -232,12 +232,12 @@ def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, li
             f"results directory {safe_text(str(results_dir))} does not exist"
             " (run `poolbench sweep` or `poolbench train` first)"
         )
-    records, skipped = read_records(results_dir)
-    if not records and not skipped:
+    found, skipped = read_records(results_dir)
+    if not found and not skipped:
         raise PoolbenchError(f"no run records (result.json) under {safe_text(str(results_dir))}")
     completed = []
     first_seen: dict[str, str] = {}
-    for record in records:
+    for record in found:
         if record["run_id"] in first_seen:  # a copied run folder must not count twice
             skipped.append(f"{record['run_dir']}: same run_id as {first_seen[record['run_id']]}")
             continue

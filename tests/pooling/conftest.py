@@ -6,16 +6,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 from torch import Tensor, nn
 from torch.func import functional_call
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def random_map(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64, scale: float = 2.0) -> Tensor:
@@ -61,11 +57,13 @@ def assert_low_precision_close(module: nn.Module, x: Tensor, dtype: torch.dtype,
     assert (out.float() - expected).abs().max().item() <= bound
 
 
-def load_pooling_config(name: str) -> tuple[str, dict[str, Any]]:
-    """(first line, mapping) of conf/pooling/<name>.yaml."""
-    path = CONF_DIR / "pooling" / f"{name}.yaml"
-    text = path.read_text()
-    return text.splitlines()[0], yaml.safe_load(text)
+def load_pooling_config(name: str) -> dict[str, Any]:
+    """The ``pooling`` node that ``poolbench train pooling=<name>`` composes (generated from the registry)."""
+    from omegaconf import OmegaConf
+
+    from poolbench.config import compose
+
+    return OmegaConf.to_container(compose([f"pooling={name}"]).pooling)  # type: ignore[return-value]
 
 
 @pytest.fixture(name="random_map")
@@ -89,5 +87,5 @@ def assert_low_precision_close_fixture() -> Callable[[nn.Module, Tensor, torch.d
 
 
 @pytest.fixture(name="load_pooling_config")
-def load_pooling_config_fixture() -> Callable[[str], tuple[str, dict[str, Any]]]:
+def load_pooling_config_fixture() -> Callable[[str], dict[str, Any]]:
     return load_pooling_config

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from omegaconf import OmegaConf
 from torch import nn
 
+from poolbench.config import compose, group_options
 from poolbench.pooling import create_local, local_names, spec
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "local_pooling"
 OPERATORS = [
     "max",
     "avg",
@@ -360,8 +359,8 @@ def test_bad_names_params_and_sizes_raise_one_line_value_error(call: Callable[[]
 
 
 @pytest.mark.parametrize("name", OPERATORS)
-def test_config_file_matches_registry(name: str) -> None:
-    conf = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+def test_composed_config_matches_registry(name: str) -> None:
+    conf = OmegaConf.to_container(compose([f"local_pooling={name}"]).local_pooling)
     assert conf.pop("name") == name
     assert conf.pop("kernel_size") is None and conf.pop("stride") is None
     assert conf.pop("lr_mult") == (10 if spec(name, "local").learnable else 1)
@@ -370,5 +369,5 @@ def test_config_file_matches_registry(name: str) -> None:
 
 
 def test_none_config_keeps_the_backbone() -> None:
-    assert yaml.safe_load((CONF / "none.yaml").read_text()) == {"name": "none"}
-    assert {p.stem for p in CONF.glob("*.yaml")} == {*OPERATORS, "none"}
+    assert OmegaConf.to_container(compose(["local_pooling=none"]).local_pooling) == {"name": "none"}
+    assert set(group_options("local_pooling")) == {*OPERATORS, "none"}

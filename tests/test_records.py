@@ -12,33 +12,34 @@ from pathlib import Path
 
 import pytest
 
-from poolbench import runs
+from poolbench import records
+from poolbench.environment import capture_env
 from poolbench.errors import PoolbenchError
 
 
 def test_atomic_write_keeps_old_file_when_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "result.json"
-    runs.atomic_write_json(target, {"status": "running"})
+    records.atomic_write_json(target, {"status": "running"})
 
     def crash(*_: object) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        runs.atomic_write_json(target, {"status": "completed"})
+        records.atomic_write_json(target, {"status": "completed"})
     assert json.loads(target.read_text()) == {"status": "running"}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temp file left behind
 
 
 def test_iter_records_skips_and_reports_corrupt(tmp_path: Path) -> None:
     good = tmp_path / "a"
-    runs.atomic_write_json(good / runs.RECORD, {"status": "completed", "mAP": 0.5})
+    records.atomic_write_json(good / records.RECORD, {"status": "completed", "mAP": 0.5})
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / runs.RECORD).write_text('{"status": "compl')  # truncated
+    (tmp_path / "b" / records.RECORD).write_text('{"status": "compl')  # truncated
     (tmp_path / "c").mkdir()
-    (tmp_path / "c" / runs.RECORD).write_text('{"hello": 1}')  # not a record
-    records, problems = runs.iter_records(tmp_path)
-    assert [r["mAP"] for r in records] == [0.5]
+    (tmp_path / "c" / records.RECORD).write_text('{"hello": 1}')  # not a record
+    found, problems = records.iter_records(tmp_path)
+    assert [r["mAP"] for r in found] == [0.5]
     assert len(problems) == 2 and "corrupt" in problems[0] and "not a poolbench run record" in problems[1]
 
 
@@ -46,7 +47,7 @@ HOLD_LOCK = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from poolbench.runs import run_lock
+    from poolbench.records import run_lock
     with run_lock(Path(sys.argv[1])):
         print("locked", flush=True)
         time.sleep(60)
@@ -58,19 +59,19 @@ def test_lock_is_exclusive_and_released_when_holder_is_killed(tmp_path: Path) ->
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(runs.RunLockedError, match=f"process {holder.pid}"), runs.run_lock(tmp_path):
+        with pytest.raises(records.RunLockedError, match=f"process {holder.pid}"), records.run_lock(tmp_path):
             pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with runs.run_lock(tmp_path):  # the kernel released the dead holder's lock
+    with records.run_lock(tmp_path):  # the kernel released the dead holder's lock
         pass
 
 
 def test_lock_is_reentrant_after_release(tmp_path: Path) -> None:
-    with runs.run_lock(tmp_path):
+    with records.run_lock(tmp_path):
         pass
-    with runs.run_lock(tmp_path):
+    with records.run_lock(tmp_path):
         pass
 
 
@@ -78,19 +79,19 @@ def test_unwritable_results_dir_fails_before_training(tmp_path: Path, monkeypatc
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(PoolbenchError, match="not writable"):
-        runs.check_writable(blocker / "results")
+        records.check_writable(blocker / "results")
 
     class Usage:
         free = 1024
 
-    monkeypatch.setattr(runs.shutil, "disk_usage", lambda _: Usage)
+    monkeypatch.setattr(records.shutil, "disk_usage", lambda _: Usage)
     with pytest.raises(PoolbenchError, match="MiB free"):
-        runs.check_writable(tmp_path / "results")
+        records.check_writable(tmp_path / "results")
 
 
 def test_environment_capture_names_versions_and_device() -> None:
-    env = runs.capture_env("cpu")
+    env = capture_env("cpu")
     for key in ("python", "torch", "torchvision", "device", "device_name", "git_commit", "command", "num_threads"):
         assert key in env
     assert env["device"] == "cpu"
-    assert runs.now().endswith("+00:00")
+    assert records.now().endswith("+00:00")

@@ -1,4 +1,4 @@
-"""Run directories: atomic record files, environment capture, and a lock so a run executes once.
+"""Run directories and their records: reading, listing, a lock so a run executes once.
 
 Layout of ``<results_dir>/<run-id>/``::
 
@@ -18,17 +18,15 @@ import errno
 import fcntl
 import json
 import os
-import platform
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from poolbench.errors import PoolbenchError
+from poolbench.files import atomic_write_json, atomic_write_text  # noqa: F401  (the writers of records)
 
 RECORD = "result.json"
 LOCK = ".lock"
@@ -42,33 +40,6 @@ class RunLockedError(PoolbenchError):
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` through ``write(handle)`` so readers see the old file or the new one, never a half.
-
-    Temp file in the same folder, fsync, ``os.replace``; the temp file is removed if anything fails.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
@@ -98,69 +69,6 @@ def iter_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
             record.setdefault("run_dir", str(path.parent))
             records.append(record)
     return records, problems
-
-
-def git_commit(start: Path | None = None) -> str | None:
-    """The commit of the checkout poolbench runs from (with ``+dirty``), or None outside git."""
-    where = start or Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def capture_env(device: str) -> dict[str, Any]:
-    """Versions, device, threads, git commit and command line: what makes two runs comparable."""
-    import torch
-    import torchvision
-
-    import poolbench
-
-    env: dict[str, Any] = {
-        "poolbench": poolbench.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "num_threads": torch.get_num_threads(),
-        "hostname": socket.gethostname(),
-        "device": device,
-        "device_name": device_name(device),
-        "cuda": torch.version.cuda,
-        "git_commit": git_commit(),
-        "command": " ".join(sys.argv),
-    }
-    return env
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return cpu_model()
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (platform.processor() is empty on most Linux systems)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def check_writable(results_dir: Path) -> None:
