@@ -230,6 +230,11 @@ def test_side_by_side_latency_replaces_per_run_figures(tmp_path: Path) -> None:
     assert cells["gem"] == "2.000 [1.800, 2.200]"
     assert set(built.comparison["metric"]) == {"acc@1"}  # one measurement per config: not tested over seeds
     assert built.side_by_side == ["gem vs avg: inference latency × 2 [1.9, 2.1] (side by side)"]
+    for seed in range(3):  # runs the file does not cover keep their own figures, and say so
+        write(results, make_record("max", seed, **{"acc@1": 0.6, "latency.infer_image_ms": 1.5}))
+    mixed = report.build(results, metrics=["latency.infer_image_ms"], baseline="avg")
+    assert "for 6 of 9 runs; the others per run" in mixed.latency_source["latency.infer_image_ms"]
+    assert mixed.summary.set_index("choice.pooling").loc["max", "latency.infer_image_ms.mean"] == 1.5
     (results / "side_by_side.json").write_text("{broken")
     rebuilt = report.build(results, metrics=["acc@1"])
     assert any("side_by_side.json ignored" in w for w in rebuilt.warnings)

@@ -51,6 +51,7 @@ SIDE_BY_SIDE_COLUMNS = {
     "peak_mem_mb": ("latency.peak_mem_mb", None),
 }
 RAW_RUN_DIR = "_run_dir_path"
+FROM_SIDE_BY_SIDE = "latency.from_side_by_side"  # per run: its latency columns come from side_by_side.json
 PER_RUN_LATENCY = "per run (measured after each run's training, not interleaved)"
 
 
@@ -319,6 +320,7 @@ def read_side_by_side(
     except (OSError, ValueError, KeyError, RecursionError) as exc:
         return frame, per_run, [f"{safe_text(str(path))} ignored ({safe_text(str(exc))[:80]}); latency is per run"], []
     frame = frame.copy()
+    frame[FROM_SIDE_BY_SIDE] = False
     by_id = {run_id: i for i, run_id in enumerate(frame["run_id"])}
     used: set[str] = set()
     for row in rows:
@@ -330,14 +332,23 @@ def read_side_by_side(
             if not index or not _is_number(value):
                 continue
             frame.loc[index, column] = float(value)
+            frame.loc[index, FROM_SIDE_BY_SIDE] = True
             used.add(column)
             interval = row.get(ci_field) if ci_field else None
             if isinstance(interval, list) and len(interval) == 2 and all(_is_number(v) for v in interval):
                 frame.loc[index, f"{column}.ci_low"], frame.loc[index, f"{column}.ci_high"] = map(float, interval)
     created = safe_text(str(data.get("created", "?")))
+    covered, total = int(frame[FROM_SIDE_BY_SIDE].sum()), len(frame)
     source = f"{SIDE_BY_SIDE} (interleaved in one process, created {created})"
+    if covered < total:
+        source += f" for {covered} of {total} runs; the others {PER_RUN_LATENCY}"
     sources = {**per_run, **{c: source for c in used}}
-    return frame, sources, [], [{"baseline": data.get("baseline"), **r} for r in rows if isinstance(r, dict)]
+    notes = []
+    left_out = data.get("skipped") if isinstance(data.get("skipped"), list) else []
+    if left_out:
+        first = left_out[0].get("reason") if isinstance(left_out[0], dict) else left_out[0]
+        notes.append(f"{SIDE_BY_SIDE} left out {len(left_out)} runs, e.g.: {safe_text(str(first))[:120]}")
+    return frame, sources, notes, [{"baseline": data.get("baseline"), **r} for r in rows if isinstance(r, dict)]
 
 
 def side_by_side_lines(rows: list[dict[str, Any]], frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
@@ -350,6 +361,8 @@ def side_by_side_lines(rows: list[dict[str, Any]], frame: pd.DataFrame, keys: Se
         if not index or not _is_number(ratio):
             continue
         run = frame.iloc[index[0]]
+        if run.get(POOLING_KEY) == baseline:  # the baseline against itself
+            continue
         context = context_label(run, [k for k in keys if not _is_treatment(k)])
         ci = ""
         if isinstance(interval, list) and len(interval) == 2 and all(_is_number(v) for v in interval):
@@ -572,7 +585,7 @@ def compare(
     baseline: str,
     *,
     confounded: Sequence[str] = (),
-    skip_metrics: Sequence[str] = (),
+    side_by_side: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Paired differences (operator − baseline) over seeds shared within each context.
 
@@ -580,6 +593,8 @@ def compare(
     rows that pair across them name them in ``confounded_by``. Columns: context, pooling, baseline,
     metric, the statistics of :func:`poolbench.report.stats.paired`, ``p_ttest_holm`` /
     ``p_wilcoxon_holm`` (Holm over every row), per_seed, mean, baseline_mean, confounded_by.
+    Metrics in ``side_by_side`` are not tested for pairs measured side by side (one value per
+    configuration, no spread over seeds); their ratios are in :func:`side_by_side_lines`.
     """
     if POOLING_KEY not in frame.columns:
         raise PoolbenchError("records carry no pooling choice (choice.pooling); cannot compare operators")
@@ -604,8 +619,8 @@ def compare(
             first = treated.iloc[0]
             mixed = [label(c) for c in confounded if set(treated[c].map(_column_key)) != set(base[c].map(_column_key))]
             for metric in metrics:
-                if metric in skip_metrics:
-                    continue
+                if metric in side_by_side and (treated[FROM_SIDE_BY_SIDE].any() or base[FROM_SIDE_BY_SIDE].any()):
+                    continue  # one interleaved measurement per configuration: no spread over seeds to test
                 pairs = treated[[SEED_KEY, metric]].merge(base[[SEED_KEY, metric]], on=SEED_KEY, suffixes=("", ".base"))
                 pairs = pairs.dropna().sort_values(SEED_KEY)
                 if pairs.empty:
@@ -773,11 +788,11 @@ def build(
             found.keys,
             baseline,
             confounded=list(found.confounded) if allow_confounded else [],
-            skip_metrics=side_by_side,
+            side_by_side=side_by_side,
         )
         report.notes += [
-            f"{m}: from {SIDE_BY_SIDE}, one interleaved measurement per configuration; shown with its interval, "
-            "not tested over seeds"
+            f"{m}: where it comes from {SIDE_BY_SIDE}, one interleaved measurement per configuration, shown with "
+            "its interval and not tested over seeds"
             for m in side_by_side
             if m in chosen
         ]

@@ -258,7 +258,12 @@ def plot_pareto(report: Report, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.margins(0.15)
     _legend(fig, palette, sorted(set(shown)))
-    _finish(fig, report, "mean ± std over seeds; black line and outlined points: Pareto front")
+    interval = (
+        "; latency bars: 95% interval of the side-by-side measurement where it exists"
+        if "side_by_side" in report.latency_source.get(latency, "")
+        else ""
+    )
+    _finish(fig, report, f"mean ± std over seeds{interval}; black line and outlined points: Pareto front")
     return _save(fig, report, out_dir, "pareto")
 
 
