@@ -282,9 +282,11 @@ def bar_panels(report: Report) -> tuple[list[tuple[str, str, pd.DataFrame]], lis
             part = rows[rows[f"{metric}.mean"].notna()]
             if part["_operator"].nunique() < 2:  # nothing to compare in this context
                 continue
-            spreads = part[f"{metric}.std"].tolist()
-            if f"{metric}.ci_low" in part.columns:
-                spreads += ((part[f"{metric}.ci_high"] - part[f"{metric}.ci_low"]) / 2).tolist()
+            spreads = part[f"{metric}.std"]
+            if f"{metric}.ci_low" in part.columns:  # side by side: its interval is the noise, not the (zero) std
+                half_widths = (part[f"{metric}.ci_high"] - part[f"{metric}.ci_low"]) / 2
+                spreads = half_widths.where(half_widths.notna(), spreads)
+            spreads = spreads.tolist()
             if varies(part[f"{metric}.mean"].tolist(), spreads):
                 panels.append((metric, name, part))
             else:
@@ -306,9 +308,14 @@ def plot_bars(report: Report, out_dir: Path) -> list[Path]:
     for ax, (metric, name, part) in zip(axes, panels, strict=True):
         operators = list(part["_operator"])
         means = part[f"{metric}.mean"].to_numpy(float)
-        errors = np.nan_to_num(part[f"{metric}.std"].to_numpy(float))
-        ax.bar(range(len(operators)), means, yerr=errors, capsize=2, color=[palette[o] for o in operators])
-        low, high = float(np.min(means - errors)), float(np.max(means + errors))
+        std = np.nan_to_num(part[f"{metric}.std"].to_numpy(float))
+        below, above = std.copy(), std.copy()
+        if f"{metric}.ci_low" in part.columns:  # a side-by-side measurement: its interval, not a seed std
+            lows, highs = part[f"{metric}.ci_low"].to_numpy(float), part[f"{metric}.ci_high"].to_numpy(float)
+            has = ~np.isnan(lows) & ~np.isnan(highs)
+            below[has], above[has] = (means - lows)[has], (highs - means)[has]
+        ax.bar(range(len(operators)), means, yerr=[below, above], capsize=2, color=[palette[o] for o in operators])
+        low, high = float(np.min(means - below)), float(np.max(means + above))
         if high > low:
             margin = 0.25 * (high - low)
             bottom = max(0.0, low - margin) if low >= 0 else low - margin
@@ -319,7 +326,9 @@ def plot_bars(report: Report, out_dir: Path) -> list[Path]:
         ax.set_ylabel(metric_label(metric))
         ax.set_title(name + ("" if stats.higher_is_better(metric) else " (lower is better)"))
         ax.grid(axis="y", alpha=0.3)
-    _finish(fig, report, "mean ± std over seeds", legend=False)
+    interval = any("side_by_side" in source for source in report.latency_source.values())
+    caption = "mean ± std over seeds" + ("; side-by-side latency: its 95% interval" if interval else "")
+    _finish(fig, report, caption, legend=False)
     return _save(fig, report, out_dir, "bars")
 
 
