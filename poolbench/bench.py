@@ -263,7 +263,7 @@ def _first_line(exc: BaseException) -> str:
 def _make_operator(kind: str, name: str) -> nn.Module:
     from poolbench import pooling
 
-    return pooling.create(name) if kind == "global" else pooling.create_local(name)
+    return pooling.from_config({"name": name}, kind)  # type: ignore[arg-type]
 
 
 def _passes(module: nn.Module, x: torch.Tensor) -> tuple[Callable[[], Any], Callable[[], Any] | None, torch.Tensor]:

@@ -23,6 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from poolbench import plugins
 from poolbench.errors import ConfigError, unknown_choice
 
 GROUPS = ("dataset", "model", "pooling", "local_pooling", "trainer", "experiment")
@@ -43,6 +44,7 @@ NON_IDENTITY_KEYS = (
 # behaviour 0.1 had), so the runs of 0.1 keep their ids and are found again.
 IDENTITY_NEUTRAL: dict[str, Any] = {
     "pooling.solver": "auto",
+    "plugins": [],
 }
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
@@ -77,6 +79,8 @@ def conf_dir() -> Path:
 def group_options(group: str) -> list[str]:
     """The option names of a config group, e.g. ``group_options('pooling')``: its yaml files and the
     nodes generated from the registries."""
+    from poolbench.pooling import CUSTOM
+
     _store_generated_nodes()
     folder = conf_dir() / group
     files = {p.stem for p in folder.glob("*.yaml")} if folder.is_dir() else set()
@@ -84,7 +88,8 @@ def group_options(group: str) -> list[str]:
         generated = {name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)}
     except OSError:  # ConfigStore raises OSError for a group it does not hold
         generated = set()
-    return sorted(files | generated)
+    # `custom` takes a class path, not a choice: `pooling=glob(*)` means every registered operator.
+    return sorted((files | generated) - {CUSTOM})
 
 
 def _store_generated_nodes() -> None:
@@ -97,6 +102,8 @@ def _store_generated_nodes() -> None:
     for group, kind in (("pooling", "global"), ("local_pooling", "local")):
         for spec in pooling.specs(kind):
             store.store(group=group, name=spec.name, node=spec.config_node())
+        geometry = {"kernel_size": None, "stride": None} if kind == "local" else {}
+        store.store(group=group, name=pooling.CUSTOM, node={"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1})
     store.store(group="local_pooling", name="none", node={"name": "none"})
 
 
@@ -110,6 +117,7 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConf
     cfg = _compose_raw(overrides)
     if validate:
         validate_config(cfg, _reference(tuple(o for o in overrides if _is_group_override(o))))
+    plugins.record(cfg)
     return cfg
 
 
@@ -123,6 +131,7 @@ def _reference(group_overrides: tuple[str, ...]) -> DictConfig:
 
 
 def _compose_raw(overrides: list[str]) -> DictConfig:
+    plugins.prepare(overrides)  # their operators must be config options before Hydra composes
     _check_experiment(overrides)
     _store_generated_nodes()
     GlobalHydra.instance().clear()
@@ -239,10 +248,10 @@ def validate_config(cfg: DictConfig, reference: DictConfig) -> None:
     for key, default in expected.items():
         if key.startswith("choices."):
             continue
-        if key not in actual:
-            if not key.startswith(OPEN_GROUPS):
-                raise ConfigError(f"config key '{key}' is required and cannot be removed")
+        if key.startswith(OPEN_GROUPS):  # operator parameters: typed by the operator (pooling.from_config)
             continue
+        if key not in actual:
+            raise ConfigError(f"config key '{key}' is required and cannot be removed")
         value = actual[key]
         if not _same_kind(value, default):
             kind = type(default).__name__
@@ -269,12 +278,6 @@ def validate_config(cfg: DictConfig, reference: DictConfig) -> None:
     _validate_pooling(cfg)
 
 
-def pooling_params(node: DictConfig | Mapping) -> dict[str, Any]:
-    """Operator parameters of a pooling/local_pooling node (everything but the bookkeeping keys)."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    return {k: v for k, v in data.items() if k not in ("name", "lr_mult", "kernel_size", "stride")}
-
-
 def _validate_pooling(cfg: DictConfig) -> None:
     from poolbench import pooling
 
@@ -282,18 +285,9 @@ def _validate_pooling(cfg: DictConfig) -> None:
         lr_mult = cfg[group].get("lr_mult", 1.0)
         if not isinstance(lr_mult, int | float) or lr_mult < 0:
             raise ConfigError(f"{group}.lr_mult must be a number >= 0, got {lr_mult!r}")
-    try:
-        pooling.create(cfg.pooling.name, **pooling_params(cfg.pooling))
-    except ValueError as exc:
-        raise ConfigError(f"pooling={cfg.choices.pooling}: {exc}") from None
-    local = cfg.local_pooling
-    if local.name == "none":
-        return
-    geometry = {k: local.get(k) for k in ("kernel_size", "stride") if local.get(k) is not None}
-    try:
-        pooling.create_local(local.name, **geometry, **pooling_params(local))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"local_pooling={cfg.choices.local_pooling}: {exc}") from None
+    pooling.from_config(cfg.pooling, "global")
+    if cfg.local_pooling.name != "none":
+        pooling.from_config(cfg.local_pooling, "local")
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
@@ -314,7 +308,9 @@ def config_hash(cfg: DictConfig) -> str:
 
 def run_id(cfg: DictConfig) -> str:
     """Readable, deterministic and collision-free run id: same config, same id."""
-    parts = (cfg.pooling.name, cfg.model.name, cfg.dataset.name, f"s{cfg.seed}")
+    from poolbench import pooling
+
+    parts = (pooling.label(cfg.pooling), cfg.model.name, cfg.dataset.name, f"s{cfg.seed}")
     return "-".join(str(p) for p in parts) + "-" + config_hash(cfg)
 
 

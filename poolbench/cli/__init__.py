@@ -7,7 +7,7 @@ import sys
 import typer
 
 # Importing the command modules registers their commands on `app`.
-from poolbench.cli import listing, train  # noqa: E402,F401,I001
+from poolbench.cli import check, listing, train  # noqa: E402,F401,I001
 from poolbench.cli.app import app, console_err
 from poolbench.errors import PoolbenchError
 
