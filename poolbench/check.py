@@ -138,7 +138,9 @@ class _Contract:
         if not ok and self.kind == "local" and out.ndim == 4 and out.shape[:2] == x.shape[:2]:
             # A local pool may have its own size rule (fractional pooling): it must still downsample.
             ok = 1 <= out.shape[2] <= x.shape[2] and 1 <= out.shape[3] <= x.shape[3]
-            return CheckResult("output shape", "pass" if ok else "fail", f"{detail}; own size rule (MaxPool2d: {expected})")
+            return CheckResult(
+                "output shape", "pass" if ok else "fail", f"{detail}; own size rule (MaxPool2d: {expected})"
+            )
         return CheckResult("output shape", "pass" if ok else "fail", detail + ("" if ok else f"; expected {expected}"))
 
     def dtype(self, dtype: torch.dtype) -> CheckResult:
@@ -153,7 +155,10 @@ class _Contract:
         base = _randn(BATCH, CHANNELS, *self.map)
         signs = torch.where(_randn(BATCH, CHANNELS, *self.map, seed=2) > 0, 1.0, -1.0)
         return [
-            ("1x1 map" if self.kind == "global" else f"{one[0]}x{one[1]} map (one window)", _randn(BATCH, CHANNELS, *one)),
+            (
+                "1x1 map" if self.kind == "global" else f"{one[0]}x{one[1]} map (one window)",
+                _randn(BATCH, CHANNELS, *one),
+            ),
             ("all-zero map", torch.zeros(BATCH, CHANNELS, *self.map)),
             ("negative map", -(base.abs() + 0.1)),
             ("±1e4 map", 1e4 * signs),
@@ -228,7 +233,9 @@ class _Contract:
             torch.rand(1)  # move the global RNG: eval must not draw from it
             second = module(x)
         ok = torch.equal(first, second)
-        return CheckResult("eval determinism", "pass" if ok else "fail", "two eval forwards " + ("equal" if ok else "differ"))
+        return CheckResult(
+            "eval determinism", "pass" if ok else "fail", "two eval forwards " + ("equal" if ok else "differ")
+        )
 
     def parameters_learn(self) -> CheckResult:
         module = self.fresh().train()

@@ -103,7 +103,8 @@ def _store_generated_nodes() -> None:
         for spec in pooling.specs(kind):
             store.store(group=group, name=spec.name, node=spec.config_node())
         geometry = {"kernel_size": None, "stride": None} if kind == "local" else {}
-        store.store(group=group, name=pooling.CUSTOM, node={"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1})
+        custom = {"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
+        store.store(group=group, name=pooling.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
 
 

@@ -77,7 +77,9 @@ def requested(overrides: Sequence[str]) -> list[str]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides=wanted)
     except OverrideParseException as exc:
-        raise ConfigError(f"{str(exc).splitlines()[0]}. Plugins look like plugins=[mypkg.pools,./my_pools.py]") from None
+        raise ConfigError(
+            f"{str(exc).splitlines()[0]}. Plugins look like plugins=[mypkg.pools,./my_pools.py]"
+        ) from None
     specs: list[str] = []
     for override in parsed:
         if override.is_delete():
