@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.gradcheck import GradcheckError
 
 from poolbench import pooling
 from poolbench.errors import ConfigError, unknown_choice
@@ -197,7 +198,7 @@ class _Contract:
         what = f"input{' + ' + ', '.join(names) if names else ''} ({count} values, float64)"
         try:
             torch.autograd.gradcheck(fn, (x, *values), eps=1e-6, atol=1e-5, rtol=1e-3)
-        except torch.autograd.gradcheck.GradcheckError as exc:
+        except GradcheckError as exc:
             return CheckResult("gradcheck", "fail", f"{what}: {first_line(exc).removeprefix('GradcheckError: ')}")
         return CheckResult("gradcheck", "pass", what)
 
