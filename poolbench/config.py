@@ -12,8 +12,9 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -22,9 +23,32 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from poolbench import plugins
+from poolbench import plugins, schema
 from poolbench.errors import ConfigError, unknown_choice
+from poolbench.schema import Range, Required
+
+# Groups whose options are typed schemas (poolbench.schema); the others are checked by their owners.
+SCHEMA_GROUPS = ("dataset", "model", "trainer")
+# Root keys that only an experiment preset sets.
+PRESET_KEYS = ("grid",)
+
+
+@dataclass
+class RunSettings:
+    """The root keys of every run config."""
+
+    seed: Annotated[int, Range(ge=0, le=2**63 - 1)] = 0
+    # auto = cuda when available, else cpu; or cpu / cuda / cuda:1
+    device: str = "auto"
+    # Runs land in <results_dir>/<run-id>/ ; the run id is derived from the resolved config.
+    results_dir: Annotated[str, Required("the folder that holds the run directories")] = "results/runs"
+    # Set by `poolbench sweep`; recorded, never part of the run's identity.
+    sweep_name: str | None = None
+    # Modules or .py files registering pooling operators, imported before composing, e.g.
+    # plugins=[mypkg.mypools,./my_pools.py] (also POOLBENCH_PLUGINS); recorded with their sha256.
+    plugins: list[str] = field(default_factory=list)
 
 GROUPS = ("dataset", "model", "pooling", "local_pooling", "trainer", "experiment")
 # Keys that change how a run is executed or stored, not what it computes: excluded from its identity.
@@ -37,6 +61,8 @@ NON_IDENTITY_KEYS = (
     "trainer.num_threads",
     "trainer.num_workers",
     "dataset.cache_dir",
+    # Only feeds the default of trainer.steps_per_epoch, whose resolved value is part of the identity.
+    "dataset.steps_per_epoch",
     "grid",  # an experiment preset's sweep grid (poolbench sweep); each run's own values are in its config
     "choices.experiment",  # a preset is a bundle of values: the same values without it are the same run
 )
@@ -48,25 +74,6 @@ IDENTITY_NEUTRAL: dict[str, Any] = {
 }
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "trainer.loss": ("auto", "ce", "triplet"),
-    "trainer.optimizer": ("adam", "adamw", "sgd"),
-    "trainer.scheduler": ("cosine", "exponential", "none"),
-    "trainer.amp": ("auto", "bf16", "fp16", "none"),
-    "trainer.channels_last": ("auto", True, False),
-}
-POSITIVE_INTS = (
-    "trainer.epochs",
-    "trainer.batch_size",
-    "trainer.writers_per_batch",
-    "trainer.patches_per_writer",
-    "trainer.eval_batch_size",
-    "trainer.latency.batch_size",
-    "trainer.latency.repeats",
-)
-NON_NEGATIVE = ("trainer.weight_decay", "trainer.margin", "trainer.momentum", "trainer.latency.warmup")
-
-
 def conf_dir() -> Path:
     """The folder holding ``config.yaml``: packaged copy first, then the checkout's ``conf/``."""
     here = Path(__file__).resolve().parent
@@ -107,6 +114,16 @@ def _store_generated_nodes() -> None:
         custom = {"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
         store.store(group=group, name=pooling.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
+    _import_schema_owners()
+    for group in schema.groups():
+        for name, opt in schema.options(group).items():
+            store.store(group=group, name=name, node=opt.node())
+    store.store(name="poolbench_base", node=schema.defaults(RunSettings))
+
+
+def _import_schema_owners() -> None:
+    """Import the modules that register config schemas (their import registers the options)."""
+    import poolbench.engine.settings  # noqa: F401
 
 
 def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConfig:
@@ -115,6 +132,7 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConf
     The chosen option of every group is stored under ``cfg.choices`` (e.g. ``choices.pooling``).
     """
     overrides = list(overrides)
+    _reject_foreign(overrides)
     _reject_sweeps(overrides)
     cfg = _compose_raw(overrides)
     if validate:
@@ -178,6 +196,22 @@ def _reject_sweeps(overrides: list[str]) -> None:
         if override.is_sweep_override():
             raise ConfigError(
                 f"'{override.input_line}' is a sweep; `poolbench train` runs one config. Use `poolbench sweep`"
+            )
+
+
+def _reject_foreign(overrides: list[str]) -> None:
+    """Command-line flags that reached the overrides, and Hydra's own settings, which poolbench does not
+    use (the compose API has no output directories or launchers): refused instead of ignored."""
+    for override in overrides:
+        if override.startswith("-"):
+            raise ConfigError(
+                f"unknown option '{override.split('=', 1)[0]}'; overrides look like key=value (see --help)"
+            )
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            raise ConfigError(
+                f"'{override}': poolbench does not use Hydra's own settings; runs go to results_dir=..., "
+                "sweeps are run by `poolbench sweep`"
             )
 
 
@@ -245,12 +279,41 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 
 def validate_config(cfg: DictConfig, reference: DictConfig) -> None:
-    """Check types against the composed defaults, ranges, choices, and the operators' own rules."""
-    actual, expected = flatten(cfg), flatten(reference)
-    for key, default in expected.items():
-        if key.startswith("choices."):
+    """Check a composed config: the root keys and every schema group against their schemas (types,
+    ranges, choices, unknown and removed keys), other groups against their composed defaults, and the
+    operators by constructing them."""
+    try:
+        root = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"cannot resolve {key or 'the config'}: {str(exc).splitlines()[0]}") from None
+    own = {k: v for k, v in root.items() if k not in (*GROUPS, "choices", *PRESET_KEYS)}  # type: ignore[union-attr]
+    schema.check(own, RunSettings, "")
+    if not str(cfg.results_dir).strip():
+        raise ConfigError("results_dir must not be empty (the folder that holds the run directories)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:<index>, got {cfg.device!r}")
+    checked = []
+    for group in SCHEMA_GROUPS:
+        choice = cfg.choices.get(group)
+        opt = schema.options(group).get(choice)
+        if opt is None:
             continue
-        if key.startswith(OPEN_GROUPS):  # operator parameters: typed by the operator (pooling.from_config)
+        checked.append(group)
+        schema.check(root[group], opt.schema, group, label=f"{group}={choice}")  # type: ignore[index]
+        fixed = opt.node().get("name")
+        if fixed is not None and root[group].get("name") != fixed:  # type: ignore[index]
+            raise ConfigError(f"{group}.name is set by the option; choose another option with {group}=<name>")
+    _validate_against_reference(cfg, reference, skip=checked)
+    _validate_pooling(cfg)
+
+
+def _validate_against_reference(cfg: DictConfig, reference: DictConfig, skip: Sequence[str]) -> None:
+    """Groups without a schema: keys and value types must match the option's composed defaults."""
+    actual, expected = flatten(cfg), flatten(reference)
+    skipped = tuple(f"{g}." for g in skip) + ("choices.",) + tuple(f"{g}." for g in OPEN_GROUPS)
+    for key, default in expected.items():
+        if key.startswith(skipped) or "." not in key:
             continue
         if key not in actual:
             raise ConfigError(f"config key '{key}' is required and cannot be removed")
@@ -258,26 +321,6 @@ def validate_config(cfg: DictConfig, reference: DictConfig) -> None:
         if not _same_kind(value, default):
             kind = type(default).__name__
             raise ConfigError(f"{key} must be of type {kind} (like the default {default!r}), got {value!r}")
-    for key in actual:
-        if key not in expected and not key.startswith(OPEN_GROUPS + ("dataset.", "model.", "choices.")):
-            raise ConfigError(f"unknown config key '{key}'")
-    for key, options in CHOICES.items():
-        if key in actual and actual[key] not in options:
-            raise ConfigError(unknown_choice(key, actual[key], [str(o).lower() for o in options]))
-    for key in POSITIVE_INTS:
-        if key in actual and (not isinstance(actual[key], int) or actual[key] < 1):
-            raise ConfigError(f"{key} must be an integer >= 1, got {actual[key]!r}")
-    for key in NON_NEGATIVE:
-        if key in actual and actual[key] is not None and actual[key] < 0:
-            raise ConfigError(f"{key} must be >= 0, got {actual[key]!r}")
-    steps = actual.get("trainer.steps_per_epoch")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ConfigError(f"trainer.steps_per_epoch must be null or an integer >= 1, got {steps!r}")
-    if not isinstance(actual.get("trainer.lr"), int | float) or actual["trainer.lr"] <= 0:
-        raise ConfigError(f"trainer.lr must be > 0, got {actual.get('trainer.lr')!r}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(cfg.device)):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:<index>, got {cfg.device!r}")
-    _validate_pooling(cfg)
 
 
 def _validate_pooling(cfg: DictConfig) -> None:
@@ -309,11 +352,25 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def run_id(cfg: DictConfig) -> str:
-    """Readable, deterministic and collision-free run id: same config, same id."""
+    """Readable, deterministic and collision-free run id: same config, same id. Every part is reduced
+    to letters, digits, '.', '_' and '+', so no value can make it a path."""
     from poolbench import pooling
 
     parts = (pooling.label(cfg.pooling), cfg.model.name, cfg.dataset.name, f"s{cfg.seed}")
-    return "-".join(str(p) for p in parts) + "-" + config_hash(cfg)
+    return "-".join(_path_safe(str(p)) for p in parts) + "-" + config_hash(cfg)
+
+
+def _path_safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+]+", "_", text).strip("._") or "_"
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """``<results_dir>/<run id>``, checked to lie inside results_dir."""
+    results = Path(str(cfg.results_dir))
+    path = results / run_id(cfg)
+    if path.resolve().parent != results.resolve():
+        raise ConfigError(f"run directory {path} would lie outside results_dir={results}")
+    return path
 
 
 def override_keys(overrides: Iterable[str]) -> list[str]:

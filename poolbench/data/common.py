@@ -31,11 +31,11 @@ def dataset_options(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict
     except ImportError:  # pragma: no cover - omegaconf ships with hydra, a hard dependency
         pass
     name = str(cfg.get("name"))
-    allowed = {"name", "task", *defaults}
+    allowed = {"name", "task", "steps_per_epoch", *defaults}
     for key in cfg:
         if key not in allowed:
             raise ConfigError(unknown_choice(f"option of dataset '{name}'", key, allowed))
-    merged = {**defaults, **{k: v for k, v in cfg.items() if k not in ("name", "task")}}
+    merged = {**defaults, **{k: v for k, v in cfg.items() if k not in ("name", "task", "steps_per_epoch")}}
     return merged
 
 

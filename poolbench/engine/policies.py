@@ -50,6 +50,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def use_channels_last(setting: str | bool, device: torch.device) -> bool:
+    """``trainer.channels_last``: auto → on for CUDA (where convolutions are faster in NHWC), off elsewhere."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 def loss_name(requested: str, task: str) -> str:
     """``trainer.loss`` resolved for a task: auto → the task's loss; a loss that does not fit is an error."""
     wanted = TASK_LOSS[task]

@@ -16,21 +16,28 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from poolbench.config import CHOICES
 from poolbench.data.base import DataBundle
-from poolbench.engine.policies import amp_dtype, autocast, build_optimizer, loss_function, loss_name, should_resume
+from poolbench.engine.policies import (
+    amp_dtype,
+    autocast,
+    build_optimizer,
+    loss_function,
+    loss_name,
+    should_resume,
+    use_channels_last,
+)
 from poolbench.engine.samplers import PKBatchSampler, RandomBatchSampler
-from poolbench.errors import ConfigError, PoolbenchError, unknown_choice
+from poolbench.engine.settings import TrainerSettings
+from poolbench.errors import ConfigError, PoolbenchError
 from poolbench.files import atomic_write, atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
@@ -52,52 +59,6 @@ class NonFiniteLossError(PoolbenchError):
             "try a lower trainer.lr, trainer.grad_clip or trainer.amp=none"
         )
         self.epoch, self.step, self.value = epoch, step, value
-
-
-@dataclass(frozen=True)
-class TrainerSettings:
-    """The trainer keys ``fit`` uses (see conf/trainer/default.yaml), checked once."""
-
-    epochs: int = 4
-    steps_per_epoch: int | None = None
-    loss: str = "auto"
-    margin: float = 0.1
-    batch_size: int = 64
-    writers_per_batch: int = 16
-    patches_per_writer: int = 4
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    amsgrad: bool = False
-    scheduler: str = "cosine"
-    decay_start_epoch: int = 0
-    gamma: float = 0.9
-    grad_clip: float | None = None
-    amp: str = "auto"
-    channels_last: str | bool = "auto"
-    compile: bool = False
-    deterministic: bool = False
-    num_workers: int = 0
-    resume: bool = False
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig | Mapping[str, Any]) -> TrainerSettings:
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        known = {f.name for f in fields(cls)}
-        settings = cls(**{k: v for k, v in raw.items() if k in known})  # type: ignore[arg-type]
-        for dotted, options in CHOICES.items():
-            key = dotted.removeprefix("trainer.")
-            if getattr(settings, key) not in options:
-                raise ConfigError(unknown_choice(f"trainer.{key}", getattr(settings, key), map(str, options)))
-        if not isinstance(settings.epochs, int) or settings.epochs < 1:
-            raise ConfigError(f"trainer.epochs must be an integer >= 1, got {settings.epochs!r}")
-        if settings.steps_per_epoch is not None and settings.steps_per_epoch < 1:
-            raise ConfigError(f"trainer.steps_per_epoch must be null or >= 1, got {settings.steps_per_epoch!r}")
-        return settings
-
-    def use_channels_last(self, device: torch.device) -> bool:
-        return device.type == "cuda" if self.channels_last == "auto" else bool(self.channels_last)
 
 
 def seed_everything(seed: int) -> None:
@@ -223,7 +184,7 @@ def fit(
     only, all epochs including those before a resume), steps_per_s and resumed_from_epoch.
     Raises :class:`NonFiniteLossError` when the loss is NaN/Inf; the last checkpoint stays intact.
     """
-    s = TrainerSettings.from_cfg(trainer_cfg)
+    s = TrainerSettings.from_mapping(trainer_cfg)
     loss = loss_name(s.loss, data.task)
     loss_fn = loss_function(s.loss, data.task)
     steps = _steps_per_epoch(s, data, loss)
@@ -233,7 +194,7 @@ def fit(
     for leftover in run_dir.glob(f".{CHECKPOINT}.*.tmp"):  # from a process killed while saving
         leftover.unlink(missing_ok=True)
     dtype = amp_dtype(s.amp, device)
-    memory_format = torch.channels_last if s.use_channels_last(device) else torch.contiguous_format
+    memory_format = torch.channels_last if use_channels_last(s.channels_last, device) else torch.contiguous_format
 
     with deterministic_mode(s.deterministic, device):
         model.to(device=device, memory_format=memory_format)

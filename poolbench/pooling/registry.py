@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -216,56 +216,23 @@ def label(node: Mapping[str, Any]) -> str:
     return str(node["name"])
 
 
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "")
-
-
-def _accepts(annotation: Any, value: Any) -> tuple[bool, Any]:
-    """Whether ``value`` from a config fits the annotated type, and the value to pass (ints → float
-    for a float parameter, lists → tuple for a tuple parameter)."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any or annotation is inspect.Parameter.empty:
-        return True, value
-    if annotation is None or annotation is type(None):
-        return value is None, value
-    if origin in (typing.Union, types.UnionType):
-        for arm in args:
-            ok, converted = _accepts(arm, value)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is Literal:
-        return value in args, value
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool), (
-            float(value) if isinstance(value, int | float) else value
-        )
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if annotation is bool or annotation is str:
-        return isinstance(value, annotation), value
-    if origin in (list, tuple, Sequence) or annotation in (list, tuple, Sequence):
-        if not isinstance(value, list | tuple):
-            return False, value
-        return True, tuple(value) if tuple in (origin, annotation) else value
-    if isinstance(annotation, type):
-        return isinstance(value, annotation), value
-    return True, value  # a type this check does not model (a protocol, a TypeVar, ...)
-
-
 def _checked(group: str, params: dict[str, Any], kinds: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``params`` type-checked against the constructor's annotations (the config schemas' rules), an
+    int passed as float to a float parameter and a list as tuple to a tuple parameter."""
+    from poolbench import schema
+
     out = {}
     for key, value in params.items():
         kind = kinds.get(key, Any)
         if kind is Any and defaults.get(key) is not None:  # unannotated: the default's type, as for other keys
             kind = type(defaults[key])
-        ok, converted = _accepts(kind, value)
-        if not ok:
-            like = f" (like the default {defaults[key]!r})" if defaults.get(key) is not None else ""
-            raise ConfigError(f"{group}.{key} must be of type {_type_name(kind)}{like}, got {value!r}")
-        out[key] = converted
+        schema.check_value(value, kind, f"{group}.{key}", defaults.get(key))
+        members = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        if isinstance(value, int) and not isinstance(value, bool) and float in members and int not in members:
+            value = float(value)
+        elif isinstance(value, list) and any(m is tuple or typing.get_origin(m) is tuple for m in members):
+            value = tuple(value)
+        out[key] = value
     return out
 
 

@@ -188,7 +188,7 @@ def test_classification_with_sgd_and_exponential_decay(tiny_classification: Data
         ({"optimizer": "adamm"}, "unknown trainer.optimizer 'adamm'. Did you mean 'adam'"),
         ({"loss": "ce"}, "does not fit a retrieval dataset"),
         ({"writers_per_batch": 7}, "only 6 writers"),
-        ({"patches_per_writer": 1}, "patches_per_writer must be >= 2"),
+        ({"patches_per_writer": 1}, "patches_per_writer must be an integer >= 2"),
     ],
 )
 def test_bad_trainer_settings(tiny_retrieval: DataBundle, tmp_path: Path, override: dict, message: str) -> None:
