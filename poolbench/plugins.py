@@ -4,8 +4,9 @@ Three sources, all imported before a config is composed, so their operators are 
 
 - installed packages declaring an entry point in the group ``poolbench.operators`` (imported on the
   first registry lookup of every process: CLI, ``--jobs N`` spawn workers, submitit/SLURM jobs);
-- ``plugins=[mypkg.mypools,./my_pools.py]`` on the command line;
-- ``POOLBENCH_PLUGINS`` (``os.pathsep``- or comma-separated), inherited by every worker and job.
+- ``POOLBENCH_PLUGINS`` (``os.pathsep``- or comma-separated), inherited by every worker and job and
+  likewise imported at every registry lookup;
+- ``plugins=[mypkg.mypools,./my_pools.py]`` on the command line (pre-parsed from the overrides).
 
 A spec is a module name, or a path to a ``.py`` file imported under a name derived from its absolute
 path (stable across processes, so its classes pickle into spawned workers). The composed config's
@@ -145,10 +146,16 @@ def load(specs: Iterable[str]) -> None:
         _loaded[spec] = module
 
 
+def load_process_plugins() -> None:
+    """The plugins every lookup of this process sees: installed entry points and ``POOLBENCH_PLUGINS``."""
+    load_entry_points()
+    load(from_env())
+
+
 def prepare(overrides: Sequence[str]) -> None:
     """Before composing ``overrides``: import the installed, environment and command-line plugins."""
-    load_entry_points()
-    load(from_env() + requested(overrides))
+    load_process_plugins()
+    load(requested(overrides))
 
 
 def _source_files(module: ModuleType) -> list[Path]:

@@ -145,7 +145,7 @@ def register(
 def _table(kind: Kind) -> dict[str, PoolSpec]:
     from poolbench import plugins, pooling  # noqa: F401  (importing the package registers the built-ins)
 
-    plugins.load_entry_points()
+    plugins.load_process_plugins()
     return _REGISTRY[kind]
 
 
