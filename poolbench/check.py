@@ -203,7 +203,7 @@ class _Contract:
         return CheckResult("gradcheck", "pass", what)
 
     def batch_independence(self) -> CheckResult:
-        x = _randn(BATCH, CHANNELS, *self.map, dtype=torch.float64)
+        x = _randn(BATCH, CHANNELS, *self.map, dtype=torch.float64)  # NaNs compare equal: finiteness is checked above
         y = x.clone()
         y[1:] = _randn(BATCH - 1, CHANNELS, *self.map, dtype=torch.float64, seed=4)
         r = None
@@ -218,11 +218,11 @@ class _Contract:
                     (out * r).sum().backward()
                     grads.append(inp.grad)
                 outs.append(out.detach())
-            if not torch.allclose(outs[0], outs[1], rtol=1e-9, atol=1e-12):
+            if not torch.allclose(outs[0], outs[1], rtol=1e-9, atol=1e-12, equal_nan=True):
                 return CheckResult("batch independence", "fail", f"{mode}: sample 0's output depends on samples 1..")
             if grads and grads[0][1:].abs().max() > 0:
                 return CheckResult("batch independence", "fail", f"{mode}: sample 0's output has gradient on others")
-            if grads and not torch.allclose(grads[0][0], grads[1][0], rtol=1e-9, atol=1e-12):
+            if grads and not torch.allclose(grads[0][0], grads[1][0], rtol=1e-9, atol=1e-12, equal_nan=True):
                 return CheckResult("batch independence", "fail", f"{mode}: sample 0's gradient depends on samples 1..")
         return CheckResult("batch independence", "pass", "sample 0's output and gradient, train and eval")
 

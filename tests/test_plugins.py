@@ -243,3 +243,12 @@ def test_example_and_file_plugins_in_submitit_local_jobs(example_env: dict, tmp_
     digest = hashlib.sha256(plugin.read_bytes()).hexdigest()
     assert done["mymax"][f"cfg.plugins_sha256.{plugin}"] == digest
     assert done["mymax"]["cfg.plugins"] == [str(plugin)]
+
+
+def test_check_loads_plugins_given_as_a_parameter(
+    tmp_path: Path, isolated: None, run_cli: Callable[..., int], capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "checked_pools.py"
+    path.write_text(plugin_source("checkedmax"))
+    assert run_cli("check", "checkedmax", f"plugins=[{path}]", "scale=2") == 0
+    assert "0 failed" in capsys.readouterr().out

@@ -164,7 +164,7 @@ def test_learned_scalars_prefer_learned_values() -> None:
 
     class Natural(Temperature):
         def learned_values(self) -> dict[str, float]:
-            return {"tau": float(self.log_tau.exp())}
+            return {"tau": float(self.log_tau.detach().exp())}
 
     assert pooling.learned_scalars(Natural(tau=2.0)) == pytest.approx({"tau": 2.0})
     assert pooling.learned_scalars(pooling.create("netvlad", clusters=2, in_channels=3)) == {}

@@ -51,7 +51,9 @@ def check(
     from poolbench.check import operator_node
 
     values = _params(params or [])
-    plugins.prepare([f"plugins={plugins_value}"] if (plugins_value := values.pop("plugins", None)) else [])
+    extra = values.pop("plugins", None) or []
+    plugins.load_process_plugins()
+    plugins.load(str(spec) for spec in (extra if isinstance(extra, list) else [extra]))
     started = time.perf_counter()
     node, kind = operator_node(operator, values, "local" if local else None)
     results = run_checks(operator, values, kind=kind)
