@@ -30,7 +30,9 @@ from poolbench.errors import ConfigError, unknown_choice
 from poolbench.schema import Range, Required
 
 # Groups whose options are typed schemas (poolbench.schema); the others are checked by their owners.
-SCHEMA_GROUPS = ("dataset", "model", "trainer")
+SCHEMA_GROUPS = ("dataset", "model", "augment", "trainer")
+# augment=auto (the default) stands for the dataset's own recipe (its option's meta "augment").
+AUTO_AUGMENT = "auto"
 # Root keys that only an experiment preset sets.
 PRESET_KEYS = ("grid",)
 
@@ -50,7 +52,7 @@ class RunSettings:
     # plugins=[mypkg.mypools,./my_pools.py] (also POOLBENCH_PLUGINS); recorded with their sha256.
     plugins: list[str] = field(default_factory=list)
 
-GROUPS = ("dataset", "model", "pooling", "local_pooling", "trainer", "experiment")
+GROUPS = ("dataset", "model", "pooling", "local_pooling", "augment", "trainer", "experiment")
 # Keys that change how a run is executed or stored, not what it computes: excluded from its identity.
 NON_IDENTITY_KEYS = (
     "results_dir",
@@ -71,6 +73,8 @@ NON_IDENTITY_KEYS = (
 IDENTITY_NEUTRAL: dict[str, Any] = {
     "pooling.solver": "auto",
     "plugins": [],
+    "augment.name": "none",
+    "choices.augment": "none",
 }
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
@@ -114,6 +118,8 @@ def _store_generated_nodes() -> None:
         custom = {"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
         store.store(group=group, name=pooling.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
+    store.store(group="augment", name=AUTO_AUGMENT, node={"name": AUTO_AUGMENT})
+    store.store(group="augment", name="none", node={"name": "none"})
     _import_schema_owners()
     for group in schema.groups():
         for name, opt in schema.options(group).items():
@@ -139,6 +145,11 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConf
         validate_config(cfg, _reference(tuple(o for o in overrides if _is_group_override(o))))
     plugins.record(cfg)
     return cfg
+
+
+def compose_many(override_sets: Sequence[Sequence[str]]) -> list[DictConfig]:
+    """:func:`compose` for many override lists (a sweep's runs), in order."""
+    return [compose(overrides) for overrides in override_sets]
 
 
 @functools.lru_cache(maxsize=256)
@@ -167,10 +178,22 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS}
+    if choices["augment"] == AUTO_AUGMENT:
+        # The dataset's own recipe, composed like an explicit augment=<recipe>: the same training is
+        # the same run, and the record names the recipe that ran.
+        kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "augment"]
+        return _compose_raw([*kept, f"augment={default_augment(choices['dataset'])}"])
     with _open(cfg):
         del cfg["hydra"]
         cfg.choices = choices
     return cfg
+
+
+def default_augment(dataset: str | None) -> str:
+    """The augmentation recipe the literature uses for a dataset option (``augment=auto``)."""
+    dataset_option = schema.options("dataset").get(str(dataset))
+    recipe = dataset_option.meta.get("augment", "none") if dataset_option else "none"
+    return recipe if recipe in group_options("augment") else "none"
 
 
 class _open:

@@ -1,7 +1,7 @@
 """Training, evaluation and latency measurement of a :class:`~poolbench.models.PoolNet`."""
 
 from poolbench.engine.evaluate import evaluate
-from poolbench.engine.latency import TimingStats, device_name, measure_latency, peak_memory_mb, time_fn
+from poolbench.engine.latency import TimingStats, device_name, measure_cost, measure_latency, peak_memory_mb, time_fn
 from poolbench.engine.train import NonFiniteLossError, TrainerSettings, fit, seed_everything
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "device_name",
     "evaluate",
     "fit",
+    "measure_cost",
     "measure_latency",
     "peak_memory_mb",
     "seed_everything",

@@ -298,8 +298,8 @@ def from_config(node: Mapping[str, Any], kind: Kind = "global", **geometry: Any)
 
 def learned_scalars(module: nn.Module) -> dict[str, float]:
     """Every learnable scalar of a pool in its natural unit: the module's ``learned_values()`` when it
-    defines one (e.g. DGMP ``{"lam": λ}`` rather than log λ), else its one-element parameters as they are."""
-    provided = getattr(module, "learned_values", None)
-    if callable(provided):
-        return {str(k): float(v) for k, v in provided().items()}
-    return {name: float(p.detach()) for name, p in module.named_parameters() if p.numel() == 1}
+    defines one (DGMP's λ rather than the log λ it learns), else its one-element parameters as they are."""
+    own = getattr(module, "learned_values", None)
+    if callable(own):
+        return {str(k): float(v) for k, v in own().items()}
+    return {name: p.detach().float().item() for name, p in module.named_parameters() if p.numel() == 1}
