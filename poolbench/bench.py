@@ -178,7 +178,7 @@ def select_operators(ops: Sequence[str] | None, kinds: Sequence[str]) -> list[tu
 def _make_operator(kind: str, name: str) -> nn.Module:
     from poolbench import pooling
 
-    return pooling.create(name) if kind == "global" else pooling.create_local(name)
+    return pooling.from_config({"name": name}, kind)  # type: ignore[arg-type]
 
 
 def sample_interleaved(

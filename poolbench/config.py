@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +25,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from poolbench import schema
+from poolbench import plugins, schema
 from poolbench.errors import ConfigError, unknown_choice
 from poolbench.schema import Range, Required
 
@@ -48,6 +48,9 @@ class RunSettings:
     results_dir: Annotated[str, Required("the folder that holds the run directories")] = "results/runs"
     # Set by `poolbench sweep`; recorded, never part of the run's identity.
     sweep_name: str | None = None
+    # Modules or .py files registering pooling operators, imported before composing, e.g.
+    # plugins=[mypkg.mypools,./my_pools.py] (also POOLBENCH_PLUGINS); recorded with their sha256.
+    plugins: list[str] = field(default_factory=list)
 
 GROUPS = ("dataset", "model", "pooling", "local_pooling", "augment", "trainer", "experiment")
 # Keys that change how a run is executed or stored, not what it computes: excluded from its identity.
@@ -69,6 +72,7 @@ NON_IDENTITY_KEYS = (
 # behaviour 0.1 had), so the runs of 0.1 keep their ids and are found again.
 IDENTITY_NEUTRAL: dict[str, Any] = {
     "pooling.solver": "auto",
+    "plugins": [],
     "augment.name": "none",
     "choices.augment": "none",
 }
@@ -86,6 +90,8 @@ def conf_dir() -> Path:
 def group_options(group: str) -> list[str]:
     """The option names of a config group, e.g. ``group_options('pooling')``: its yaml files and the
     nodes generated from the registries."""
+    from poolbench.pooling import CUSTOM
+
     _store_generated_nodes()
     folder = conf_dir() / group
     files = {p.stem for p in folder.glob("*.yaml")} if folder.is_dir() else set()
@@ -93,7 +99,8 @@ def group_options(group: str) -> list[str]:
         generated = {name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)}
     except OSError:  # ConfigStore raises OSError for a group it does not hold
         generated = set()
-    return sorted(files | generated)
+    # `custom` takes a class path, not a choice: `pooling=glob(*)` means every registered operator.
+    return sorted((files | generated) - {CUSTOM})
 
 
 def _store_generated_nodes() -> None:
@@ -104,8 +111,12 @@ def _store_generated_nodes() -> None:
 
     store = ConfigStore.instance()
     for group, kind in (("pooling", "global"), ("local_pooling", "local")):
+        store.repo[group] = {}  # exactly the registered operators (a test may have unregistered one)
         for spec in pooling.specs(kind):
             store.store(group=group, name=spec.name, node=spec.config_node())
+        geometry = {"kernel_size": None, "stride": None} if kind == "local" else {}
+        custom = {"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
+        store.store(group=group, name=pooling.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
     store.store(group="augment", name=AUTO_AUGMENT, node={"name": AUTO_AUGMENT})
     store.store(group="augment", name="none", node={"name": "none"})
@@ -132,6 +143,7 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConf
     cfg = _compose_raw(overrides)
     if validate:
         validate_config(cfg, _reference(tuple(o for o in overrides if _is_group_override(o))))
+    plugins.record(cfg)
     return cfg
 
 
@@ -150,6 +162,7 @@ def _reference(group_overrides: tuple[str, ...]) -> DictConfig:
 
 
 def _compose_raw(overrides: list[str]) -> DictConfig:
+    plugins.prepare(overrides)  # their operators must be config options before Hydra composes
     _check_experiment(overrides)
     _store_generated_nodes()
     GlobalHydra.instance().clear()
@@ -333,12 +346,6 @@ def _validate_against_reference(cfg: DictConfig, reference: DictConfig, skip: Se
             raise ConfigError(f"{key} must be of type {kind} (like the default {default!r}), got {value!r}")
 
 
-def pooling_params(node: DictConfig | Mapping) -> dict[str, Any]:
-    """Operator parameters of a pooling/local_pooling node (everything but the bookkeeping keys)."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    return {k: v for k, v in data.items() if k not in ("name", "lr_mult", "kernel_size", "stride")}
-
-
 def _validate_pooling(cfg: DictConfig) -> None:
     from poolbench import pooling
 
@@ -346,18 +353,9 @@ def _validate_pooling(cfg: DictConfig) -> None:
         lr_mult = cfg[group].get("lr_mult", 1.0)
         if not isinstance(lr_mult, int | float) or lr_mult < 0:
             raise ConfigError(f"{group}.lr_mult must be a number >= 0, got {lr_mult!r}")
-    try:
-        pooling.create(cfg.pooling.name, **pooling_params(cfg.pooling))
-    except ValueError as exc:
-        raise ConfigError(f"pooling={cfg.choices.pooling}: {exc}") from None
-    local = cfg.local_pooling
-    if local.name == "none":
-        return
-    geometry = {k: local.get(k) for k in ("kernel_size", "stride") if local.get(k) is not None}
-    try:
-        pooling.create_local(local.name, **geometry, **pooling_params(local))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"local_pooling={cfg.choices.local_pooling}: {exc}") from None
+    pooling.from_config(cfg.pooling, "global")
+    if cfg.local_pooling.name != "none":
+        pooling.from_config(cfg.local_pooling, "local")
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
@@ -379,7 +377,9 @@ def config_hash(cfg: DictConfig) -> str:
 def run_id(cfg: DictConfig) -> str:
     """Readable, deterministic and collision-free run id: same config, same id. Every part is reduced
     to letters, digits, '.', '_' and '+', so no value can make it a path."""
-    parts = (cfg.pooling.name, cfg.model.name, cfg.dataset.name, f"s{cfg.seed}")
+    from poolbench import pooling
+
+    parts = (pooling.label(cfg.pooling), cfg.model.name, cfg.dataset.name, f"s{cfg.seed}")
     return "-".join(_path_safe(str(p)) for p in parts) + "-" + config_hash(cfg)
 
 

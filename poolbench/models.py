@@ -293,8 +293,6 @@ def _trunk(cfg: dict[str, Any], in_channels: int) -> nn.Module:
 
 
 def _replace_max_pools(trunk: nn.Module, local_cfg: dict[str, Any]) -> int:
-    name = local_cfg["name"]
-    params = {k: v for k, v in local_cfg.items() if k not in ("name", "lr_mult", "kernel_size", "stride", "padding")}
     targets = _max_pools(trunk)
     for target in targets:
         old: nn.MaxPool2d = trunk.get_submodule(target)  # type: ignore[assignment]
@@ -304,10 +302,7 @@ def _replace_max_pools(trunk: nn.Module, local_cfg: dict[str, Any]) -> int:
         stride = _square(old.stride) if stride is None and inherit else stride
         padding = local_cfg.get("padding")
         padding = (_square(old.padding) if inherit else 0) if padding is None else padding
-        try:
-            new = pooling.create_local(name, kernel_size=kernel, stride=stride, padding=padding, **params)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"local_pooling {name}: {exc}") from None
+        new = pooling.from_config(local_cfg, "local", kernel_size=kernel, stride=stride, padding=padding)
         _set_module(trunk, target, new)
     return len(targets)
 
@@ -347,11 +342,7 @@ def build_model(
             f"local_pooling={lcfg['name']}: model {name} (with these options) has no max-pool layer to replace; "
             "use local_pooling=none"
         )
-    pool_params = {k: v for k, v in pcfg.items() if k not in ("name", "lr_mult")}
-    try:
-        pool = pooling.create(pcfg.get("name"), **pool_params)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"pooling {pcfg.get('name')}: {exc}") from None
+    pool = pooling.from_config(pcfg, "global")
 
     # One dummy forward gives the real map size and pool width and materialises lazy parameters
     # (netvlad); eval mode keeps the BatchNorm statistics untouched.

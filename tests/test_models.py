@@ -137,7 +137,7 @@ def test_classification_head_and_in_channels() -> None:
         ({"name": "resnet51"}, {"name": "avg"}, "unknown model 'resnet51'. Did you mean"),
         ({"name": "smallcnn", "widht": 3}, {"name": "avg"}, "unknown key 'model.widht'"),
         ({"name": "smallcnn", "last_stride": 3}, {"name": "avg"}, "last_stride must be"),
-        ({"name": "smallcnn"}, {"name": "gem", "p": -1.0}, "pooling gem"),
+        ({"name": "smallcnn"}, {"name": "gem", "p": -1.0}, "pooling=gem"),
         ({"name": "smallcnn"}, {"name": "avgg"}, "Did you mean 'avg'"),
         ({"name": "smallcnn", "pretrained": True}, {"name": "avg"}, "no pretrained weights"),
     ],
