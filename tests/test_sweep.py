@@ -199,7 +199,7 @@ CONCURRENT_SWEEP = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from poolbench import run, runs
+    from poolbench import records, run
     from poolbench.cli import main
 
     EXECUTIONS = sys.argv[1]
