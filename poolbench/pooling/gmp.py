@@ -332,5 +332,8 @@ class DGMP(GlobalPool):
     def forward(self, x: Tensor) -> Tensor:
         return generalized_max_pool(x, self.lam, self.solver, normalize=True)
 
+    def learned_values(self) -> dict[str, float]:
+        return {"lam": float(self.lam.detach())}
+
     def extra_repr(self) -> str:
         return f"lam={float(self.lam.detach()):g} (learnable, log-parametrised), solver={self.solver}"
