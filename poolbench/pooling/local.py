@@ -2,9 +2,8 @@
 
 The maths lives in plain functions built on PyTorch's native pooling kernels (``F.max_pool2d``,
 ``F.avg_pool2d`` as a mean or, with ``divisor_override=1``, as a window sum); the modules only hold
-hyper-parameters and learnable weights. Only ranking and sampling (``sort``, training-mode
-``stochastic``) and SoftPool on extreme value spreads cut the windows out with
-:func:`unfold_windows`. Output size is ``nn.MaxPool2d``'s floor formula
+hyper-parameters and learnable weights. Only ranking (``sort``) and SoftPool on extreme value
+spreads cut the windows out with :func:`unfold_windows`. Output size is ``nn.MaxPool2d``'s floor formula
 H' = (H + 2·padding − k) // stride + 1 for every operator except ``fractional``.
 
 Padding has one meaning everywhere: a window may hang ``padding`` pixels over the border and the
@@ -58,7 +57,7 @@ def unfold_windows(
 ) -> tuple[Tensor, Tensor | None]:
     """Cut (B, C, H, W) into windows (B, C, H', W', k²): a copy of k²/stride² times the input's size.
 
-    Only for what no window-sum kernel can express (ranking, sampling). Out-of-map positions hold
+    Only for what no window-sum or max kernel can express (ranking). Out-of-map positions hold
     ``fill``. Returns the windows and a boolean in-map mask of shape (1, 1, H', W', k²), or ``None``
     when there is no padding (every position is in the map).
     """
@@ -158,14 +157,9 @@ def power_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, p: fl
     return _power_mean(x.clamp_min(eps), p, lambda t: avg_pool(t, kernel_size, stride, padding))
 
 
-def _stochastic_weights(windows: Tensor, valid: Tensor | None) -> Tensor:
-    """Per-window probabilities max(x, 0)/Σ max(x, 0); uniform over in-map positions if the sum is 0."""
-    positive = windows.clamp_min(0.0)
-    total = positive.sum(-1, keepdim=True)
-    has_mass = total > 0
-    uniform = (torch.ones_like(windows) if valid is None else valid.to(windows.dtype)).expand_as(windows)
-    uniform = uniform / uniform.sum(-1, keepdim=True)
-    return torch.where(has_mass, positive / torch.where(has_mass, total, 1.0), uniform)
+def _draw_index(keys: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
+    """Per window, the flat (H·W) index of its largest key (padding never wins: it is −inf)."""
+    return F.max_pool2d(keys, kernel_size, stride, padding, return_indices=True)[1]
 
 
 @_float32_for_half
@@ -174,21 +168,29 @@ def stochastic_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, 
 
     ``sample=True`` (training) returns the value x_i at one position drawn with probability π_i from
     the global torch RNG; otherwise (inference) the expectation Σ π_i·x_i = Σ x⁺·x / Σ x⁺ (two
-    window sums), which is exactly the mean of the training-time output; the in-map mean where
-    no value is positive.
+    window sums), which is exactly the mean of the training-time output; the in-map mean (uniform
+    draw) where no value is positive.
+
+    The draw is an exponential race on the native max-pool kernel: with one E_i ~ Exp(1) per
+    position, argmax_i x⁺_i / E_i picks i with probability π_i (the window's Σ x⁺ cancels), and
+    argmax_i 1/E_i is uniform. Each window's draw has exactly these probabilities; overlapping
+    windows share their positions' E_i, so their draws are not independent of each other.
     """
+    _check_fits(x, kernel_size, padding)
     if not sample:
         positive = x.clamp_min(0.0)
         mass = window_sum(positive, kernel_size, stride, padding)
         has_mass = mass > 0
         weighted = window_sum(positive * x, kernel_size, stride, padding) / torch.where(has_mass, mass, 1.0)
         return torch.where(has_mass, weighted, avg_pool(x, kernel_size, stride, padding))
-    windows, valid = unfold_windows(x, kernel_size, stride, padding)
-    probs = _stochastic_weights(windows, valid)
-    # Exponential race: argmin E_i/π_i with E_i ~ Exp(1) picks i with probability π_i; π_i = 0 never wins.
-    race = torch.empty_like(probs).exponential_()
-    race = torch.where(probs > 0, race / probs, math.inf)
-    return windows.gather(-1, race.argmin(-1, keepdim=True)).squeeze(-1)
+    with torch.no_grad():
+        # E = 0 would make 0/0 = NaN where x⁺ = 0; a tiny E still wins its window, as it should.
+        race = torch.empty_like(x).exponential_().clamp_min_(torch.finfo(x.dtype).tiny)
+        keys, index = F.max_pool2d(x.clamp_min(0.0) / race, kernel_size, stride, padding, return_indices=True)
+        no_mass = keys <= 0
+        if bool(no_mass.any()):
+            index = torch.where(no_mass, _draw_index(race.reciprocal_(), kernel_size, stride, padding), index)
+    return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
 
 
 def _softpool_windows(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
