@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from poolbench.pooling.local import nonnegative_power, safe_root
 from poolbench.pooling.registry import GlobalPool, register
 
 
@@ -80,16 +81,24 @@ def _detached_scale(values: Tensor) -> Tensor:
 def lp_norm(x: Tensor, p: float) -> Tensor:
     """(Σ |x|^p)^(1/p): |x| keeps fractional p finite on negatives (PyTorch's LPPool2d gives NaN there).
 
-    One native ``vector_norm`` (its backward is 0, not NaN, where the norm is 0, so all-zero maps stay
-    trainable). Where |x|^p overflows (large activations or large p) it is computed again as
-    s·‖x/s‖_p with s = max |x| held constant: the norm is 1-homogeneous, so value and gradient are exact.
+    p = 2 is the native ``vector_norm`` (fastest there); other p are |x|^p summed and rooted, with a
+    zero (not NaN) gradient where the norm is 0, so all-zero maps stay trainable (``vector_norm``
+    with p = 3 was 3× slower than this forward). Where |x|^p overflows (large activations or large p)
+    it is computed again as s·‖x/s‖_p with s = max |x| held constant: the norm is 1-homogeneous, so
+    value and gradient are exact.
     """
     flat = _positions(x)
-    norm = torch.linalg.vector_norm(flat, ord=p, dim=-1)
-    if bool(norm.isfinite().all()) or not bool(flat.isfinite().all()):
-        return norm
+
+    def norm(values: Tensor) -> Tensor:
+        if p == 2.0:
+            return torch.linalg.vector_norm(values, dim=-1)
+        return safe_root(nonnegative_power(values.abs(), p).sum(dim=-1), p)
+
+    pooled = norm(flat)
+    if bool(pooled.isfinite().all()) or not bool(flat.isfinite().all()):
+        return pooled
     scale = _detached_scale(flat.abs())
-    return scale.squeeze(-1) * torch.linalg.vector_norm(flat / scale, ord=p, dim=-1)
+    return scale.squeeze(-1) * norm(flat / scale)
 
 
 def l2_pool(x: Tensor) -> Tensor:

@@ -107,13 +107,13 @@ def avg_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tens
     return F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=False)
 
 
-def _safe_root(total: Tensor, p: float) -> Tensor:
+def safe_root(total: Tensor, p: float) -> Tensor:
     # total^(1/p) with a zero (not NaN) gradient where total == 0: the double-where trick.
     positive = total > 0
     return torch.where(positive, torch.where(positive, total, 1.0) ** (1.0 / p), 0.0)
 
 
-def _power(magnitude: Tensor, p: float) -> Tensor:
+def nonnegative_power(magnitude: Tensor, p: float) -> Tensor:
     """a^p for a >= 0, with a zero gradient at a = 0 for every p (a^p has an infinite slope there when p < 1)."""
     if p == 2.0:
         return magnitude.square()
@@ -131,12 +131,12 @@ def _power_mean(magnitude: Tensor, p: float, pool: Callable[[Tensor], Tensor]) -
     result for any constant m > 0. The common case costs no extra pass over the input; windows whose
     values are below m by more than the dtype's range to the power 1/p then round to 0.
     """
-    pooled = _safe_root(pool(_power(magnitude, p)), p)
+    pooled = safe_root(pool(nonnegative_power(magnitude, p)), p)
     if bool(pooled.isfinite().all()) or not bool(magnitude.isfinite().all()):
         return pooled
     peak = magnitude.detach().amax(dim=(-2, -1), keepdim=True)
     peak = torch.where(peak > 0, peak, 1.0)
-    return peak * _safe_root(pool(_power(magnitude / peak, p)), p)
+    return peak * safe_root(pool(nonnegative_power(magnitude / peak, p)), p)
 
 
 @_float32_for_half
