@@ -142,11 +142,11 @@ def main() -> None:
     shape = tuple(int(v) for v in (args.shape or default_shape).lower().split("x"))
     geometry = tuple(int(v) for v in args.geometry.split(","))
     names = args.ops or (pooling.local_names() if args.kind == "local" else pooling.names())
+    cpu = platform.processor() or platform.machine()
+    geometry_text = f", k,s,p = {args.geometry}" if args.kind == "local" else ""
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}, "
-        f"shape {'x'.join(map(str, shape))}"
-        + (f", k,s,p = {args.geometry}" if args.kind == "local" else "")
-        + f", {args.rounds} rounds"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu}, "
+        f"shape {'x'.join(map(str, shape))}{geometry_text}, {args.rounds} rounds"
     )
     bench(args.kind, names, shape, geometry, args.rounds)  # type: ignore[arg-type]
 
