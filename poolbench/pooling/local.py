@@ -123,17 +123,22 @@ def nonnegative_power(magnitude: Tensor, p: float) -> Tensor:
     return torch.where(nonzero, torch.where(nonzero, magnitude, 1.0) ** p, 0.0)
 
 
-def _power_mean(magnitude: Tensor, p: float, pool: Callable[[Tensor], Tensor]) -> Tensor:
-    """pool(a^p)^(1/p) for a >= 0 and a window pool that is a (weighted) sum: 1-homogeneous in a.
+def _power_mean(magnitude: Tensor, p: float, pool: Callable[[Tensor], Tensor], floor: float = 0.0) -> Tensor:
+    """pool(a^p)^(1/p) for a >= ``floor`` >= 0 and a window pool that is a (weighted) sum: 1-homogeneous in a.
 
-    a^p overflows for large activations or large p (1e4³ is fine in float32, 1e4¹⁰ is not): then
-    each channel is divided by its detached max m, exact since m·pool((a/m)^p)^(1/p) equals the
-    result for any constant m > 0. The common case costs no extra pass over the input; windows whose
-    values are below m by more than the dtype's range to the power 1/p then round to 0.
+    a^p overflows for large activations or large p (1e4³ is fine in float32, 1e4¹⁰ is not), and
+    floor^p underflows to 0 for large p (an infinite gradient of the root): then each channel is
+    divided by its detached max m, exact since m·pool((a/m)^p)^(1/p) equals the result for any
+    constant m > 0. The common case costs no extra pass over the input. What still rounds to 0 is
+    a window whose values are all below the dtype's smallest normal number to the power 1/p (2e-13
+    for p = 3 in float32; with the rescaling: that far below its channel's max), as in nn.LPPool2d.
     """
-    pooled = safe_root(pool(nonnegative_power(magnitude, p)), p)
-    if bool(pooled.isfinite().all()) or not bool(magnitude.isfinite().all()):
-        return pooled
+    if floor == 0.0 or floor**p >= torch.finfo(magnitude.dtype).tiny:
+        total = pool(nonnegative_power(magnitude, p))
+        # With floor^p a normal number every total is > 0: the root needs no guard.
+        pooled = total.pow(1.0 / p) if floor > 0 else safe_root(total, p)
+        if bool(pooled.isfinite().all()) or not bool(magnitude.isfinite().all()):
+            return pooled
     peak = magnitude.detach().amax(dim=(-2, -1), keepdim=True)
     peak = torch.where(peak > 0, peak, 1.0)
     return peak * safe_root(pool(nonnegative_power(magnitude / peak, p)), p)
@@ -154,7 +159,7 @@ def l2_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tenso
 @_float32_for_half
 def power_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, p: float = 3.0, eps: float = 1e-6) -> Tensor:
     """(mean max(x, eps)^p)^(1/p) over the in-map positions of the window (power average)."""
-    return _power_mean(x.clamp_min(eps), p, lambda t: avg_pool(t, kernel_size, stride, padding))
+    return _power_mean(x.clamp_min(eps), p, lambda t: avg_pool(t, kernel_size, stride, padding), floor=eps)
 
 
 def _draw_index(keys: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
@@ -171,9 +176,9 @@ def stochastic_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, 
     window sums), which is exactly the mean of the training-time output; the in-map mean (uniform
     draw) where no value is positive.
 
-    The draw is an exponential race on the native max-pool kernel: with one E_i ~ Exp(1) per
-    position, argmax_i x⁺_i / E_i picks i with probability π_i (the window's Σ x⁺ cancels), and
-    argmax_i 1/E_i is uniform. Each window's draw has exactly these probabilities; overlapping
+    The draw is an exponential race on the native max-pool kernel: with one E_i = −log U_i ~ Exp(1)
+    per position, argmax_i x⁺_i / E_i picks i with probability π_i (the window's Σ x⁺ cancels), and
+    argmax_i U_i is uniform. Each window's draw has exactly these probabilities; overlapping
     windows share their positions' E_i, so their draws are not independent of each other.
     """
     _check_fits(x, kernel_size, padding)
@@ -184,12 +189,14 @@ def stochastic_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, 
         weighted = window_sum(positive * x, kernel_size, stride, padding) / torch.where(has_mass, mass, 1.0)
         return torch.where(has_mass, weighted, avg_pool(x, kernel_size, stride, padding))
     with torch.no_grad():
-        # E = 0 would make 0/0 = NaN where x⁺ = 0; a tiny E still wins its window, as it should.
-        race = torch.empty_like(x).exponential_().clamp_min_(torch.finfo(x.dtype).tiny)
+        uniform = torch.rand_like(x)  # 4× cheaper than exponential_(), which draws E = −log U itself
+        # U = 0 gives E = inf: key 0, that position cannot win (probability 2⁻²⁴ per draw in float32).
+        race = uniform.log().neg_()
+        # E = 0 cannot occur (U < 1), so x⁺ / E is never 0/0.
         keys, index = F.max_pool2d(x.clamp_min(0.0) / race, kernel_size, stride, padding, return_indices=True)
         no_mass = keys <= 0
-        if bool(no_mass.any()):
-            index = torch.where(no_mass, _draw_index(race.reciprocal_(), kernel_size, stride, padding), index)
+        if bool(no_mass.any()):  # argmax 1/E = argmax U: uniform over the window's in-map positions
+            index = torch.where(no_mass, _draw_index(uniform, kernel_size, stride, padding), index)
     return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
 
 

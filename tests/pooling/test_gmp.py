@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -334,17 +332,10 @@ def test_configs_create_the_operators(load_pooling_config) -> None:
 
 
 @pytest.mark.slow
-def test_paper_clamm_shape_forward_backward_on_two_threads() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        x = relu_map(32, 2048, 24, 24).requires_grad_()
-        pool = create("dgmp", lam=5000.0)
-        start = time.perf_counter()
-        out = pool(x)
-        out.backward(torch.randn_like(out))
-        elapsed = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
+def test_paper_clamm_shape_forward_backward_is_finite() -> None:
+    # Its speed is measured by scripts/bench_dgmp_solvers.py (results/bench/README.md), not here.
+    x = relu_map(32, 2048, 24, 24).requires_grad_()
+    pool = create("dgmp", lam=5000.0)
+    out = pool(x)
+    out.backward(torch.randn_like(out))
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all() and torch.isfinite(pool.log_lam.grad)
-    assert elapsed < 30, f"B=32, C=2048, 24x24 forward+backward took {elapsed:.1f} s"
