@@ -347,3 +347,15 @@ def test_cuda_matches_cpu(name: str, random_map: Callable) -> None:
     torch.testing.assert_close(m.cuda()(x.cuda()).cpu(), m.cpu()(x), atol=1e-5, rtol=1e-5)
     if name == "stochastic":
         assert m.cuda().train()(x.cuda()).device.type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lse_inference_path_matches_the_differentiable_one(dtype: torch.dtype, random_map: Callable) -> None:
+    # Under no_grad lse skips its hand-written backward's shifted copy; the value must not change.
+    m = create("lse", r=3.0).to(dtype)
+    x = random_map(2, 3, 5, 5, dtype=dtype) + 20.0
+    with torch.no_grad():
+        inference = m(x)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(inference, m(x).detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(inference.double(), torch.tensor(reference("lse", m, x)), rtol=tol, atol=tol)
