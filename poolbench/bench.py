@@ -49,12 +49,7 @@ from poolbench.engine.latency import (
 )
 from poolbench.engine.policies import build_optimizer, loss_name, resolve_device
 from poolbench.errors import ConfigError, unknown_choice
-
-try:  # the ops branch provides it; until it is merged the "vs reference" column stays empty
-    from poolbench.pooling.reference import reference_for
-except ImportError:
-    reference_for = None
-NO_REFERENCE_MODULE = "vs reference: not available (poolbench.pooling.reference is missing in this build)"
+from poolbench.pooling.reference import reference_for
 
 Shape = tuple[int, int, int, int]
 DEFAULT_SHAPES: tuple[Shape, ...] = ((32, 2048, 7, 7), (32, 2048, 24, 24), (64, 128, 8, 8))
@@ -229,8 +224,6 @@ def bench_operators(
     was not asked for), a tensor copy as the bandwidth baseline, and each asked-for operator's
     reference formulation (when there is one) for ``ratio_to_reference``.
     """
-    if reference_for is None and progress:
-        progress(NO_REFERENCE_MODULE)
     requested = [(op[0], op[1]) for op in operators]
     modules = {(op[0], op[1]): op[2] for op in operators if len(op) == 3}
     ops = list(requested)
@@ -247,8 +240,6 @@ def bench_operators(
 
 def _reference_fn(kind: str, name: str, module: nn.Module) -> tuple[Callable | None, str]:
     """The reference formulation of an operator and a note when there is none."""
-    if reference_for is None:
-        return None, ""
     try:
         fn = reference_for(kind, name, module)
     except (RuntimeError, ValueError, NotImplementedError) as exc:
@@ -561,7 +552,7 @@ def environment(settings: BenchSettings, warnings: Sequence[str] = ()) -> dict[s
         budget_s=settings.budget_s,
         timed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         timing_warnings=list(warnings),
-        reference=None if reference_for is None else "poolbench.pooling.reference.reference_for",
+        reference="poolbench.pooling.reference.reference_for",
     )
     return env
 

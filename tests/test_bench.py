@@ -195,16 +195,6 @@ def test_vs_reference_column_times_the_reference_formulation(
     assert not [r for r in rows if r.section == "reference"]  # references are columns, not rows
 
 
-def test_without_the_reference_module_the_column_is_empty_with_a_note(
-    settings: bench.BenchSettings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(bench, "reference_for", None)
-    notes: list[str] = []
-    rows = bench.bench_operators([("global", "avg")], [SHAPE], settings, backward=False, progress=notes.append)
-    assert bench.NO_REFERENCE_MODULE in notes
-    assert all(r.ratio_to_reference is None for r in rows)
-
-
 def test_operator_rows_carry_forward_flops_and_parameters(settings: bench.BenchSettings) -> None:
     rows = bench.bench_operators([("global", "gem"), ("global", "avg")], [SHAPE], settings)
     avg, gem = _find(rows, "global", "avg", "forward"), _find(rows, "global", "gem", "forward")
