@@ -1,4 +1,4 @@
-"""Run directories and their records: reading, listing, a lock so a run executes once.
+"""Run directories and their records: reading, listing, a lock so a run executes once, safe replacement.
 
 Layout of ``<results_dir>/<run-id>/``::
 
@@ -6,8 +6,15 @@ Layout of ``<results_dir>/<run-id>/``::
     env.json         versions, device, git commit, command line
     metrics.jsonl    one line per epoch (written by the engine)
     checkpoint.pt    last epoch's checkpoint (written by the engine)
+    tb/              TensorBoard events (trainer.logger=tensorboard)
     result.json      the flat run record; ``status`` is running | completed | failed | interrupted
-    .lock            held while a process works on the run
+
+Beside the run directories, hidden folders that readers of records skip::
+
+    .locks/<run-id>.lock   held while a process works on the run (outside the run directory, so the
+                           directory can be created late and replaced while the lock is held)
+    .staging/<run-id>/     a run trained with trainer.overwrite=true over a completed one; it replaces
+                           the completed run only once it has completed itself
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from poolbench.errors import PoolbenchError
 from poolbench.files import atomic_write_json, atomic_write_text  # noqa: F401  (the writers of records)
 
 RECORD = "result.json"
-LOCK = ".lock"
+LOCKS = ".locks"
+STAGING = ".staging"
 STATUSES = ("running", "completed", "failed", "interrupted")
 MIN_FREE_BYTES = 200 * 2**20
 
@@ -59,7 +67,10 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
 def iter_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Every readable record under ``results_dir`` (recursively) and one line per unreadable one."""
     records, problems = [], []
-    for path in sorted(Path(results_dir).rglob(RECORD)):
+    results_dir = Path(results_dir)
+    for path in sorted(results_dir.rglob(RECORD)):
+        if any(part.startswith(".") for part in path.relative_to(results_dir).parts):
+            continue  # staged or half-replaced runs, not results
         try:
             record = read_record(path.parent)
         except ValueError as exc:
@@ -88,15 +99,20 @@ def check_writable(results_dir: Path) -> None:
         )
 
 
+def lock_path(run_dir: Path) -> Path:
+    return run_dir.parent / LOCKS / f"{run_dir.name}.lock"
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Exclusive ownership of a run directory across processes.
+    """Exclusive ownership of a run across processes (the run directory itself need not exist yet).
 
     An ``flock`` rather than a pid file: the kernel releases it when the holder dies, even by
     ``kill -9``, so there is no stale lock to detect and no takeover race.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -117,7 +133,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def is_locked(run_dir: Path) -> bool:
     """Whether a live process holds the run's lock (without creating a lock file)."""
-    lock = run_dir / LOCK
+    lock = lock_path(run_dir)
     if not lock.is_file():
         return False
     with open(lock) as handle:
@@ -127,3 +143,34 @@ def is_locked(run_dir: Path) -> bool:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
     return False
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """Where a run that replaces the completed ``run_dir`` trains until it has completed."""
+    return run_dir.parent / STAGING / run_dir.name
+
+
+def _replaced_dir(run_dir: Path) -> Path:
+    return run_dir.parent / STAGING / f"{run_dir.name}.replaced"
+
+
+def replace_run_dir(staged: Path, run_dir: Path) -> None:
+    """Put the completed run ``staged`` in place of ``run_dir``, then delete the old run.
+
+    Two renames; a process killed between them is repaired by :func:`recover` (call it under the lock).
+    """
+    old = _replaced_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(run_dir, old)
+    os.rename(staged, run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(run_dir: Path) -> None:
+    """Repair what a killed process left of a replacement: finish a swap that stopped between its two
+    renames, delete an overwrite run that never completed (the completed run it was to replace stays)."""
+    staged, old = staging_dir(run_dir), _replaced_dir(run_dir)
+    if old.is_dir() and not run_dir.exists():
+        os.rename(staged if staged.is_dir() else old, run_dir)  # a staged run is only swapped in once completed
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staged, ignore_errors=True)
