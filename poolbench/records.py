@@ -9,10 +9,10 @@ Layout of ``<results_dir>/<run-id>/``::
     tb/              TensorBoard events (trainer.logger=tensorboard)
     result.json      the flat run record; ``status`` is running | completed | failed | interrupted
 
-Beside the run directories, hidden folders that readers of records skip::
+Beside the run directories, hidden entries that readers of records skip::
 
-    .locks/<run-id>.lock   held while a process works on the run (outside the run directory, so the
-                           directory can be created late and replaced while the lock is held)
+    .<run-id>.lock         held while a process works on the run, deleted when it is done (outside the
+                           run directory, so the directory can be created late and replaced under the lock)
     .staging/<run-id>/     a run trained with trainer.overwrite=true over a completed one; it replaces
                            the completed run only once it has completed itself
 """
@@ -36,7 +36,6 @@ from poolbench.errors import PoolbenchError
 from poolbench.files import atomic_write_json, atomic_write_text  # noqa: F401  (the writers of records)
 
 RECORD = "result.json"
-LOCKS = ".locks"
 STAGING = ".staging"
 STATUSES = ("running", "completed", "failed", "interrupted")
 MIN_FREE_BYTES = 200 * 2**20
@@ -100,7 +99,7 @@ def check_writable(results_dir: Path) -> None:
 
 
 def lock_path(run_dir: Path) -> Path:
-    return run_dir.parent / LOCKS / f"{run_dir.name}.lock"
+    return run_dir.parent / f".{run_dir.name}.lock"
 
 
 @contextlib.contextmanager
@@ -112,14 +111,23 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """
     path = lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunLockedError(f"run {run_dir.name} is being worked on by {holder}") from None
+        # The previous holder deletes the file when done; if it did so after we opened it, we hold
+        # the lock of a deleted file that nobody else will see: open the path again.
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         handle.close()
-        raise RunLockedError(f"run {run_dir.name} is being worked on by {holder}") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"process {os.getpid()} on {socket.gethostname()}")
@@ -127,6 +135,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     try:
         yield
     finally:
+        path.unlink(missing_ok=True)  # still locked: whoever opens the path from now on gets a new file
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
 
@@ -164,6 +173,7 @@ def replace_run_dir(staged: Path, run_dir: Path) -> None:
     os.rename(run_dir, old)
     os.rename(staged, run_dir)
     shutil.rmtree(old, ignore_errors=True)
+    _remove_if_empty(staged.parent)
 
 
 def recover(run_dir: Path) -> None:
@@ -174,3 +184,9 @@ def recover(run_dir: Path) -> None:
         os.rename(staged if staged.is_dir() else old, run_dir)  # a staged run is only swapped in once completed
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staged, ignore_errors=True)
+    _remove_if_empty(staged.parent)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # absent, or another run is staged there
+        folder.rmdir()
