@@ -183,6 +183,12 @@ def recover(run_dir: Path) -> None:
     if old.is_dir() and not run_dir.exists():
         os.rename(staged if staged.is_dir() else old, run_dir)  # a staged run is only swapped in once completed
     shutil.rmtree(old, ignore_errors=True)
+    discard_staged(run_dir)
+
+
+def discard_staged(run_dir: Path) -> None:
+    """Delete an overwrite run of ``run_dir`` that did not complete (the completed run stays)."""
+    staged = staging_dir(run_dir)
     shutil.rmtree(staged, ignore_errors=True)
     _remove_if_empty(staged.parent)
 

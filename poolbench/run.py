@@ -7,6 +7,7 @@ directory ends with a ``result.json`` whose ``status`` says how the run ended.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -109,6 +110,9 @@ def execute(
                     return (record, built.model) if return_model else record
                 reusable = completed
         log(f"run {run_dir.name} already completed; reusing its record (trainer.overwrite=true trains again)")
+        if records.staging_dir(run_dir).exists():  # left by a killed overwrite run, unless one is live
+            with contextlib.suppress(records.RunLockedError), records.run_lock(run_dir):
+                records.recover(run_dir)
         record = {**reusable, "reused": True}
         if not return_model:
             return record
@@ -183,11 +187,16 @@ def _run(
     cfg: DictConfig, run_dir: Path, built: Built, *, replacing: bool, progress: Progress | None, log: Log
 ) -> dict[str, Any]:
     """Train in ``run_dir`` (or, when replacing a completed run, in its staging folder, swapped in at the end)."""
-    work_dir = records.staging_dir(run_dir) if replacing else run_dir
-    resuming = should_resume(cfg.trainer.resume, work_dir / CHECKPOINT, overwrite=bool(cfg.trainer.overwrite))
-    record = _train(cfg, work_dir, built, resuming, progress, log, run_dir=run_dir)
-    if replacing:
-        records.replace_run_dir(work_dir, run_dir)
+    if not replacing:
+        resuming = should_resume(cfg.trainer.resume, run_dir / CHECKPOINT, overwrite=bool(cfg.trainer.overwrite))
+        return _train(cfg, run_dir, built, resuming, progress, log, run_dir=run_dir)
+    staged = records.staging_dir(run_dir)
+    try:
+        record = _train(cfg, staged, built, False, progress, log, run_dir=run_dir)
+    except BaseException:
+        records.discard_staged(run_dir)  # an overwrite always starts from scratch: nothing to resume
+        raise
+    records.replace_run_dir(staged, run_dir)
     return record
 
 
