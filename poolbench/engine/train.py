@@ -318,11 +318,7 @@ def fit(
                     state, step_model, batches, s, epoch=epoch, steps=steps, loss_fn=loss_fn, device=device,
                     dtype=dtype, memory_format=memory_format, on_step=on_step,
                 )
-                seconds = time.perf_counter() - started
-                n = len(losses)
-                mean_loss = losses.mean().item() if n else math.nan
-                lr = lrs[0] if lrs else state.optimizer.param_groups[0]["lr"]
-                row = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr, "seconds": round(seconds, 4), "steps": n}
+                row = _epoch_row(epoch, losses, lrs, time.perf_counter() - started)
                 row.update(learned_fields(model))
                 if s.eval_every and (epoch + 1) % s.eval_every == 0:
                     row.update(_evaluate_during_training(model, data, s, device, progress))
@@ -330,14 +326,26 @@ def fit(
                 state.epoch = epoch + 1
                 state.save(checkpoint_path)
                 epoch_log.epoch_done(row, done, losses.tolist() if epoch_log.per_step else (), lrs)
-                done += n
+                done += row["steps"]
                 if log:
-                    rate = n / seconds if seconds > 0 else math.nan
-                    log(f"epoch {epoch + 1}/{s.epochs} loss {mean_loss:.4f} lr {lr:.3g} {seconds:.1f} s "
-                        f"{rate:.1f} steps/s")
+                    log(_epoch_line(row, s.epochs))
         finally:
             epoch_log.close()
     return {**_summary(state.history, start_epoch), "resume_count": state.resume_count}
+
+
+def _epoch_row(epoch: int, losses: torch.Tensor, lrs: list[float], seconds: float) -> dict[str, Any]:
+    """The start of the epoch's metrics row: mean loss, lr at its start, time and steps."""
+    n = len(losses)
+    mean_loss = losses.mean().item() if n else math.nan
+    return {"epoch": epoch + 1, "loss": mean_loss, "lr": lrs[0] if lrs else math.nan, "seconds": round(seconds, 4),
+            "steps": n}
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    rate = row["steps"] / row["seconds"] if row["seconds"] > 0 else math.nan
+    return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} lr {row['lr']:.3g} {row['seconds']:.1f} s "
+            f"{rate:.1f} steps/s")
 
 
 def _report(progress: Progress, done_before: int, total: int, step: int) -> None:

@@ -153,3 +153,27 @@ def test_recover_finishes_a_swap_killed_between_its_renames(tmp_path: Path) -> N
     records.recover(run_dir)  # killed after run_dir → .replaced, before staged → run_dir
     assert (run_dir / "result.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_a_really_full_disk_is_reported_as_one(tmp_path: Path) -> None:
+    """torch.save on a full disk raises an unrelated RuntimeError; checkpoints must surface ENOSPC."""
+    import subprocess
+
+    from poolbench.engine.checkpoint import TrainState
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        model = torch.nn.Linear(512, 512)  # 1 MiB of weights: more than the disk holds
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                           torch.amp.GradScaler("cpu", enabled=False))
+        with pytest.raises(OSError) as info:
+            state.save(disk / "checkpoint.pt")
+        assert files.is_disk_full(info.value)
+        assert list(disk.iterdir()) == []  # no partial temp file left
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
