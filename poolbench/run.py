@@ -98,6 +98,7 @@ def execute(
     records.check_writable(Path(cfg.results_dir))
     run_dir = run_dir_of(cfg)
     overwrite = bool(cfg.trainer.overwrite)
+    built: Built | None = None
     with _sigterm_as_interrupt():
         reusable = None if overwrite else _completed_record(run_dir, log)  # checked again under the lock
         if reusable is None:
@@ -118,7 +119,7 @@ def execute(
             return record
         from poolbench.engine.checkpoint import load_weights
 
-        built = _build(cfg, progress)
+        built = built or _build(cfg, progress)
         load_weights(built.model, run_dir / CHECKPOINT)
         return record, built.model
 
