@@ -209,9 +209,6 @@ def _train(
     write the final record whatever happens."""
     started = time.perf_counter()
     env = capture_env(str(built.device))
-    work_dir.mkdir(parents=True, exist_ok=True)
-    records.atomic_write_text(work_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    records.atomic_write_json(work_dir / "env.json", env)
     record: dict[str, Any] = {
         **_identity_fields(cfg),
         **_env_fields(env),
@@ -221,8 +218,11 @@ def _train(
         "run_dir": str(run_dir),
         **_model_fields(built),
     }
-    records.atomic_write_json(work_dir / records.RECORD, record)
     try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        records.atomic_write_text(work_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        records.atomic_write_json(work_dir / "env.json", env)
+        records.atomic_write_json(work_dir / records.RECORD, record)
         record.update(_train_and_measure(cfg, work_dir, built, resuming, progress, log))
         record.update(status="completed")
     except KeyboardInterrupt as exc:

@@ -6,14 +6,14 @@ per-epoch history, every random generator's state and how many times the run was
 
 from __future__ import annotations
 
-import io
+import functools
 import pickle
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -58,11 +58,7 @@ class TrainState:
             "history": self.history,
             "resume_count": self.resume_count,
         }
-        # Serialised in memory first: torch.save writing to a full disk raises an unrelated RuntimeError,
-        # a plain write raises OSError(ENOSPC), which the run reports as a full disk.
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        files.atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+        files.atomic_write(path, functools.partial(_save, checkpoint))
 
     def restore(self, path: Path) -> None:
         """Continue from ``path``; anything unreadable or mismatched is a :class:`CheckpointError`."""
@@ -85,6 +81,34 @@ class TrainState:
             raise CheckpointError(path, f"its training state does not fit this run ({_first_line(exc)})") from None
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
         self.resume_count = int(state.get("resume_count", 0)) + 1
+
+
+class _WriteErrors:
+    """A file handle that remembers the OSError of a failed write: torch.save reports a full disk as an
+    unrelated RuntimeError ("unexpected pos ..."); the run must see the OSError(ENOSPC) behind it."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _save(checkpoint: dict[str, Any], handle: BinaryIO) -> None:
+    recording = _WriteErrors(handle)
+    try:
+        torch.save(checkpoint, recording)  # type: ignore[arg-type]
+    except RuntimeError:
+        if recording.error is not None:
+            raise recording.error from None
+        raise
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
