@@ -62,6 +62,7 @@ NON_IDENTITY_KEYS = (
     "trainer.overwrite",
     "trainer.num_threads",
     "trainer.num_workers",
+    "trainer.logger",
     "dataset.cache_dir",
     # Only feeds the default of trainer.steps_per_epoch, whose resolved value is part of the identity.
     "dataset.steps_per_epoch",
@@ -75,6 +76,7 @@ IDENTITY_NEUTRAL: dict[str, Any] = {
     "plugins": [],
     "augment.name": "none",
     "choices.augment": "none",
+    "trainer.eval_every": None,
 }
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
