@@ -64,21 +64,31 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
 
 
 def iter_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every readable record under ``results_dir`` (recursively) and one line per unreadable one."""
-    records, problems = [], []
+    """Every readable record under ``results_dir`` (recursively) and one line per unreadable one.
+
+    A record's ``run_dir`` is where it was found (a results folder may have been moved or copied, and a
+    record's own field is not to be trusted); hidden folders (staged overwrites) are not results.
+    """
+    found, problems = [], []
     results_dir = Path(results_dir)
     for path in sorted(results_dir.rglob(RECORD)):
         if any(part.startswith(".") for part in path.relative_to(results_dir).parts):
-            continue  # staged or half-replaced runs, not results
+            continue
         try:
             record = read_record(path.parent)
         except ValueError as exc:
             problems.append(str(exc))
             continue
+        except RecursionError:
+            problems.append(f"{path}: too deeply nested to be a run record")
+            continue
+        except OSError as exc:
+            problems.append(f"{path}: cannot read ({exc.strerror or exc})")
+            continue
         if record is not None:
-            record.setdefault("run_dir", str(path.parent))
-            records.append(record)
-    return records, problems
+            record["run_dir"] = str(path.parent)
+            found.append(record)
+    return found, problems
 
 
 def check_writable(results_dir: Path) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from poolbench import files, records
-from poolbench.config import config_hash, flatten, run_id
+from poolbench.config import config_hash, flatten, run_dir, run_id
 from poolbench.engine.checkpoint import CHECKPOINT
 from poolbench.engine.policies import should_resume
 from poolbench.environment import capture_env
@@ -51,17 +51,19 @@ def _quiet(_: str) -> None:
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
-    return Path(cfg.results_dir) / run_id(cfg)
+    return run_dir(cfg)
 
 
 def _identity_fields(cfg: DictConfig) -> dict[str, Any]:
+    from poolbench.pooling import label
+
     return {
         "run_id": run_id(cfg),
         "config_hash": config_hash(cfg),
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
-        "pooling": cfg.pooling.name,
-        "local_pooling": cfg.local_pooling.name,
+        "pooling": label(cfg.pooling),
+        "local_pooling": label(cfg.local_pooling),
         "seed": cfg.seed,
         "experiment": cfg.choices.get("experiment"),
         "sweep_name": cfg.get("sweep_name"),
@@ -264,6 +266,10 @@ def _model_fields(built: Built) -> dict[str, Any]:
         "feature_map_w": width,
         "pool_out_features": built.model.pool_out_features,
         "num_params": sum(p.numel() for p in built.model.parameters()),
+        # What the side-by-side latency pass needs to rebuild the model without the data.
+        "in_channels": built.data.in_channels,
+        "input_size": built.data.input_size,
+        "num_classes": built.data.num_classes,
         **{f"data.{k}": v for k, v in built.data.info.items()},
     }
 
@@ -272,7 +278,7 @@ def _train_and_measure(
     cfg: DictConfig, work_dir: Path, built: Built, resuming: bool, progress: Progress | None, log: Log
 ) -> dict[str, Any]:
     """fit → evaluate → latency; the record fields they produce."""
-    from poolbench.engine import evaluate, fit, measure_latency
+    from poolbench.engine import evaluate, fit, measure_cost, measure_latency
     from poolbench.engine.policies import TASK_LOSS
     from poolbench.engine.tracking import learned_fields
 
@@ -315,5 +321,9 @@ def _train_and_measure(
             train_loss=TASK_LOSS[data.task],
         )
         fields.update({f"latency.{k}": v for k, v in latency.items()})
+        if latency.get("timing_warning"):
+            log(f"warning: timings may be unreliable: {latency['timing_warning']}")
+    input_shape = (data.in_channels, data.input_size, data.input_size)
+    fields.update({f"cost.{k}": v for k, v in measure_cost(model, input_shape, device=device).items()})
     fields.update(learned_fields(model))
     return fields

@@ -194,33 +194,17 @@ def _mistyped(records: list[dict[str, Any]]) -> dict[int, str]:
 
 
 def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every usable record under ``results_dir`` (recursively; any status) and one line per skipped file.
-
-    ``run_dir`` is set to where the record was found (a results folder may have been moved).
-    """
-    found, skipped = [], []
-    for path in sorted(Path(results_dir).rglob(records.RECORD)):
-        where = safe_text(str(path))
-        try:
-            record = records.read_record(path.parent)
-        except ValueError as exc:
-            skipped.append(safe_text(str(exc)))
-            continue
-        except RecursionError:
-            skipped.append(f"{where}: too deeply nested to be a run record")
-            continue
-        except OSError as exc:
-            skipped.append(f"{where}: cannot read ({exc.strerror or exc})")
-            continue
-        if record is None:
-            continue
+    """Every usable record under ``results_dir`` (recursively; any status) and one line per skipped file."""
+    found, problems = records.iter_records(results_dir)
+    usable, skipped = [], [safe_text(problem) for problem in problems]
+    for record in found:
+        folder = Path(record["run_dir"])
         problem = _record_problem(record)
         if problem:
-            skipped.append(f"{where}: {problem}")
+            skipped.append(f"{safe_text(str(folder / records.RECORD))}: {problem}")
             continue
-        record["run_dir"] = str(path.parent)
-        found.append({**{k: safe_text(v) for k, v in record.items()}, RAW_RUN_DIR: path.parent})
-    return found, skipped
+        usable.append({**{k: safe_text(v) for k, v in record.items()}, RAW_RUN_DIR: folder})
+    return usable, skipped
 
 
 def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
