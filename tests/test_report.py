@@ -267,3 +267,14 @@ def test_cli_missing_dir_is_one_red_line(
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.strip().startswith("error: results directory") and len(captured.err.strip().splitlines()) == 1
+
+
+def test_a_target_operator_is_compared_under_its_class_name(tmp_path: Path) -> None:
+    for seed, (base, mine) in enumerate(((0.60, 0.63), (0.62, 0.66), (0.61, 0.64))):
+        write(tmp_path, make_record("avg", seed, mAP=base))
+        custom = make_record("SoftmaxPool", seed, mAP=mine)
+        custom.update({"choice.pooling": "custom", "cfg.pooling.name": "custom", "cfg.pooling._target_": "m.SoftmaxPool"})
+        write(tmp_path, custom)
+    built = report.build(tmp_path, metrics=["mAP"], baseline="SoftmaxPool")
+    assert set(built.summary["choice.pooling"]) == {"avg", "SoftmaxPool"}
+    assert any(line.startswith("avg vs SoftmaxPool") for line in built.comparison_lines)

@@ -28,6 +28,7 @@ import pandas as pd
 from poolbench import records
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
 from poolbench.errors import PoolbenchError, unknown_choice
+from poolbench.pooling.registry import CUSTOM
 from poolbench.report import stats
 
 DEFAULT_METRICS = ("mAP", "top1", "acc@1", "acc@5", "latency.infer_image_ms", "latency.peak_mem_mb")
@@ -203,6 +204,9 @@ def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         if problem:
             skipped.append(f"{safe_text(str(folder / records.RECORD))}: {problem}")
             continue
+        for group in ("pooling", "local_pooling"):  # a `_target_` operator is compared under its class name
+            if record.get(f"choice.{group}") == CUSTOM and record.get(group):
+                record[f"choice.{group}"] = record[group]
         usable.append({**{k: safe_text(v) for k, v in record.items()}, RAW_RUN_DIR: folder})
     return usable, skipped
 
@@ -376,13 +380,15 @@ def _is_treatment(column: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _option_values(group: str, option: str) -> dict[str, Any] | None:
-    """The flattened config that choosing ``group=option`` gives, or None when it cannot be composed
+def _option_values(group: str, option: str, target: Any = None) -> dict[str, Any] | None:
+    """The flattened config that choosing ``group=option`` gives (for a ``_target_`` operator, shown under
+    its class name: ``group=custom group._target_=<target>``), or None when it cannot be composed
     (an option from a plugin or a renamed file: its definition is unknown)."""
     from poolbench.config import compose, flatten
 
+    overrides = [f"{group}={CUSTOM}", f"{group}._target_={target}"] if _present(target) else [f"{group}={option}"]
     try:
-        return flatten(compose([f"{group}={option}"], validate=False))
+        return flatten(compose(overrides, validate=False))
     except Exception:  # noqa: BLE001  (any failure means "definition unknown", which is handled)
         return None
 
@@ -426,8 +432,10 @@ def design(frame: pd.DataFrame, baseline: str | None = None) -> Design:
         if frame.groupby(choice, dropna=False)[column].nunique(dropna=False).max() > 1:
             continue
         defined = True
+        target_column = f"cfg.{group}._target_"
         for option, part in frame.groupby(choice, dropna=False):
-            values = _option_values(group, str(option)) if isinstance(option, str) else None
+            target = part[target_column].iloc[0] if target_column in part else None
+            values = _option_values(group, str(option), target) if isinstance(option, str) else None
             recorded = part[column].iloc[0]
             if values is None or not _same_value(values.get(column[4:]), recorded):
                 defined = False
