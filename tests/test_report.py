@@ -273,7 +273,9 @@ def test_a_target_operator_is_compared_under_its_class_name(tmp_path: Path) -> N
     for seed, (base, mine) in enumerate(((0.60, 0.63), (0.62, 0.66), (0.61, 0.64))):
         write(tmp_path, make_record("avg", seed, mAP=base))
         custom = make_record("SoftmaxPool", seed, mAP=mine)
-        custom.update({"choice.pooling": "custom", "cfg.pooling.name": "custom", "cfg.pooling._target_": "m.SoftmaxPool"})
+        custom.update(
+            {"choice.pooling": "custom", "cfg.pooling.name": "custom", "cfg.pooling._target_": "m.SoftmaxPool"}
+        )
         write(tmp_path, custom)
     built = report.build(tmp_path, metrics=["mAP"], baseline="SoftmaxPool")
     assert set(built.summary["choice.pooling"]) == {"avg", "SoftmaxPool"}
