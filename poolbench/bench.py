@@ -677,10 +677,12 @@ def _rebuild(run_dir: Path, record: dict[str, Any]) -> tuple[Any, nn.Module, tup
     """(config, model with the checkpoint's weights on CPU, geometry) of a completed run."""
     from omegaconf import OmegaConf
 
+    from poolbench import plugins
     from poolbench.engine.train import CHECKPOINT
     from poolbench.models import build_model
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    plugins.load(cfg.get("plugins") or [])  # a plugin's operator exists only once its module is imported
     state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["model"]
     in_channels, input_size, num_classes = _geometry(record, cfg, state)
     task = str(record.get("task", ""))
