@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -278,3 +279,58 @@ def test_submitit_local_executor(tmp_path: Path) -> None:
     result_files = list((results / ".submitit").rglob("*_result.pkl"))
     assert len(result_files) == 2
     assert json.loads((planned[0].run_dir / runs.RECORD).read_text())["status"] == "completed"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be collected
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split() if (task / "children").is_file() else []
+        for child in map(int, children):
+            found |= {child, *_descendants(child)}
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the worker processes")
+def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_marks_runs_interrupted(tmp_path: Path) -> None:
+    grid = ["pooling=avg,max", "dataset=digits", "trainer.epochs=50", "trainer.latency.enabled=false"]
+    command = [sys.executable, "-m", "poolbench", "sweep", *grid, f"results_dir={tmp_path}", "--jobs", "2"]
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while len([d for d in tmp_path.glob("*/metrics.jsonl")]) < 2:  # both runs are training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() else "timeout"
+        time.sleep(0.2)
+    workers = _descendants(proc.pid)
+    assert len(workers) >= 2
+    proc.terminate()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    assert "stopped (SIGTERM)" in out and "re-run the same command to resume" in out
+    time.sleep(0.5)
+    assert [pid for pid in workers if _alive(pid)] == []
+    statuses = {runs.read_record(d)["status"] for d in tmp_path.iterdir() if (d / runs.RECORD).is_file()}  # type: ignore[index]
+    assert statuses == {"interrupted"}
+    assert {p.status for p in sweep.plan([*grid, f"results_dir={tmp_path}"])} == {"unfinished"}  # resumes next time
+
+
+def test_sweep_names_and_run_ids_cannot_become_paths(
+    run_cli: Callable[..., int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("../x", "a/b", ".hidden", "[bold]x", ""):
+        with pytest.raises(ConfigError, match="sweep name"):
+            sweep.plan(["pooling=avg", f"results_dir={tmp_path}"], name=name)
+    assert run_cli("sweep", "pooling=avg", f"results_dir={tmp_path}", "--name", "../../x", "--dry-run") == 2
+    assert "error: sweep name '../../x' is not allowed" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="not a plain folder name"):
+        sweep.plan(["pooling=avg", "dataset.name=/../../X", f"results_dir={tmp_path / 'r'}"])
+    assert not (tmp_path / "r").exists() and not (tmp_path.parent / "X").exists()
