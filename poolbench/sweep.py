@@ -353,19 +353,36 @@ def _submitit_job() -> Callable[[list[str]], Outcome]:
 
 
 def _requeue_on_sigterm() -> None:
-    """In a SLURM task, SIGTERM (what SLURM sends before it kills a preempted or requeued job) does what
-    submitit does on its own preemption signal: checkpoint the call, requeue the task, exit without a
-    result. submitit only logs SIGTERM and lets the kill follow a few seconds later."""
+    """In a SLURM task, SIGTERM decides between "SLURM is ending me" and "I am being warned".
+
+    When SLURM is already ending the job (``scancel``, ``scontrol requeue``, preemption: the job is
+    COMPLETING) the task exits without a result and SLURM's own decision stands: a requeued task
+    comes back and resumes, a cancelled one stays cancelled. A SIGTERM to a task that is still
+    RUNNING (a warning before a kill, ``scancel --signal=TERM``) does what submitit does on its
+    time-limit signal: checkpoint the call, requeue the task, exit. (submitit itself only logs
+    SIGTERM and lets the kill follow.)
+    """
+    import submitit
+
     requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
     if not callable(requeue):
         return
 
     def preempted(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        job_id = submitit.JobEnvironment().job_id
+        try:
+            state = subprocess.run(
+                ["squeue", "--noheader", "--jobs", job_id, "--format=%T"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            state = "RUNNING"  # cannot tell: keep the run alive
+        if state != "RUNNING":
+            raise SystemExit(128 + signum)
         try:
             requeue(signum, frame)  # ends with sys.exit
-        except subprocess.CalledProcessError:  # `scontrol requeue` refused: SLURM is already requeuing it
-            raise SystemExit(1) from None
+        except subprocess.CalledProcessError:  # `scontrol requeue` refused: SLURM is already ending the job
+            raise SystemExit(128 + signum) from None
 
     signal.signal(signal.SIGTERM, preempted)
 

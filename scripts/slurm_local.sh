@@ -69,6 +69,8 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
+# A job that asks for no memory gets its CPUs' share, not the whole node.
+DefMemPerCPU=$((memory / cpus))
 NodeName=$HOST CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -100,9 +102,10 @@ start() {
     install_packages
     write_config
     start_munge
-    pgrep -x slurmctld >/dev/null || slurmctld
-    pgrep -x slurmd >/dev/null || slurmd
     for _ in $(seq 1 60); do
+        # (Re)started inside the loop: a daemon still shutting down from a `stop` exits meanwhile.
+        pgrep -x slurmctld >/dev/null || slurmctld
+        pgrep -x slurmd >/dev/null || slurmd
         state=$(node_state || true)
         case "$state" in
             idle) log "up: node $HOST idle ($(nproc) CPUs)"; return ;;
@@ -125,9 +128,9 @@ stop() {
     scancel --user=root >/dev/null 2>&1 || true
     stop_pid "$STATE_DIR/slurmd.pid"
     stop_pid "$STATE_DIR/slurmctld.pid"
-    for _ in $(seq 1 20); do
+    for _ in $(seq 1 60); do  # slurmd waits for its job steps to end
         pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
-        sleep 0.5
+        sleep 1
     done
     if [ -s /run/munge/munged.pid ]; then
         kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true

@@ -334,3 +334,31 @@ def test_sweep_names_and_run_ids_cannot_become_paths(
     with pytest.raises(ConfigError, match="not a plain folder name"):
         sweep.plan(["pooling=avg", "dataset.name=/../../X", f"results_dir={tmp_path / 'r'}"])
     assert not (tmp_path / "r").exists() and not (tmp_path.parent / "X").exists()
+
+
+def test_fast_planner_composes_exactly_what_compose_does() -> None:
+    from omegaconf import OmegaConf
+
+    from poolbench.config import compose, run_id
+
+    grid = ["pooling=avg,gem,dgmp", "model=smallcnn,resnet18", "local_pooling=none,max", "trainer.lr=0.1,0.001"]
+    override_sets = [full for full, _ in sweep.expand([*grid, "seed=0,1", "dataset=digits"])]
+    override_sets += [  # the paths that work on a copy, presets, bundles, adds and interpolated values
+        ["pooling=gem", "trainer.latency={enabled: false, batch_size: 8, warmup: 1, repeats: 2}"],
+        ["pooling=avg", "++trainer.lr=0.5", "seed=3"],
+        ["experiment=dgmp_paper_clamm", "pooling=dgmp", "pooling.lam=5000", "seed=2"],
+        ["experiment=quick", "pooling=lse", "trainer.eval_batch_size=${trainer.batch_size}"],
+        ["pooling=dgmp", "trainer.epochs=2", "trainer.epochs=3"],  # the last of a repeated key wins
+    ]
+    assert len(override_sets) >= 50
+    fast = sweep.compose_many(override_sets)
+    for overrides, cfg in zip(override_sets, fast, strict=True):
+        slow = compose(overrides)
+        assert run_id(cfg) == run_id(slow), overrides
+        assert OmegaConf.to_container(cfg) == OmegaConf.to_container(slow), overrides
+    # In-place edits are undone: a config composed later is not affected by an earlier one.
+    assert [run_id(c) for c in sweep.compose_many(override_sets[::-1])] == [run_id(c) for c in fast[::-1]]
+    with pytest.raises(ConfigError, match="unknown config key 'trainer.nope'"):
+        sweep.compose_many([["pooling=avg"], ["pooling=avg", "trainer.nope=1"]])
+    with pytest.raises(ConfigError, match="trainer.lr must be > 0"):
+        sweep.compose_many([["trainer.lr=-1"]])
