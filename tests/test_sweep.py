@@ -336,6 +336,7 @@ def test_sweep_names_and_run_ids_cannot_become_paths(
     assert not (tmp_path / "r").exists() and not (tmp_path.parent / "X").exists()
 
 
+@pytest.mark.slow
 def test_fast_planner_composes_exactly_what_compose_does() -> None:
     from omegaconf import OmegaConf
 
