@@ -180,7 +180,7 @@ def sweep(
 
     state_box: list[SweepState] = []
     view: LiveView | None = None
-    reported: set[str] = set()
+    printed = {"done": 0, "failed": 0}  # both lists only grow: print what is new (a sweep may hold 10,000 runs)
 
     def on_change(state: SweepState) -> None:
         nonlocal view
@@ -188,10 +188,10 @@ def sweep(
             state_box.append(state)
             view = LiveView(state, sweep_name or "sweep")
             live.update(view)
-        for outcome in (*state.done, *state.failed):
-            if outcome.run_id not in reported:
-                reported.add(outcome.run_id)
+        for kind, outcomes in (("done", state.done), ("failed", state.failed)):
+            for outcome in outcomes[printed[kind] :]:
                 _print_outcome(outcome)
+            printed[kind] = len(outcomes)
 
     def terminated(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop at a time: the cleanup must not be cut short
