@@ -193,12 +193,17 @@ def _composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig]:
     for overrides in override_sets:
         groups = tuple(o for o in overrides if config._is_group_override(o))
         values = [o for o in overrides if not config._is_group_override(o)]
-        for text in values:
+        for text in overrides:
             if text not in parsed:
-                parsed[text] = parser.parse_overrides(overrides=[text])[0]
+                try:
+                    parsed[text] = parser.parse_overrides(overrides=[text])[0]
+                except OverrideParseException as exc:
+                    raise ConfigError(config._parse_error_message(exc)) from None
         value_overrides = [parsed[text] for text in values]
-        if any(o.package is not None or o.key_or_group.split(".")[0] in ("hydra", "choices") for o in value_overrides):
-            yield config.compose(list(overrides))
+        routed = ("hydra", "choices")
+        elsewhere = any(o.package is not None or o.key_or_group.split(".")[0] in routed for o in value_overrides)
+        if elsewhere or any(parsed[text].is_sweep_override() for text in overrides):
+            yield config.compose(list(overrides))  # its own path, or its error message (a sweep is one config)
             continue
         if groups not in bases:
             reference = config._reference(groups)  # cached by config: never edited here

@@ -363,3 +363,7 @@ def test_fast_planner_composes_exactly_what_compose_does() -> None:
         sweep.compose_many([["pooling=avg"], ["pooling=avg", "trainer.nope=1"]])
     with pytest.raises(ConfigError, match="trainer.lr must be > 0"):
         sweep.compose_many([["trainer.lr=-1"]])
+    with pytest.raises(ConfigError, match="is a sweep"):
+        sweep.compose_many([["trainer.lr=0.1,0.2"]])
+    with pytest.raises(ConfigError, match="Overrides look like"):
+        sweep.compose_many([["trainer.lr=(("]])
