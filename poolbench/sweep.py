@@ -672,16 +672,26 @@ class _SubmititLocalPool(_SubmititPool):
         self.threads = int(cpus) if cpus else default_threads(jobs)
         # The local executor starts every job it is given at once: feed it `jobs` at a time.
         self.window, self.poll_s = jobs, 0.5
+        self.handles: list[Any] = []
 
     def submit(self, batch: list[tuple[int, PlannedRun]]) -> list[Any]:
         with self.log.capture():
-            return [self.executor.submit(self.job, self._overrides(run)) for _, run in batch]
+            handles = [self.executor.submit(self.job, self._overrides(run)) for _, run in batch]
+        self.handles.extend(handles)
+        return handles
 
     def finished(self, handle: Any, run: PlannedRun) -> Outcome | None:
         with self.log.capture():
             if not handle.done():
                 return None
         return self._outcome(handle, run)
+
+    def interrupt(self, in_flight: list[PlannedRun]) -> None:
+        # Its jobs are this machine's subprocesses: stop them as Ctrl-C would (the runs record it).
+        with self.log.capture():
+            for handle in self.handles:
+                if not handle.done():
+                    handle.cancel(check=False)
 
 
 # squeue states of a task that will not run again (a requeued task goes back to PENDING).

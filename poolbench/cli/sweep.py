@@ -212,7 +212,9 @@ def sweep(
             live.stop()
             summary = _summary(state_box[0]) if state_box else "nothing finished"
             how = "stopped (SIGTERM)" if isinstance(exc, sweeping.Terminated) else "interrupted"
-            console_err.print(f"[yellow]{how}[/]: {summary}; re-run the same command to resume")
+            queued = executor.value != "local"
+            left = "; on SLURM, tasks already submitted keep running (scancel stops them)" if queued else ""
+            console_err.print(f"[yellow]{how}[/]: {summary}; re-run the same command to resume{left}")
             raise typer.Exit(143 if isinstance(exc, sweeping.Terminated) else 130) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
