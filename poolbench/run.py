@@ -25,7 +25,7 @@ from poolbench.config import config_hash, flatten, run_dir, run_id
 from poolbench.engine.checkpoint import CHECKPOINT
 from poolbench.engine.policies import should_resume
 from poolbench.environment import capture_env
-from poolbench.errors import PoolbenchError
+from poolbench.errors import PoolbenchError, Terminated
 
 if TYPE_CHECKING:
     import torch
@@ -35,11 +35,6 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what SLURM and most schedulers send before killing) while a run executes: handled
-    exactly like Ctrl-C — the record says ``interrupted``, the last checkpoint stays, the CLI exits 130."""
 
 
 class DiskFullError(PoolbenchError):
@@ -138,8 +133,13 @@ def _completed_record(run_dir: Path, log: Log) -> dict[str, Any] | None:
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Turn the first SIGTERM into :class:`Terminated` (Python's own handling would kill the process
-    before the record says so); only the main thread can install signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
+    before the record says so). Only where nobody else handles SIGTERM: inside a SLURM task of a sweep,
+    the sweep's handler decides between SLURM's requeue and submitit's checkpoint. Only the main thread
+    can install signal handlers."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
         yield
         return
     raised = False

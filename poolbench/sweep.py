@@ -394,10 +394,6 @@ def _requeue_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, preempted)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM to the sweep: stopped like Ctrl-C (re-running the command resumes)."""
-
-
 # ------------------------------------------------------------------------------------------ the sweep
 
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
-from poolbench.errors import PoolbenchError
+from poolbench.errors import PoolbenchError, Terminated
 
 if TYPE_CHECKING:
     from poolbench.sweep import Outcome, PlannedRun, SweepState
@@ -195,7 +195,7 @@ def sweep(
 
     def terminated(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop at a time: the cleanup must not be cut short
-        raise sweeping.Terminated
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, terminated)
     with Live(console=console, refresh_per_second=2, transient=False) as live:
@@ -211,11 +211,11 @@ def sweep(
         except KeyboardInterrupt as exc:
             live.stop()
             summary = _summary(state_box[0]) if state_box else "nothing finished"
-            how = "stopped (SIGTERM)" if isinstance(exc, sweeping.Terminated) else "interrupted"
+            how = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             queued = executor.value != "local"
             left = "; on SLURM, tasks already submitted keep running (scancel stops them)" if queued else ""
             console_err.print(f"[yellow]{how}[/]: {summary}; re-run the same command to resume{left}")
-            raise typer.Exit(143 if isinstance(exc, sweeping.Terminated) else 130) from None
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
     if not console.is_terminal:  # rich leaves a non-terminal's last line open

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, OVERRIDES_HELP, app, console, console_err
 from poolbench.cli.progress import ProgressBars
+from poolbench.errors import Terminated
 
 SUMMARY_KEYS = (
     ("mAP", "mAP"),
@@ -69,7 +70,8 @@ def train(
     try:
         with bars:
             record = execute(config, progress=bars, log=bars.log)
-    except KeyboardInterrupt:
-        console_err.print(f"[yellow]interrupted[/]: checkpoint and record kept in {escape(str(run_dir_of(config)))}")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        how = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        console_err.print(f"[yellow]{how}[/]: checkpoint and record kept in {escape(str(run_dir_of(config)))}")
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     console.print(summary_table(record))
