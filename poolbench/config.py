@@ -7,20 +7,23 @@ Configs are composed with Hydra's compose API from ``conf/`` (the top-level fold
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -150,8 +153,77 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConf
 
 
 def compose_many(override_sets: Sequence[Sequence[str]]) -> list[DictConfig]:
-    """:func:`compose` for many override lists (a sweep's runs), in order."""
-    return [compose(overrides) for overrides in override_sets]
+    """Compose and validate many configs fast (a sweep's runs); the same configs as :func:`compose` on each."""
+    return [copy.deepcopy(cfg) for cfg in iter_composed(override_sets)]
+
+
+def iter_composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig]:
+    """Each override set's composed and validated config, valid only until the next one is yielded.
+
+    Hydra's compose (search path, defaults list, merges) is paid once per distinct combination of
+    group choices (``pooling=dgmp model=resnet50``): each run's value overrides (``trainer.lr=0.1``)
+    are applied by Hydra's own override code to that combination's config, which is validated
+    against the combination's defaults exactly as ``compose`` does. Plain ``key=value`` overrides
+    of existing values are applied in place and undone after the yield (copying a config costs more
+    than composing the rest of a run's plan); anything else (``+key``, ``~key``, dict or list values)
+    works on a copy; what Hydra would route elsewhere (``hydra.*``, package overrides) takes the full
+    compose.
+    """
+    parser = OverridesParser.create()
+    parsed: dict[str, Override] = {}  # the same override strings recur across a grid: parse each once
+    # group choices → (their defaults, as validation's reference; a working copy that runs are edited on)
+    bases: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
+    for overrides in override_sets:
+        _reject_foreign(list(overrides))
+        groups = tuple(o for o in overrides if _is_group_override(o))
+        values = [o for o in overrides if not _is_group_override(o)]
+        for text in overrides:
+            if text not in parsed:
+                try:
+                    parsed[text] = parser.parse_overrides(overrides=[text])[0]
+                except OverrideParseException as exc:
+                    raise ConfigError(_parse_error_message(exc)) from None
+        value_overrides = [parsed[text] for text in values]
+        routed = ("hydra", "choices")
+        elsewhere = any(o.package is not None or o.key_or_group.split(".")[0] in routed for o in value_overrides)
+        slow = elsewhere or any(parsed[text].is_sweep_override() for text in overrides)
+        if slow or plugins.requested(overrides) or plugins.from_env():  # plugins' hashes join the identity
+            yield compose(list(overrides))  # its own path, or its error message (a sweep is one config)
+            continue
+        if groups not in bases:
+            reference = _reference(groups)  # cached by config: never edited here
+            bases[groups] = reference, copy.deepcopy(reference)
+        reference, working = bases[groups]
+        undo = _undo_list(working, value_overrides)
+        cfg = working if undo is not None else copy.deepcopy(reference)
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(value_overrides, cfg)
+            validate_config(cfg, reference)
+            yield cfg
+        except HydraException as exc:
+            raise ConfigError(_composition_message(exc)) from None
+        finally:
+            for parent, leaf, raw in reversed(undo or []):
+                parent[leaf] = raw
+
+
+def _undo_list(cfg: DictConfig, overrides: Sequence[Override]) -> list[tuple[Any, str, Any]] | None:
+    """How to restore what ``overrides`` will change in place, or None when they need a copy of ``cfg``."""
+    undo = []
+    for override in overrides:
+        if override.is_add() or override.is_delete() or override.is_force_add():
+            return None
+        if isinstance(override.value(), dict | list):
+            return None
+        parent_key, _, leaf = override.key_or_group.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            return None
+        node = parent._get_node(leaf)
+        if isinstance(node, DictConfig | ListConfig) or node is None:
+            return None
+        undo.append((parent, leaf, node._value()))
+    return undo
 
 
 @functools.lru_cache(maxsize=256)

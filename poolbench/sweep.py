@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import copy
 import itertools
 import logging
 import multiprocessing
@@ -31,13 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, Override
-from hydra.errors import HydraException, OverrideParseException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra.errors import OverrideParseException
+from omegaconf import OmegaConf
 
-from poolbench import config, records
+from poolbench import config, plugins, records
 from poolbench.config import compose, group_options, run_id
 from poolbench.errors import ConfigError, PoolbenchError
 
@@ -134,6 +132,7 @@ def expand(overrides: Sequence[str]) -> list[tuple[list[str], list[str]]]:
 
     ``experiment=a,b`` expands each preset's own grid; the command line replaces a preset's grid keys.
     """
+    plugins.prepare(overrides)  # a plugin's operators are options that glob(*) must see
     parsed = _parse(overrides)
     experiments: list[str | None] = [None]
     rest = []
@@ -167,78 +166,6 @@ def expand(overrides: Sequence[str]) -> list[tuple[list[str], list[str]]]:
 
 
 # ------------------------------------------------------------------------------------------ the plan
-
-
-def compose_many(override_sets: Sequence[Sequence[str]]) -> list[DictConfig]:
-    """Compose and validate many configs fast; the same configs as :func:`poolbench.config.compose` on each."""
-    return [copy.deepcopy(cfg) for cfg in _composed(override_sets)]
-
-
-def _composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig]:
-    """Each override set's composed and validated config, valid only until the next one is yielded.
-
-    Hydra's compose (search path, defaults list, merges) is paid once per distinct combination of
-    group choices (``pooling=dgmp model=resnet50``): each run's value overrides (``trainer.lr=0.1``)
-    are applied by Hydra's own override code to that combination's config, which is validated
-    against the combination's defaults exactly as ``compose`` does. Plain ``key=value`` overrides
-    of existing values are applied in place and undone after the yield (copying a config costs more
-    than composing the rest of a run's plan); anything else (``+key``, ``~key``, dict or list values)
-    works on a copy; what Hydra would route elsewhere (``hydra.*``, package overrides) takes the full
-    compose.
-    """
-    parser = OverridesParser.create()
-    parsed: dict[str, Override] = {}  # the same override strings recur across a grid: parse each once
-    # group choices → (their defaults, as validation's reference; a working copy that runs are edited on)
-    bases: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
-    for overrides in override_sets:
-        groups = tuple(o for o in overrides if config._is_group_override(o))
-        values = [o for o in overrides if not config._is_group_override(o)]
-        for text in overrides:
-            if text not in parsed:
-                try:
-                    parsed[text] = parser.parse_overrides(overrides=[text])[0]
-                except OverrideParseException as exc:
-                    raise ConfigError(config._parse_error_message(exc)) from None
-        value_overrides = [parsed[text] for text in values]
-        routed = ("hydra", "choices")
-        elsewhere = any(o.package is not None or o.key_or_group.split(".")[0] in routed for o in value_overrides)
-        if elsewhere or any(parsed[text].is_sweep_override() for text in overrides):
-            yield config.compose(list(overrides))  # its own path, or its error message (a sweep is one config)
-            continue
-        if groups not in bases:
-            reference = config._reference(groups)  # cached by config: never edited here
-            bases[groups] = reference, copy.deepcopy(reference)
-        reference, working = bases[groups]
-        undo = _undo_list(working, value_overrides)
-        cfg = working if undo is not None else copy.deepcopy(reference)
-        try:
-            ConfigLoaderImpl._apply_overrides_to_config(value_overrides, cfg)
-            config.validate_config(cfg, reference)
-            yield cfg
-        except HydraException as exc:
-            raise ConfigError(config._composition_message(exc)) from None
-        finally:
-            for parent, leaf, raw in reversed(undo or []):
-                parent[leaf] = raw
-
-
-def _undo_list(cfg: DictConfig, overrides: Sequence[Override]) -> list[tuple[Any, str, Any]] | None:
-    """How to restore what ``overrides`` will change in place, or None when they need a copy of ``cfg``."""
-    undo = []
-    for override in overrides:
-        if override.is_add() or override.is_delete() or override.is_force_add():
-            return None
-        if isinstance(override.value(), dict | list):
-            return None
-        parent_key, _, leaf = override.key_or_group.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
-        if not isinstance(parent, DictConfig) or leaf not in parent:
-            return None
-        node = parent._get_node(leaf)
-        if isinstance(node, DictConfig | ListConfig) or node is None:
-            return None
-        undo.append((parent, leaf, node._value()))
-    return undo
 
 
 def run_status(run_dir: Path, overwrite: bool = False) -> tuple[str, float | None]:
@@ -292,7 +219,7 @@ def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRu
     combinations = expand(overrides)
     planned: dict[str, PlannedRun] = {}
     listings: dict[Path, set[str]] = {}
-    configs = _composed([full for full, _ in combinations])
+    configs = config.iter_composed([full for full, _ in combinations])
     for full, swept in combinations:
         try:
             cfg = next(configs)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from poolbench import records, sweep
 from poolbench import run as run_module
-from poolbench.config import group_options
+from poolbench.config import compose_many, group_options
 from poolbench.errors import ConfigError
 
 TINY = ["dataset=digits", "trainer.epochs=1", "trainer.steps_per_epoch=2", "trainer.latency.enabled=false"]
@@ -360,18 +360,18 @@ def test_fast_planner_composes_exactly_what_compose_does() -> None:
         ["pooling=dgmp", "trainer.epochs=2", "trainer.epochs=3"],  # the last of a repeated key wins
     ]
     assert len(override_sets) >= 50
-    fast = sweep.compose_many(override_sets)
+    fast = compose_many(override_sets)
     for overrides, cfg in zip(override_sets, fast, strict=True):
         slow = compose(overrides)
         assert run_id(cfg) == run_id(slow), overrides
         assert OmegaConf.to_container(cfg) == OmegaConf.to_container(slow), overrides
     # In-place edits are undone: a config composed later is not affected by an earlier one.
-    assert [run_id(c) for c in sweep.compose_many(override_sets[::-1])] == [run_id(c) for c in fast[::-1]]
+    assert [run_id(c) for c in compose_many(override_sets[::-1])] == [run_id(c) for c in fast[::-1]]
     with pytest.raises(ConfigError, match="unknown config key 'trainer.nope'"):
-        sweep.compose_many([["pooling=avg"], ["pooling=avg", "trainer.nope=1"]])
+        compose_many([["pooling=avg"], ["pooling=avg", "trainer.nope=1"]])
     with pytest.raises(ConfigError, match="trainer.lr must be > 0"):
-        sweep.compose_many([["trainer.lr=-1"]])
+        compose_many([["trainer.lr=-1"]])
     with pytest.raises(ConfigError, match="is a sweep"):
-        sweep.compose_many([["trainer.lr=0.1,0.2"]])
+        compose_many([["trainer.lr=0.1,0.2"]])
     with pytest.raises(ConfigError, match="Overrides look like"):
-        sweep.compose_many([["trainer.lr=(("]])
+        compose_many([["trainer.lr=(("]])
