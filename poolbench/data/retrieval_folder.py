@@ -39,6 +39,7 @@ import torch
 
 from poolbench.data.base import DataBundle
 from poolbench.data.common import (
+    IMAGE_SUFFIXES,
     NormalisedImages,
     Progress,
     Transform,
@@ -104,8 +105,8 @@ def read_tree(folder: Path, pattern: re.Pattern[str] | None) -> list[Item]:
     else:
         items = [(path, sub.name) for sub in subfolders(folder) for path in image_files(sub)]
     if not items:
-        where = "" if pattern is not None else " sub-folders of"
-        raise DataError(f"no png/jpg/tif/bmp images in the{where} '{shown(folder)}'")
+        where = "" if pattern is not None else "the identity sub-folders of "
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {where}'{shown(folder)}'")
     return items
 
 
