@@ -240,7 +240,7 @@ def read_cifar_batches(folder: Path, files: list[str], label_key: bytes) -> tupl
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
-def build_cifar(s: CifarConfig | Cifar100Config, *, seed: int, transform: Augment, progress: Progress = None) -> DataBundle:
+def build_cifar(s: CifarConfig, *, seed: int, transform: Augment, progress: Progress = None) -> DataBundle:
     folder_name, train_files, test_file, label_key, classes = CIFAR_LAYOUT[s.name]
     root = existing_dir(s.root, s.name)
     folder = root / folder_name if (root / folder_name).is_dir() else root

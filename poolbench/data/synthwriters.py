@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from poolbench.data.base import DataBundle
 from poolbench.data.common import Transform
 from poolbench.data.pages import RandomPatches, TiledPatches, check_test_pages, ink_mask
-from poolbench.errors import ConfigError, DataError, unknown_choice
+from poolbench.errors import ConfigError, unknown_choice
 from poolbench.files import atomic_write
 from poolbench.schema import Range, option
 

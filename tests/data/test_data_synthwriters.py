@@ -10,7 +10,7 @@ import torch
 from poolbench.config import compose
 from poolbench.data import build_dataset, dataset_names
 from poolbench.data.synthwriters import SynthWritersConfig, generate, generation_params
-from poolbench.errors import ConfigError, DataError
+from poolbench.errors import ConfigError
 
 
 def small_cfg(cache_dir: Path, **overrides: object) -> dict:
