@@ -27,14 +27,14 @@ from poolbench import schema
 from poolbench.data import augment as _augment  # noqa: F401 - registers the augment recipes
 from poolbench.data import classification, retrieval_folder, synthwriters  # noqa: F401 - register datasets
 from poolbench.data.base import DataBundle
-from poolbench.data.common import Transform, settings
+from poolbench.data.common import Augment, settings
 
 
 def dataset_names() -> list[str]:
     return sorted(schema.options("dataset"))
 
 
-def augment_transform(augment: Mapping[str, Any] | None, dataset: str) -> Callable[[int], Transform | None]:
+def augment_transform(augment: Mapping[str, Any] | None, dataset: str) -> Augment:
     """``size -> transform`` of the ``augment`` node (``auto`` = the dataset's recipe; None = no
     augmentation); the recipe's values are validated by its schema."""
     if augment is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,8 +24,11 @@ from torch.utils.data import Dataset
 from poolbench.data.base import DataBundle
 from poolbench.data.common import (
     IMAGE_SUFFIXES,
+    Augment,
     NormalisedImages,
+    PositiveInt,
     Progress,
+    StepsPerEpoch,
     Transform,
     channel_stats,
     check_classes,
@@ -43,8 +45,6 @@ from poolbench.data.common import (
 from poolbench.errors import ConfigError, DataError
 from poolbench.schema import Range, Required, option
 
-Augment = Callable[[int], Transform | None]
-PositiveInt = Annotated[int, Range(ge=1)]
 ImageSize = Annotated[int | None, Range(ge=1)]
 TestFraction = Annotated[float, Range(gt=0, lt=1)]
 SplitSeed = Annotated[int, Range(ge=0, lt=2**32)]
@@ -99,7 +99,7 @@ class DigitsConfig:
     image_size: ImageSize = 32  # upsampled from 8x8 (bilinear); null keeps 8x8
     test_fraction: TestFraction = 0.25  # stratified split, fixed by split_seed (not the run seed)
     split_seed: SplitSeed = 0
-    steps_per_epoch: Annotated[int | None, Range(ge=1)] = None  # null = one pass over the training set
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
 
 
 def build_digits(s: DigitsConfig, *, seed: int, transform: Augment, progress: Progress = None) -> DataBundle:
@@ -123,7 +123,7 @@ class FashionMnistConfig:
     task: Literal["classification"] = "classification"
     root: str = FASHION_MNIST_DEBIAN_ROOT  # where Debian's dataset-fashion-mnist installs them
     image_size: ImageSize = 32  # resized from 28x28; null keeps 28
-    steps_per_epoch: Annotated[int | None, Range(ge=1)] = None  # null = one pass over the training set
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
 
 
 IDX_DTYPES = {0x08: np.uint8}
@@ -182,7 +182,7 @@ class CifarConfig:
     root: Annotated[str | None, Required("the folder holding cifar-10-batches-py/ or cifar-100-python/ "
                                          "(the python version, extracted; nothing is downloaded)")] = None
     image_size: ImageSize = None  # null keeps 32x32
-    steps_per_epoch: Annotated[int | None, Range(ge=1)] = None  # null = one pass over the training set
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
 
 
 @dataclass
@@ -271,7 +271,7 @@ class ImageFolderConfig:
     image_size: PositiveInt = 64  # every image is resized to image_size x image_size
     test_fraction: TestFraction = 0.2  # only without train/ and test/ folders; stratified, fixed by split_seed
     split_seed: SplitSeed = 0
-    steps_per_epoch: Annotated[int | None, Range(ge=1)] = None  # null = one pass over the training set
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
 
 
 def read_class_tree(folder: Path, mode: str, size: int, classes: list[str] | None,
@@ -329,7 +329,7 @@ class ClammConfig:
     label_column: Annotated[int, Range(ge=0)] = 1  # SCRIPT_TYPE
     short_side: PositiveInt = 512  # pages are scaled so their short side is this
     input_size: PositiveInt = 224  # random crops (or the augment recipe) for training, centre crop for test
-    steps_per_epoch: Annotated[int | None, Range(ge=1)] = None  # null = one pass over the training pages
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training pages
 
 
 # Grey mean and std of CLaMM pages, as used by the DGMP authors.

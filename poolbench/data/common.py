@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 Progress = Callable[[str, int, int], None] | None
 # A training-time transform of one uint8 (C, H, W) image (see poolbench.data.augment).
 Transform = Callable[[torch.Tensor], torch.Tensor]
+# What a builder receives: the chosen augment recipe as ``size -> transform`` (None = no augmentation).
+Augment = Callable[[int], Transform | None]
+PositiveInt = Annotated[int, schema.Range(ge=1)]
+# dataset.steps_per_epoch: the epoch trainer.steps_per_epoch follows by default; null = one pass.
+StepsPerEpoch = Annotated[int | None, schema.Range(ge=1)]
 
 
 def settings(group: str, node: Mapping[str, Any]) -> tuple[schema.Option, Any]:

@@ -29,7 +29,6 @@ smaller than the patch.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -40,9 +39,11 @@ import torch
 from poolbench.data.base import DataBundle
 from poolbench.data.common import (
     IMAGE_SUFFIXES,
+    Augment,
     NormalisedImages,
+    PositiveInt,
     Progress,
-    Transform,
+    StepsPerEpoch,
     channel_stats,
     existing_dir,
     image_files,
@@ -56,8 +57,6 @@ from poolbench.data.pages import RandomPatches, TiledPatches, check_page_sizes, 
 from poolbench.errors import ConfigError, DataError
 from poolbench.schema import Range, Required, option
 
-Augment = Callable[[int], Transform | None]
-PositiveInt = Annotated[int, Range(ge=1)]
 # ICDAR17 names start with the writer id: 1001-IMG_MAX_116403.jpg (any id before the first '-').
 ICDAR17_PATTERN = r"^([^-]+)-"
 
@@ -83,7 +82,7 @@ class RetrievalFolderConfig:
     page_scale: Annotated[float, Range(gt=0, le=1)] = 1.0  # tiled pages are downscaled by this when read
     min_edges: Annotated[float, Range(ge=0, le=1)] = 0.03  # tiled: keep patches with this Sobel-edge fraction
     train_patches_per_page: PositiveInt = 100  # tiled: random training crops per page and epoch pass
-    steps_per_epoch: Annotated[int | None, Range(ge=1)] = None  # null = one pass over the training items
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training items
 
 
 Item = tuple[Path, str]  # (image file, identity)
@@ -275,7 +274,7 @@ class Icdar17Config(RetrievalFolderConfig):
     identity_pattern: str | None = ICDAR17_PATTERN
     patch_size: Annotated[int | None, Range(ge=1)] = 200
     page_scale: Annotated[float, Range(gt=0, le=1)] = 0.5
-    steps_per_epoch: Annotated[int | None, Range(ge=1)] = 60  # training crops are random: 60 P x K batches
+    steps_per_epoch: StepsPerEpoch = 60  # training crops are random: 60 P x K batches
 
 
 option("dataset", "retrieval_folder", RetrievalFolderConfig,

@@ -37,13 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from poolbench.data.base import DataBundle
-from poolbench.data.common import Transform
+from poolbench.data.common import Augment, PositiveInt, StepsPerEpoch
 from poolbench.data.pages import RandomPatches, TiledPatches, check_test_pages, ink_mask
 from poolbench.errors import ConfigError, unknown_choice
 from poolbench.files import atomic_write
 from poolbench.schema import Range, option
-
-PositiveInt = Annotated[int, Range(ge=1)]
 
 # Bump when the drawing code changes, so old caches are not reused for new pictures.
 GENERATOR_VERSION = 1
@@ -73,7 +71,7 @@ class SynthWritersConfig:
     generation_seed: Annotated[int | None, Range(ge=0, lt=2**63)] = None  # fix the pages; null = the run's seed
     cache_dir: str | None = None  # null = $POOLBENCH_CACHE or ~/.cache/poolbench, then /synthwriters
     # Training crops are random, so an epoch is a fixed number of P x K batches.
-    steps_per_epoch: Annotated[int | None, Range(ge=1)] = 60
+    steps_per_epoch: StepsPerEpoch = 60
 
 
 # Style ranges: (low, high) per writer parameter. Units: px unless noted.
@@ -405,7 +403,7 @@ def load_or_generate(params: Mapping[str, Any], cache_dir: Path, progress: Progr
     return data, path, False
 
 
-def build(s: SynthWritersConfig, *, seed: int, transform: Callable[[int], Transform | None],
+def build(s: SynthWritersConfig, *, seed: int, transform: Augment,
           progress: Progress | None = None) -> DataBundle:
     if s.patch_size > s.page_size:
         raise ConfigError(f"synthwriters: patch_size {s.patch_size} is larger than page_size {s.page_size}")
