@@ -37,11 +37,13 @@ def dataset_names() -> list[str]:
 def augment_transform(augment: Mapping[str, Any] | None, dataset: str) -> Augment:
     """``size -> transform`` of the ``augment`` node (``auto`` = the dataset's recipe; None = no
     augmentation); the recipe's values are validated by its schema."""
+    from poolbench.config import AUTO_AUGMENT, default_augment  # config imports this package to register it
+
     if augment is None:
         return lambda size: None
     node = dict(augment)
-    if node.get("name") == "auto":
-        node = {"name": schema.options("dataset")[dataset].meta.get("augment", "none")}
+    if node.get("name") == AUTO_AUGMENT:
+        node = {"name": default_augment(dataset)}
     _, recipe = settings("augment", node)
     return recipe.transform
 
