@@ -80,6 +80,12 @@ IDENTITY_NEUTRAL: dict[str, Any] = {
     "augment.name": "none",
     "choices.augment": "none",
     "trainer.eval_every": None,
+    # icdar17 became a preset of retrieval_folder: its new keys at the values that read ICDAR17 as before.
+    "dataset.csv": None,
+    "dataset.identity_pattern": r"^([^-]+)-",
+    "dataset.test_identities": 0.5,
+    "dataset.identity_split_seed": 0,
+    "dataset.channels": None,
 }
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
@@ -134,6 +140,7 @@ def _store_generated_nodes() -> None:
 
 def _import_schema_owners() -> None:
     """Import the modules that register config schemas (their import registers the options)."""
+    import poolbench.data  # noqa: F401
     import poolbench.engine.settings  # noqa: F401
 
 

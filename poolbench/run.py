@@ -172,7 +172,7 @@ def _build(cfg: DictConfig, progress: Progress | None) -> Built:
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     device = resolve_device(str(cfg.device))
-    data = build_dataset(cfg.dataset, seed=int(cfg.seed), progress=progress)
+    data = build_dataset(cfg.dataset, seed=int(cfg.seed), augment=cfg.augment, progress=progress)
     seed_everything(int(cfg.seed))  # the model's initial weights depend on the seed alone
     model = build_model(
         cfg.model,

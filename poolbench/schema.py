@@ -119,6 +119,14 @@ def defaults(schema: type) -> dict[str, Any]:
     return _defaults(schema)
 
 
+def required_fields(schema: type) -> list[str]:
+    """The fields of ``schema`` marked :class:`Required` (the values a user must give)."""
+    hints = get_type_hints(schema, include_extras=True)
+    return [
+        f.name for f in dataclasses.fields(schema) if any(isinstance(m, Required) for m in _unwrap(hints[f.name])[1])
+    ]
+
+
 # ------------------------------------------------------------------------------------------ checking
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
+from poolbench import schema
 from poolbench.config import (
     GROUPS,
     compose,
@@ -29,12 +30,18 @@ def test_default_config_composes_and_records_choices() -> None:
     assert (conf_dir() / "config.yaml").is_file()
 
 
+def required_values(group: str, option: str | None) -> list[str]:
+    """Placeholder overrides for the keys an option's schema marks Required (e.g. dataset.root)."""
+    opt = schema.options(group).get(str(option))
+    return [f"{group}.{name}=/data" for name in schema.required_fields(opt.schema)] if opt else []
+
+
 @pytest.mark.parametrize(
     ("group", "option"),
     [(g, o) for g in GROUPS if g not in ("trainer", "experiment") for o in group_options(g)],
 )
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
-    cfg = compose([f"{group}={option}"])
+    cfg = compose([f"{group}={option}", *required_values(group, option)])
     # augment=auto composes the dataset's own recipe and records that one.
     expected = default_augment(cfg.choices.dataset) if (group, option) == ("augment", "auto") else option
     assert cfg.choices[group] == expected
@@ -42,7 +49,8 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
 
 @pytest.mark.parametrize("option", group_options("experiment"))
 def test_every_experiment_preset_composes(option: str) -> None:
-    assert compose([f"experiment={option}"]).choices.experiment == option
+    dataset = compose([f"experiment={option}"], validate=False).choices.dataset
+    assert compose([f"experiment={option}", *required_values("dataset", dataset)]).choices.experiment == option
 
 
 def test_run_identity_is_deterministic_and_ignores_bookkeeping() -> None:
