@@ -52,7 +52,6 @@ TO_RUN = ("new", "unfinished", "failed", "overwrite")
 EXECUTORS = ("local", "submitit", "slurm")
 # Names that become path components or job names: no separators, no leading dot, no markup.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
-FOLDER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 
 
 @dataclass
@@ -198,16 +197,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def _run_dir(results_dir: Path, identifier: str) -> Path:
-    """The run's directory, refused when a config value (model.name, dataset.name, ...) would lead outside."""
-    if not FOLDER_NAME.fullmatch(identifier):
-        raise ConfigError(
-            f"run id {identifier!r} is not a plain folder name: the names in it (pooling, model, dataset) may hold "
-            "only letters, digits, '.', '_' or '-'"
-        )
-    return results_dir / identifier
-
-
 def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRun]:
     """Compose every run of the grid (so a bad override fails before anything starts) and check its state.
 
@@ -231,7 +220,7 @@ def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRu
         results_dir = Path(cfg.results_dir).resolve()  # one syscall per path component: cheap
         if results_dir not in listings:
             listings[results_dir] = set(os.listdir(results_dir)) if results_dir.is_dir() else set()
-        run_dir = _run_dir(results_dir, identifier)
+        run_dir = results_dir / identifier  # run ids are plain folder names (config.run_id)
         # Absolute, so that jobs started from another working directory (submitit, SLURM) write the same place.
         extra = [f"results_dir={_quoted(str(results_dir))}"]
         if name is not None and cfg.get("sweep_name") is None:
