@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from poolbench import runs, sweep
+from poolbench import records, sweep
 from poolbench.config import compose, group_options
 
 pytestmark = pytest.mark.slow
@@ -123,7 +123,7 @@ def test_preset_runs_end_to_end(
     assert len(planned) >= 2  # the preset's operator grid, one seed
     assert run_cli("sweep", *overrides) == 0, capsys.readouterr()
 
-    records = [runs.read_record(p.run_dir) for p in planned]
+    records = [records.read_record(p.run_dir) for p in planned]
     assert all(r is not None and r["status"] == "completed" for r in records), records
     assert {r["experiment"] for r in records if r} == {preset}
     assert {r["dataset"] for r in records if r} == {dataset}

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from poolbench import runs
+from poolbench import records
 
 
 def _cluster_problem() -> str | None:
@@ -89,7 +89,7 @@ def _epochs_done(run_dir: Path) -> int:
 
 
 def _result(run_dir: Path) -> tuple[dict[str, Any], list[float]]:
-    record = runs.read_record(run_dir)
+    record = records.read_record(run_dir)
     assert record is not None and record["status"] == "completed", record
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {k: v for k, v in record.items() if k.startswith(RESULT_KEYS)}, [row["loss"] for row in rows]
@@ -142,7 +142,7 @@ def test_interrupted_task_is_requeued_and_ends_with_the_metrics_of_an_uninterrup
     code, out = _finish(proc)
     assert code == 0, out
 
-    record = runs.read_record(run_dir)
+    record = records.read_record(run_dir)
     assert record is not None and record["resumed"] is True and record["train.resumed_from_epoch"] >= 2
     assert _result(run_dir) == _result(reference_dir)
 
@@ -153,7 +153,7 @@ def test_scancel_of_the_sweep_then_same_command_skips_completed_and_resumes_the_
     proc = _sweep(*command, "--name", name)
 
     def one_done_one_checkpointed() -> bool:
-        records = {d.name: runs.read_record(d) for d in tmp_path.iterdir() if (d / runs.RECORD).is_file()}
+        records = {d.name: records.read_record(d) for d in tmp_path.iterdir() if (d / records.RECORD).is_file()}
         done = [k for k, r in records.items() if r and r["status"] == "completed"]
         partial = [d for d in tmp_path.iterdir() if d.name not in done and _epochs_done(d) >= 1]
         return len(done) == 1 and len(partial) == 1
@@ -165,13 +165,13 @@ def test_scancel_of_the_sweep_then_same_command_skips_completed_and_resumes_the_
     assert code == 1, out  # the cancelled tasks failed; each line names its log file
     assert "log: " in out
 
-    before = {d.name: runs.read_record(d) for d in tmp_path.iterdir() if (d / runs.RECORD).is_file()}
+    before = {d.name: records.read_record(d) for d in tmp_path.iterdir() if (d / records.RECORD).is_file()}
     completed = next(k for k, r in before.items() if r and r["status"] == "completed")
     partial = next(k for k, r in before.items() if r and r["status"] != "completed")
     code, out = _finish(_sweep(*command, "--name", name))
     assert code == 0, out
     assert "2 completed, 1 skipped" in out
-    after = {d.name: runs.read_record(d) for d in tmp_path.iterdir() if (d / runs.RECORD).is_file()}
+    after = {d.name: records.read_record(d) for d in tmp_path.iterdir() if (d / records.RECORD).is_file()}
     assert after[completed] == before[completed]  # not run again
     assert after[partial]["status"] == "completed" and after[partial]["resumed"] is True  # type: ignore[index]
     fresh = set(after) - {completed, partial}
