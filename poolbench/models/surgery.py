@@ -151,7 +151,9 @@ def replace_max_pools(trunk: nn.Module, local_cfg: Mapping[str, Any]) -> int:
     for target in targets:
         old: nn.MaxPool2d = trunk.get_submodule(target)  # type: ignore[assignment]
         if old.ceil_mode:
-            raise ConfigError(f"local_pooling={name}: the max-pool {target} rounds up (ceil_mode); local pools round down")
+            raise ConfigError(
+                f"local_pooling={name}: the max-pool {target} rounds up (ceil_mode); local pools round down"
+            )
         kernel = _square(old.kernel_size) if inherit else local_cfg["kernel_size"]
         stride = local_cfg.get("stride")
         stride = _square(old.stride) if stride is None and inherit else stride

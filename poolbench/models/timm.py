@@ -93,7 +93,9 @@ def cached_weights(arch: str) -> str:
         )
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
     if not path.is_file():
-        raise ConfigError(f"model.pretrained=true but the weights of timm {arch} are not cached: expected {path} ({never})")
+        raise ConfigError(
+            f"model.pretrained=true but the weights of timm {arch} are not cached: expected {path} ({never})"
+        )
     return str(path)
 
 
@@ -110,24 +112,39 @@ class TimmTrunk(nn.Module):
         return self.model.forward_head(features, pre_logits=True) if self.with_head else features
 
 
-def _keeps_head(model: nn.Module, arch: str, in_channels: int) -> bool:
-    """Whether timm's head (no pool, no classifier) keeps the feature map's shape: then it holds only
-    per-position layers such as a norm, which belong in front of the configured pool."""
+def _trunk(model: nn.Module, arch: str, in_channels: int) -> TimmTrunk:
+    """timm's features, plus its head when that keeps the map's shape without a pool (then it holds only
+    per-position layers such as a norm, which belong in front of the configured pool). Children with
+    parameters that neither runs (MobileNetV3's post-pool conv_head) are dropped: they would never train."""
     size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+    called: set[str] = set()
+    hooks = [
+        child.register_forward_hook(lambda *_, name=name: called.add(name)) for name, child in model.named_children()
+    ]
     model.eval()
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        try:
-            features = model.forward_features(torch.empty(1, in_channels, *size))
-        except Exception as exc:  # the model's own input checks (fixed sizes, token counts)
-            raise ConfigError(f"timm {arch} cannot serve as a trunk: {str(exc).splitlines()[0]}") from None
-        if features.ndim != 4:
-            raise ConfigError(
-                f"timm {arch} yields features of shape {tuple(features.shape)}, not a (B, C, H, W) map; "
-                "poolbench pools convolutional feature maps"
-            )
-        head = model.forward_head(features, pre_logits=True)
-    model.train()
-    return head.shape == features.shape
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            try:
+                features = model.forward_features(torch.empty(1, in_channels, *size))
+            except Exception as exc:  # the model's own input checks (fixed sizes, token counts)
+                raise ConfigError(f"timm {arch} cannot serve as a trunk: {str(exc).splitlines()[0]}") from None
+            if features.ndim != 4:
+                raise ConfigError(
+                    f"timm {arch} yields features of shape {tuple(features.shape)}, not a (B, C, H, W) map; "
+                    "poolbench pools convolutional feature maps"
+                )
+            used = set(called)
+            with_head = model.forward_head(features, pre_logits=True).shape == features.shape
+            if with_head:
+                used = set(called)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train()
+    for name, child in list(model.named_children()):
+        if name not in used and any(True for _ in child.parameters()):
+            setattr(model, name, nn.Identity())
+    return TimmTrunk(model, with_head)
 
 
 def build(arch: str, pretrained: bool, in_channels: int) -> nn.Module:
@@ -144,4 +161,4 @@ def build(arch: str, pretrained: bool, in_channels: int) -> nn.Module:
         )
     except (OSError, RuntimeError, ValueError) as exc:  # an uncached hub repo, a bad tag, a bad checkpoint
         raise ConfigError(f"timm {arch}: {str(exc).splitlines()[0]}") from None
-    return TimmTrunk(model, _keeps_head(model, arch, in_channels))
+    return _trunk(model, arch, in_channels)
