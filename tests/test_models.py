@@ -167,8 +167,8 @@ def test_classification_head_and_in_channels() -> None:
         ({"name": "smallcnn", "widht": 3}, {"name": "avg"}, "unknown config key 'model.widht' for model=smallcnn"),
         ({"name": "smallcnn", "last_stride": 3}, {"name": "avg"}, "model.last_stride '3'.*1, 2"),
         ({"name": "smallcnn", "depth": 0}, {"name": "avg"}, "model.depth must be an integer >= 1"),
-        ({"name": "resnet18", "arch": "resnet34"}, {"name": "avg"}, "unknown config key 'model.arch' for model=resnet18"),
-        ({"name": "torchvision"}, {"name": "avg"}, "model.arch is required: a torchvision classification model"),
+        ({"name": "resnet18", "arch": "resnet34"}, {"name": "avg"}, "unknown config key 'model.arch' for model=resn"),
+        ({"name": "torchvision", "arch": None}, {"name": "avg"}, "model.arch is required: a torchvision"),
         ({"name": "torchvision", "arch": "resnt18"}, {"name": "avg"}, "unknown torchvision model 'resnt18'.*resnet18"),
         ({"name": "smallcnn", "cifar_stem": True, "depth": 1, "last_stride": 1}, {"name": "avg"},
          "model.last_stride=1: smallcnn has no strided layer"),
@@ -181,6 +181,14 @@ def test_config_errors(model_opts: dict, pool: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         build_model(model_opts, pool, {"name": "none"}, in_channels=1, input_size=32, num_classes=3, task="retrieval")
     assert "\n" not in str(info.value)
+
+
+def test_check_refuses_unknown_architectures_without_building() -> None:
+    from poolbench.models import check
+
+    check({"name": "torchvision", "arch": "regnet_y_400mf"})
+    with pytest.raises(ConfigError, match="unknown torchvision model 'regnet_y_400'.*regnet_y_400mf"):
+        check({"name": "torchvision", "arch": "regnet_y_400"})
 
 
 def test_label_names_the_backbone() -> None:

@@ -30,7 +30,7 @@ from poolbench.models import timm as timm_backbones
 from poolbench.models import torchvision as torchvision_backbones
 from poolbench.models.settings import BackboneSettings, resolve
 
-__all__ = ["BackboneSettings", "PoolNet", "build_model", "build_trunk", "label", "resolve"]
+__all__ = ["BackboneSettings", "PoolNet", "build_model", "build_trunk", "check", "label", "resolve"]
 
 
 class L2Normalize(nn.Module):
@@ -99,6 +99,17 @@ def label(model_node: DictConfig | Mapping[str, Any]) -> str:
     ``smallcnn``), or ``model.arch`` for ``model=torchvision`` / ``model=timm`` (may hold ``/`` or ``.``)."""
     arch = model_node.get("arch")
     return str(arch) if arch else str(model_node["name"])
+
+
+def check(model_node: DictConfig | Mapping[str, Any]) -> None:
+    """ConfigError (one line) for a model node that cannot be built: the schema's checks, plus a
+    ``model.arch`` the library does not know (with close matches). Builds nothing."""
+    _, cfg = resolve(_plain(model_node))
+    library, arch = _library_and_arch(cfg)
+    if library == "torchvision":
+        torchvision_backbones.check_arch(arch)
+    elif library == "timm":
+        timm_backbones.check_arch(arch)
 
 
 def build_trunk(model_cfg: DictConfig | Mapping[str, Any], in_channels: int) -> nn.Module:

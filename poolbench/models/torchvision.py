@@ -37,7 +37,8 @@ class TorchvisionSettings(BackboneSettings):
     """``model=torchvision``: any classification model of ``torchvision.models``."""
 
     name: str = "torchvision"
-    arch: Annotated[str | None, Required("a torchvision classification model, e.g. model.arch=resnet18")] = None
+    # Required (null refused); the default only makes `model=torchvision` alone compose.
+    arch: Annotated[str, Required("a torchvision classification model, e.g. model.arch=resnet18")] = "resnet18"
 
 
 option("model", "torchvision", TorchvisionSettings)
