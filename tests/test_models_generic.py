@@ -95,7 +95,7 @@ def test_architecture(library: str, arch: str, has_max_pools: bool) -> None:
         ("timm", "vit_tiny_patch16_224", "timm vit_tiny_patch16_224 .*not a \\(B, C, H, W\\) map"),
         ("timm", "resnet18e", "unknown timm model 'resnet18e'.*Close: .*resnet18d"),
         ("timm", "org/repo", "model.arch=org/repo: .*hf-hub:org/repo"),
-        ("timm", "hf-hub:nobody/not-cached", "timm hf-hub:nobody/not-cached: "),
+        ("timm", "hf-hub:nobody/not-cached", "Hugging Face repo nobody/not-cached is not in the local cache"),
     ],
 )
 def test_unusable_architectures_are_one_line_errors(library: str, arch: str, message: str) -> None:

@@ -160,5 +160,12 @@ def build(arch: str, pretrained: bool, in_channels: int) -> nn.Module:
             arch, pretrained=pretrained, num_classes=0, global_pool="", in_chans=in_channels, **overlay
         )
     except (OSError, RuntimeError, ValueError) as exc:  # an uncached hub repo, a bad tag, a bad checkpoint
+        if source == "hf-hub":
+            from huggingface_hub import constants
+
+            raise ConfigError(
+                f"model.arch={arch}: the Hugging Face repo {arch.partition(':')[2]} is not in the local cache "
+                f"{constants.HF_HUB_CACHE} (poolbench never downloads; put it there or use a timm name)"
+            ) from None
         raise ConfigError(f"timm {arch}: {str(exc).splitlines()[0]}") from None
     return _trunk(model, arch, in_channels)
