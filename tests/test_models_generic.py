@@ -104,6 +104,11 @@ def test_unusable_architectures_are_one_line_errors(library: str, arch: str, mes
     assert "\n" not in str(info.value)
 
 
+def test_last_stride_refuses_downsampling_it_cannot_see() -> None:
+    with pytest.raises(ConfigError, match="torchvision swin_t downsamples after its last strided layer"):
+        build("torchvision", "swin_t", 64, last_stride=1)
+
+
 def test_torchvision_convnext_keeps_its_head_norm() -> None:
     from poolbench.models.torchvision import build as trunk
 

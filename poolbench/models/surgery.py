@@ -118,6 +118,11 @@ def unstride_last(trunk: nn.Module, in_channels: int, what: str) -> None:
     if not events:
         raise ConfigError(f"model.last_stride=1: {what} has no strided layer to change")
     last = events[-1][1:]
+    if last[1] != tuple(before[-2:]):  # it downsamples later by other means (Swin's patch merging)
+        raise ConfigError(
+            f"model.last_stride=1: {what} downsamples after its last strided layer ({events[-1][0]}) "
+            "in a way poolbench cannot change"
+        )
     step = [name for name, *sizes in events if tuple(sizes) == last]
     for name in step:
         module = trunk.get_submodule(name)
