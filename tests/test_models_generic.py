@@ -93,6 +93,7 @@ def test_architecture(library: str, arch: str, has_max_pools: bool) -> None:
         ("torchvision", "vit_b_16", "torchvision vit_b_16 has no global pool"),
         ("torchvision", "resnet19", "unknown torchvision model 'resnet19'.*Close: resnet18"),
         ("timm", "vit_tiny_patch16_224", "timm vit_tiny_patch16_224 .*not a \\(B, C, H, W\\) map"),
+        ("timm", "swin_tiny_patch4_window7_224", "timm swin_tiny_patch4_window7_224 yields NHWC features"),
         ("timm", "resnet18e", "unknown timm model 'resnet18e'.*Close: .*resnet18d"),
         ("timm", "org/repo", "model.arch=org/repo: .*hf-hub:org/repo"),
         ("timm", "hf-hub:nobody/not-cached", "Hugging Face repo nobody/not-cached is not in the local cache"),

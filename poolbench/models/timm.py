@@ -116,6 +116,9 @@ def _trunk(model: nn.Module, arch: str, in_channels: int) -> TimmTrunk:
     """timm's features, plus its head when that keeps the map's shape without a pool (then it holds only
     per-position layers such as a norm, which belong in front of the configured pool). Children with
     parameters that neither runs (MobileNetV3's post-pool conv_head) are dropped: they would never train."""
+    layout = str(getattr(model, "output_fmt", "NCHW"))
+    if layout != "NCHW":  # e.g. Swin's (B, H, W, C): pooling it as (B, C, H, W) would be silently wrong
+        raise ConfigError(f"timm {arch} yields {layout} features, not a (B, C, H, W) map; poolbench pools CNN maps")
     size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
     called: set[str] = set()
     hooks = [
