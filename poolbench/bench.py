@@ -1,21 +1,21 @@
-"""Latency, memory and bandwidth of pooling operators and of whole models with each pooling.
+"""Latency, memory, bandwidth and flops of pooling operators and of whole models with each pooling.
 
-Two modes, both returning a list of :class:`BenchRow` (one table, :data:`COLUMNS`):
+Three modes:
 
 - :func:`bench_operators`: every global/local operator on given (B, C, H, W) inputs, ``forward``
   (eval mode, no autograd: inference) and ``forward+backward`` (train mode, gradients of the input
-  and of the operator's parameters for a fixed random output gradient).
+  and of the operator's parameters for a fixed random output gradient), each next to the best
+  reference formulation of the same maths (``poolbench.pooling.reference.reference_for``).
 - :func:`bench_models`: backbone × global pooling, ``inference`` and ``train step`` (forward, loss,
   backward, optimiser step).
+- :func:`side_by_side`: every distinct configuration among completed runs, rebuilt from its
+  checkpoint and timed interleaved with the others, written to ``<results_dir>/side_by_side.json``.
 
-How the numbers are taken: the compared variants of one shape are interleaved (one call of each
-in turn, repeated), so a load spike from other processes hits them alike; every sample is one call
-timed by :func:`poolbench.engine.latency.time_fn` (CUDA synchronised) after warm-up; the table shows
-the median and interquartile range of the samples. ``ratio_to_avg`` divides by the ``avg`` pool's
-median from the same interleaved run. Peak memory is measured in a separate untimed call: on CUDA
-``max_memory_allocated`` above the memory in use before the call; on CPU the peak of live tensor
-bytes allocated during the call (every tensor an ATen op creates, tracked until it is freed; an
-op's internal scratch buffers that never become tensors are not seen).
+How the numbers are taken: one timing, memory and cost stack, :mod:`poolbench.engine.latency`.
+The compared variants are timed in rounds (each round times every variant once, shuffled), so a
+load spike from other processes hits them alike; ratios are medians of per-round ratios. Peak
+memory is measured in a separate untimed call (:func:`~poolbench.engine.latency.peak_memory_mb`).
+Flops are forward flops (:func:`~poolbench.engine.latency.count_flops`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import csv
 import datetime as dt
 import io
 import math
+import os
+import re
 import socket
-import statistics
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,11 +34,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from poolbench.engine.policies import build_optimizer, loss_function, resolve_device
+from poolbench.engine.latency import (
+    count_flops,
+    first_line,
+    interleaved_samples,
+    interval,
+    measure_cost,
+    median_iqr,
+    paired_ratios,
+    peak_memory_mb,
+    timing_warnings,
+    train_step_fn,
+)
+from poolbench.engine.policies import build_optimizer, loss_name, resolve_device
 from poolbench.errors import ConfigError, unknown_choice
+from poolbench.pooling.reference import reference_for
 
 Shape = tuple[int, int, int, int]
 DEFAULT_SHAPES: tuple[Shape, ...] = ((32, 2048, 7, 7), (32, 2048, 24, 24), (64, 128, 8, 8))
@@ -50,7 +61,6 @@ BASELINE = "avg"
 # A variant keeps being sampled until it has MIN_SAMPLES samples and has used its time budget.
 MIN_SAMPLES = 3
 NOT_DIFFERENTIABLE = "output has no gradient: backward skipped"
-TRIPLET_MARGIN = 0.1  # conf/trainer/default.yaml's margin
 CLASSIFICATION_CLASSES = 12  # CLaMM's script classes
 
 
@@ -113,9 +123,12 @@ class BenchRow:
     samples: int = 0
     images_per_s: float | None = None
     ratio_to_avg: float | None = None
+    ratio_to_reference: float | None = None  # median per-round time ratio to the reference formulation
     peak_mem_mb: float | None = None
     bandwidth_gb_s: float | None = None  # (bytes read + bytes written) / median time
     copy_bandwidth_gb_s: float | None = None
+    flops: int | None = None  # forward flops of one call (operators) or of one image (models)
+    params: int | None = None  # parameters of the operator (operators) or of the whole model (models)
     note: str = ""
 
 
@@ -157,136 +170,44 @@ def select_operators(ops: Sequence[str] | None, kinds: Sequence[str]) -> list[tu
     return [(kind, name) for kind in kinds for name in ops if name in available[kind]]
 
 
-def _time_once(fn: Callable[[], Any], device: torch.device, warmup: int) -> float:
-    from poolbench.engine.latency import time_fn
-
-    return time_fn(fn, device=device, warmup=warmup, repeats=1).median_ms
-
-
-def interleaved_samples(
-    fns: dict[str, Callable[[], Any]], settings: BenchSettings
-) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Per-call times (ms) of each function, sampled in turn; and the error of each one that failed."""
-    samples: dict[str, list[float]] = {key: [] for key in fns}
-    errors: dict[str, str] = {}
-    for key, fn in fns.items():
-        try:
-            _time_once(fn, settings.device, settings.warmup)
-        except (RuntimeError, ValueError, NotImplementedError) as exc:
-            errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    spent = dict.fromkeys(fns, 0.0)
-    for _ in range(settings.repeats):
-        for key, fn in fns.items():
-            if key in errors or (len(samples[key]) >= MIN_SAMPLES and spent[key] > settings.budget_s):
-                continue
-            ms = _time_once(fn, settings.device, 0)
-            samples[key].append(ms)
-            spent[key] += ms / 1e3
-    return samples, errors
-
-
-def median_iqr(values: Sequence[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], 0.0
-    quartiles = statistics.quantiles(values, n=4, method="inclusive")
-    return statistics.median(values), quartiles[2] - quartiles[0]
-
-
-class _LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of CPU tensor storage created inside the ``with`` block and still alive."""
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:  # the default imports torch._dynamo (seconds) for nothing here
-        return False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._storages: dict[int, list[int]] = {}  # data_ptr -> [nbytes, tensors referring to it]
-
-    def _release(self, ptr: int) -> None:
-        entry = self._storages[ptr]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self._storages[ptr]
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        input_ptrs = None
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
-                continue
-            storage = tensor.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr == 0:
-                continue
-            entry = self._storages.get(ptr)
-            if entry is None:
-                if input_ptrs is None:  # views and in-place results share an input's storage: not new
-                    input_ptrs = {
-                        a.untyped_storage().data_ptr()
-                        for a in tree_leaves((args, kwargs))
-                        if isinstance(a, torch.Tensor)
-                    }
-                if ptr in input_ptrs:
-                    continue
-                entry = self._storages[ptr] = [storage.nbytes(), 0]
-                self.live += entry[0]
-                self.peak = max(self.peak, self.live)
-            entry[1] += 1
-            weakref.finalize(tensor, self._release, ptr)
-        return out
-
-
-def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
-    """Peak memory (MiB) one call of ``fn`` allocates beyond what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    tracker = _LiveTensorBytes()
-    with tracker:
-        fn()
-    return tracker.peak / 2**20
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 def _make_operator(kind: str, name: str) -> nn.Module:
     from poolbench import pooling
 
-    return pooling.create(name) if kind == "global" else pooling.create_local(name)
+    return pooling.from_config({"name": name}, kind)  # type: ignore[arg-type]
 
 
-def _passes(module: nn.Module, x: torch.Tensor) -> tuple[Callable[[], Any], Callable[[], Any] | None, torch.Tensor]:
-    """(forward fn, forward+backward fn or None when the output has no gradient, output) of an operator."""
+def sample_interleaved(
+    fns: dict[Any, Callable[[], Any]], settings: BenchSettings
+) -> tuple[dict[Any, list[float]], dict]:
+    return interleaved_samples(
+        fns, warmup=settings.warmup, rounds=settings.repeats, budget_s=settings.budget_s, min_samples=MIN_SAMPLES
+    )
+
+
+def _passes(
+    fn: Callable[[torch.Tensor], torch.Tensor], params: Sequence[nn.Parameter], x: torch.Tensor
+) -> tuple[Callable[[], Any], Callable[[], Any] | None]:
+    """(forward fn, forward+backward fn or None when the output has no gradient) of ``fn`` on ``x``.
+
+    forward+backward: gradients of x and of ``params`` for one fixed random output gradient.
+    """
 
     def forward() -> torch.Tensor:
         with torch.no_grad():
-            return module(x)
+            return fn(x)
 
-    module.eval()
-    out = forward()  # materialises lazy parameters (netvlad) before they are listed below
-    module.train()
     x_grad = x.detach().requires_grad_(True)
-    inputs = [x_grad, *(p for p in module.parameters() if p.requires_grad)]
-    train_out = module(x_grad)
+    inputs = [x_grad, *(p for p in params if p.requires_grad)]
+    with torch.enable_grad():
+        train_out = fn(x_grad)
     if not train_out.requires_grad:
-        return forward, None, out
+        return forward, None
     grad_out = torch.randn_like(train_out)
 
     def forward_backward() -> tuple[torch.Tensor | None, ...]:
-        return torch.autograd.grad(module(x_grad), inputs, grad_out, allow_unused=True)
+        return torch.autograd.grad(fn(x_grad), inputs, grad_out, allow_unused=True)
 
-    return forward, forward_backward, out
+    return forward, forward_backward
 
 
 def bench_operators(
@@ -300,7 +221,8 @@ def bench_operators(
     """Time each (kind, name) operator on each shape; (kind, name, module) times a given module.
 
     The ``avg`` pool of each kind is always timed as the ratio baseline (marked in its note when it
-    was not asked for), and a tensor copy as the bandwidth baseline.
+    was not asked for), a tensor copy as the bandwidth baseline, and each asked-for operator's
+    reference formulation (when there is one) for ``ratio_to_reference``.
     """
     requested = [(op[0], op[1]) for op in operators]
     modules = {(op[0], op[1]): op[2] for op in operators if len(op) == 3}
@@ -314,6 +236,15 @@ def bench_operators(
             progress(f"shape {shape_str(shape)}")
         rows.extend(_bench_shape(ops, set(requested), modules, shape, settings, backward))
     return rows
+
+
+def _reference_fn(kind: str, name: str, module: nn.Module) -> tuple[Callable | None, str]:
+    """The reference formulation of an operator and a note when there is none."""
+    try:
+        fn = reference_for(kind, name, module)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        return None, f"reference failed: {first_line(exc)}"
+    return fn, "" if fn is not None else "no reference formulation"
 
 
 def _bench_shape(
@@ -333,44 +264,76 @@ def _bench_shape(
     def base_row(section: str, name: str, pass_: str) -> BenchRow:
         return BenchRow(section, name, "-", shape_str(shape), dtype_name, str(device), settings.threads, pass_)
 
-    forward_fns: dict[tuple[str, str], Callable[[], Any]] = {("baseline", "copy"): lambda: copy_out.copy_(x)}
-    backward_fns: dict[tuple[str, str], Callable[[], Any]] = {}
-    notes: dict[tuple[str, str], str] = {}
-    out_numel: dict[tuple[str, str], int] = {("baseline", "copy"): x.numel()}
-    setup_errors: dict[tuple[str, str], str] = {}
+    # Keys: (section, name) for rows; ("reference", kind, name) for the reference of (kind, name).
+    forward_fns: dict[tuple, Callable[[], Any]] = {("baseline", "copy"): lambda: copy_out.copy_(x)}
+    backward_fns: dict[tuple, Callable[[], Any]] = {}
+    notes: dict[tuple, str] = {}
+    out_numel: dict[tuple, int] = {("baseline", "copy"): x.numel()}
+    cost: dict[tuple, tuple[int | None, int | None]] = {}
+    setup_errors: dict[tuple, str] = {}
+    built: list[nn.Module] = []
     for key in ops:
         kind, name = key
         try:
-            module = modules[key] if key in modules else _make_operator(kind, name)
-            forward, forward_backward, out = _passes(module.to(device=device, dtype=dtype), x)
+            module = (modules[key] if key in modules else _make_operator(kind, name)).to(device=device, dtype=dtype)
+            module.eval()
+            with torch.no_grad():
+                out = module(x)  # materialises lazy parameters (netvlad) before they are listed
+                flops = count_flops(lambda m=module: m(x))
+            params = list(module.parameters())
+            module.train()
+            forward, forward_backward = _passes(module, params, x)
         except (RuntimeError, ValueError, NotImplementedError) as exc:
-            setup_errors[key] = _first_line(exc)
+            setup_errors[key] = first_line(exc)
             continue
+        built.append(module)
+        cost[key] = (flops, sum(p.numel() for p in params))
         forward_fns[key] = forward
         out_numel[key] = out.numel()
         notes[key] = "" if key in requested else "ratio baseline"
         if forward_backward is not None:
             backward_fns[key] = forward_backward
+        if key in requested:
+            reference, reference_note = _reference_fn(kind, name, module)
+            notes[key] = "; ".join(n for n in (notes[key], reference_note) if n)
+            if reference is not None:
+                ref_forward, ref_backward = _passes(reference, params, x)
+                forward_fns[("reference", kind, name)] = ref_forward
+                if ref_backward is not None:
+                    backward_fns[("reference", kind, name)] = ref_backward
 
     rows: list[BenchRow] = []
     passes = [("forward", forward_fns)] + ([("forward+backward", backward_fns)] if backward else [])
     copy_bandwidth: float | None = None
     for pass_, fns in passes:
-        samples, errors = interleaved_samples(fns, settings)
+        for module in built:  # forward is inference (eval mode), forward+backward is training
+            module.train(pass_ == "forward+backward")
+        samples, errors = sample_interleaved(fns, settings)
         medians = {key: median_iqr(values)[0] for key, values in samples.items() if values}
         baseline = {kind: medians.get((kind, BASELINE)) for kind, _ in ops}
         if ("baseline", "copy") in medians:
             copy_bandwidth = 2 * x.numel() * x.element_size() / medians[("baseline", "copy")] / 1e6
         for key in fns:
+            if key[0] == "reference":
+                continue
             section, name = key
             row = base_row(section, name, pass_)
             row.note = errors.get(key) or notes.get(key, "")
+            row.flops, row.params = cost.get(key, (None, None))
+            if pass_ == "forward+backward":
+                row.flops = None  # counted for the forward only
             if samples[key]:
                 row.median_ms, row.iqr_ms = median_iqr(samples[key])
                 row.samples = len(samples[key])
                 row.images_per_s = shape[0] / row.median_ms * 1e3
                 if baseline.get(section):
                     row.ratio_to_avg = row.median_ms / baseline[section]
+                reference = samples.get(("reference", section, name))
+                if reference:
+                    row.ratio_to_reference = paired_ratios(samples[key], reference)[0]
+                elif ("reference", section, name) in errors:
+                    failure = f"reference {errors[('reference', section, name)]}"
+                    row.note = "; ".join(n for n in (row.note, failure) if n)
                 if pass_ == "forward" and (name in MEMORY_BOUND or key == ("baseline", "copy")):
                     moved = (x.numel() + out_numel[key]) * x.element_size()
                     row.bandwidth_gb_s = moved / row.median_ms / 1e6
@@ -426,32 +389,51 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     return {**node, **overrides}  # type: ignore[dict-item]
 
 
+def local_pooling_config(name: str) -> dict[str, Any]:
+    """The config node of the local pool ``name`` (``none`` keeps the backbone's max-pools)."""
+    from poolbench import pooling
+
+    if name == "none":
+        return {"name": "none"}
+    try:
+        return pooling.spec(name, "local").config_node()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def build_case(
     model_name: str,
     pooling: str,
     *,
     in_channels: int,
     input_size: int,
+    local_pooling: str = "none",
     task: str = "retrieval",
     num_classes: int = CLASSIFICATION_CLASSES,
     model_overrides: dict[str, Any] | None = None,
     lr: float = 1e-3,
 ) -> ModelCase:
-    """The model with Adam, pooling parameters in their own group (lr × lr_mult, no decay) as in training."""
+    """The model with Adam; the global and the local pools' parameters each in their own group
+    (lr × their own lr_mult, no decay), as in training (:func:`~poolbench.engine.policies.build_optimizer`)."""
     from poolbench.models import build_model
 
-    pool_cfg = pooling_config(pooling)
+    pool_cfg, local_cfg = pooling_config(pooling), local_pooling_config(local_pooling)
     net = build_model(
         model_config(model_name, **(model_overrides or {})),
         pool_cfg,
-        {"name": "none"},
+        local_cfg,
         in_channels=in_channels,
         input_size=input_size,
         num_classes=num_classes,
         task=task,
     )
     optimizer = build_optimizer(
-        net, optimizer="adam", lr=lr, weight_decay=1e-5, pool_lr_mult=float(pool_cfg.get("lr_mult", 1.0))
+        net,
+        optimizer="adam",
+        lr=lr,
+        weight_decay=1e-5,
+        pool_lr_mult=float(pool_cfg.get("lr_mult", 1.0)),
+        local_pool_lr_mult=float(local_cfg.get("lr_mult", 1.0)),
     )
     return ModelCase(model_name, pooling, net, optimizer, task, net.feature_map_size)
 
@@ -463,21 +445,13 @@ def model_step_fns(
 
     The loss is the task's training loss: batch-hard triplet (retrieval) or cross-entropy.
     """
-    loss_fn = loss_function("auto", case.task)
 
     def inference() -> torch.Tensor:
         case.net.eval()
         with torch.no_grad():
             return case.net(images)
 
-    def train_step() -> torch.Tensor:
-        case.net.train()
-        case.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(case.net(images), labels, TRIPLET_MARGIN)
-        loss.backward()
-        case.optimizer.step()
-        return loss
-
+    train_step = train_step_fn(case.net, images, labels, loss_name("auto", case.task), case.optimizer, None)
     return inference, train_step
 
 
@@ -489,19 +463,6 @@ def writer_batch(
     images = torch.randn(writers * per_writer, in_channels, size, size, device=device, generator=generator)
     labels = torch.arange(writers, device=device).repeat_interleave(per_writer)
     return images, labels
-
-
-def paired_ratios(samples: Sequence[float], baseline: Sequence[float]) -> tuple[float, float, float]:
-    """Median, first and third quartile of sample_i / baseline_i over interleaved pairs.
-
-    Pairs were taken moments apart, so load from other processes mostly cancels in each ratio;
-    the quartiles state the noise that is left.
-    """
-    ratios = [a / b for a, b in zip(samples, baseline, strict=False)]
-    if len(ratios) < 2:
-        return ratios[0], ratios[0], ratios[0]
-    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return median, q1, q3
 
 
 def bench_models(
@@ -546,9 +507,10 @@ def bench_models(
         }
         for case in cases.values():
             case.net.to(settings.device)
+        costs = {p: measure_cost(case.net, images.shape[1:]) for p, case in cases.items()}
         fns = {p: model_step_fns(case, images, labels) for p, case in cases.items()}
         for index, pass_ in enumerate(("inference", "train step")):
-            samples, errors = interleaved_samples({p: pair[index] for p, pair in fns.items()}, settings)
+            samples, errors = sample_interleaved({p: pair[index] for p, pair in fns.items()}, settings)
             for p, case in cases.items():
                 height, width = case.feature_map
                 row = BenchRow(
@@ -561,6 +523,8 @@ def bench_models(
                     settings.threads,
                     pass_,
                     note=errors.get(p, f"feature map {height}x{width}"),
+                    flops=costs[p]["flops_per_image"] if pass_ == "inference" else None,
+                    params=costs[p]["params"],
                 )
                 if samples[p]:
                     row.median_ms, row.iqr_ms = median_iqr(samples[p])
@@ -577,7 +541,7 @@ def bench_models(
 # ---------------------------------------------------------------------------------------- results
 
 
-def environment(settings: BenchSettings) -> dict[str, Any]:
+def environment(settings: BenchSettings, warnings: Sequence[str] = ()) -> dict[str, Any]:
     from poolbench.environment import capture_env
 
     env = capture_env(str(settings.device))
@@ -587,20 +551,41 @@ def environment(settings: BenchSettings) -> dict[str, Any]:
         repeats=settings.repeats,
         budget_s=settings.budget_s,
         timed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        timing_warnings=list(warnings),
+        reference="poolbench.pooling.reference.reference_for",
     )
     return env
 
 
+def check_out_dir(out_dir: Path) -> Path:
+    """The folder results go to, checked before anything is timed: a folder (created later if missing)
+    that is not an existing file and is writable; ConfigError otherwise."""
+    out_dir = Path(out_dir)
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out_dir}: {existing} is not writable; choose another folder with --out")
+    return out_dir
+
+
+def _safe_component(text: str) -> str:
+    """A file-name component from text that did not come from poolbench (host names, labels): no separators."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("._") or "host"
+
+
 def write_results(rows: Sequence[BenchRow], env: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """results/bench/<UTC timestamp>-<host>.csv and .json (rows plus environment); atomic writes."""
+    """<out_dir>/<UTC timestamp>-<host>.csv and .json (rows plus environment); atomic writes, only inside out_dir."""
     from poolbench.files import atomic_write_json, atomic_write_text
 
+    out_dir = check_out_dir(out_dir)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    stem = f"{stamp}-{socket.gethostname()}"
+    host = _safe_component(socket.gethostname())
+    stem = f"{stamp}-{host}"
     suffix = 0
     while (out_dir / f"{stem}.json").exists():  # two runs in one second must not overwrite each other
         suffix += 1
-        stem = f"{stamp}-{socket.gethostname()}-{suffix}"
+        stem = f"{stamp}-{host}-{suffix}"
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
@@ -608,6 +593,339 @@ def write_results(rows: Sequence[BenchRow], env: dict[str, Any], out_dir: Path) 
     writer.writerows(records)
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
     atomic_write_text(csv_path, buffer.getvalue())
-    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in records]
-    atomic_write_json(json_path, {"environment": env, "columns": list(COLUMNS), "rows": clean})
+    atomic_write_json(json_path, {"environment": env, "columns": list(COLUMNS), "rows": _finite(records)})
     return csv_path, json_path
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN and ±inf become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------- side by side
+
+SIDE_BY_SIDE = "side_by_side.json"
+SIDE_BY_SIDE_ROUNDS = 10
+SIDE_BY_SIDE_SCHEMA = 1
+
+
+@dataclass
+class _RunConfig:
+    """One distinct configuration among the runs, rebuilt and ready to time."""
+
+    run_ids: list[str]
+    pooling: str
+    local_pooling: str
+    model: str
+    input: str  # BxCxHxW of the timing batch
+    amp: str
+    device: torch.device
+    fns: dict[str, Callable[[], Any]]
+    batch_size: int
+    cost: dict[str, int]
+
+
+def _completed_runs(results_dir: Path) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
+    """(run folder, record) of every completed run under ``results_dir``, and one line per skipped record.
+
+    The folder is where the record was found, never the record's own ``run_dir`` field (a record
+    is untrusted text and may name any path).
+    """
+    from poolbench import records
+
+    runs, problems = [], []
+    for path in sorted(results_dir.rglob(records.RECORD)):
+        try:
+            record = records.read_record(path.parent)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if record is not None and record.get("status") == "completed" and isinstance(record.get("run_id"), str):
+            runs.append((path.parent, record))
+    return runs, problems
+
+
+def _geometry(record: dict[str, Any], cfg: Any, state: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(in_channels, input_size, num_classes) of a run: its record's fields when it has them, else
+    the checkpoint's first convolution and head, and the dataset config's input/image size."""
+    in_channels = record.get("in_channels")
+    if not isinstance(in_channels, int):
+        conv = next((t for k, t in state.items() if k.startswith("features.") and t.dim() == 4), None)
+        if conv is None:
+            raise ValueError("cannot tell the input channels: no convolution in the checkpoint")
+        in_channels = int(conv.shape[1])
+    input_size = record.get("input_size")
+    if not isinstance(input_size, int):
+        dataset = cfg.get("dataset", {})
+        input_size = dataset.get("input_size") or dataset.get("image_size")
+        if not isinstance(input_size, int):
+            raise ValueError("cannot tell the input size: the record has no input_size")
+    num_classes = record.get("num_classes")
+    if not isinstance(num_classes, int):
+        head = state.get("head.weight")
+        num_classes = int(head.shape[0]) if head is not None and record.get("task") == "classification" else 2
+    return in_channels, input_size, num_classes
+
+
+def _rebuild(run_dir: Path, record: dict[str, Any]) -> tuple[Any, nn.Module, tuple[int, int, int]]:
+    """(config, model with the checkpoint's weights on CPU, geometry) of a completed run."""
+    from omegaconf import OmegaConf
+
+    from poolbench import plugins
+    from poolbench.engine.train import CHECKPOINT
+    from poolbench.models import build_model
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    plugins.load(cfg.get("plugins") or [])  # a plugin's operator exists only once its module is imported
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["model"]
+    in_channels, input_size, num_classes = _geometry(record, cfg, state)
+    task = str(record.get("task", ""))
+    torch.manual_seed(0)
+    net = build_model(
+        cfg.model,
+        cfg.pooling,
+        cfg.local_pooling,
+        in_channels=in_channels,
+        input_size=input_size,
+        num_classes=num_classes,
+        task=task,
+    )
+    net.load_state_dict(state)
+    expected = (record.get("feature_map_h"), record.get("feature_map_w"))
+    if tuple(net.feature_map_size) != expected:
+        raise ValueError(f"rebuilt feature map {net.feature_map_size} differs from the record's {expected}")
+    return cfg, net, (in_channels, input_size, num_classes)
+
+
+def _config_key(cfg: Any, geometry: tuple[int, int, int], device: torch.device) -> str:
+    """What makes two runs time alike: model, global and local pooling configs, input, batch, AMP, device.
+
+    Learned values (DGMP's λ) are not part of it: runs differing only in seed share one timing,
+    taken with the first run's checkpoint.
+    """
+    from omegaconf import OmegaConf
+
+    parts = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "pooling": OmegaConf.to_container(cfg.pooling, resolve=True),
+        "local_pooling": OmegaConf.to_container(cfg.local_pooling, resolve=True),
+        "geometry": geometry,
+        "batch": int(cfg.trainer.latency.batch_size),
+        "amp": str(cfg.trainer.amp),
+        "device": str(device),
+    }
+    return repr(sorted(parts.items()))
+
+
+def _timed_config(
+    run_ids: list[str],
+    record: dict[str, Any],
+    cfg: Any,
+    net: nn.Module,
+    device: torch.device,
+    geometry: tuple[int, int, int],
+) -> _RunConfig:
+    """The four timed functions of one configuration: inference, train step, pool forward, pool fwd+bwd."""
+    import copy
+
+    from poolbench.engine.latency import pool_fns, step_labels
+    from poolbench.engine.policies import amp_dtype, autocast
+
+    in_channels, input_size, _ = geometry
+    batch = int(cfg.trainer.latency.batch_size)
+    amp = amp_dtype(str(cfg.trainer.amp), device)
+    task = str(record["task"])
+    loss = loss_name(str(cfg.trainer.get("loss", "auto")), task)
+    net = net.to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, in_channels, input_size, input_size, device=device, generator=generator)
+
+    def infer() -> torch.Tensor:
+        with torch.inference_mode(), autocast(device, amp):
+            return net(x)
+
+    trainee = copy.deepcopy(net).train()
+    optimizer = build_optimizer(
+        trainee,
+        optimizer=str(cfg.trainer.optimizer),
+        lr=float(cfg.trainer.lr),
+        weight_decay=float(cfg.trainer.weight_decay),
+        momentum=float(cfg.trainer.get("momentum", 0.9)),
+        amsgrad=bool(cfg.trainer.get("amsgrad", False)),
+        pool_lr_mult=float(cfg.pooling.get("lr_mult", 1.0)),
+        local_pool_lr_mult=float(cfg.local_pooling.get("lr_mult", 1.0)),
+    )
+    labels = step_labels(trainee, x, loss)
+    margin = float(cfg.trainer.get("margin", 0.1))
+    fns = {"infer": infer, "train": train_step_fn(trainee, x, labels, loss, optimizer, amp, margin)}
+    with torch.no_grad(), autocast(device, amp):
+        fmap = net.features(x).float()
+    pool_forward, pool_backward = pool_fns(copy.deepcopy(net.pool), fmap, amp)
+    fns["pool_fwd"] = pool_forward
+    if pool_backward is not None:
+        fns["pool_fwdbwd"] = pool_backward
+    return _RunConfig(
+        run_ids=run_ids,
+        pooling=str(record["pooling"]),
+        local_pooling=str(record.get("local_pooling", "none")),
+        model=str(record["model"]),
+        input=shape_str(x.shape),
+        amp=str(cfg.trainer.amp),
+        device=device,
+        fns=fns,
+        batch_size=batch,
+        cost=measure_cost(net, x.shape[1:], device=device),
+    )
+
+
+def _collect(
+    results_dir: Path, run_ids: Sequence[str] | None, note: Callable[[str], None]
+) -> tuple[list[_RunConfig], list[dict[str, str]]]:
+    """The distinct configurations of the chosen completed runs, rebuilt; and the runs skipped, with why."""
+    runs, problems = _completed_runs(results_dir)
+    skipped = [{"run_id": "-", "reason": problem} for problem in problems]
+    if run_ids is not None:
+        known = {record["run_id"] for _, record in runs}
+        for run_id in run_ids:
+            if run_id not in known:
+                raise ConfigError(unknown_choice("completed run", run_id, sorted(known)))
+        runs = [(d, r) for d, r in runs if r["run_id"] in set(run_ids)]
+    groups: dict[str, tuple[list[str], Path, dict[str, Any], Any, nn.Module, torch.device, tuple]] = {}
+    for run_dir, record in sorted(runs, key=lambda run: run[1]["run_id"]):
+        try:
+            cfg, net, geometry = _rebuild(run_dir, record)
+            device = resolve_device(str(cfg.get("device", "auto")))
+        except (OSError, ValueError, KeyError, RuntimeError, ConfigError) as exc:
+            skipped.append({"run_id": record["run_id"], "reason": first_line(exc)})
+            note(f"skipped {record['run_id']}: {first_line(exc)}")
+            continue
+        key = _config_key(cfg, geometry, device)
+        if key in groups:
+            groups[key][0].append(record["run_id"])
+        else:
+            groups[key] = ([record["run_id"]], run_dir, record, cfg, net, device, geometry)
+    configs = []
+    for ids, _, record, cfg, net, device, geometry in groups.values():
+        try:
+            configs.append(_timed_config(ids, record, cfg, net, device, geometry))
+        except (ValueError, RuntimeError, ConfigError) as exc:
+            skipped.extend({"run_id": run_id, "reason": first_line(exc)} for run_id in ids)
+            note(f"skipped {', '.join(ids)}: {first_line(exc)}")
+    return configs, skipped
+
+
+def _baseline_of(config: _RunConfig, configs: Sequence[_RunConfig], baseline: str | None) -> int | None:
+    """Index of the configuration that differs from ``config`` only in its global pooling, which is ``baseline``."""
+    if baseline is None:
+        return None
+
+    def setting(c: _RunConfig) -> tuple:
+        return c.model, c.local_pooling, c.input, c.amp, str(c.device)
+
+    return next(
+        (i for i, other in enumerate(configs) if other.pooling == baseline and setting(other) == setting(config)), None
+    )
+
+
+def side_by_side(
+    results_dir: Path,
+    run_ids: Sequence[str] | None = None,
+    *,
+    baseline: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    rounds: int = SIDE_BY_SIDE_ROUNDS,
+    warmup: int = 2,
+) -> Path:
+    """Time every distinct configuration of the completed runs under ``results_dir`` side by side.
+
+    Each configuration (model, global and local pooling configs, input shape, latency batch size,
+    AMP, device) is rebuilt from its first run's ``config.yaml`` and ``checkpoint.pt`` (so learned
+    parameters such as DGMP's λ are the trained ones) and timed interleaved with all the others in
+    ``rounds`` rounds: inference of one batch (reported per image), one train step (the run's
+    optimiser, groups and loss), the global pool alone forward and forward+backward. Peak memory
+    is that of one train step. Intervals are 95% bootstrap intervals of the median over rounds;
+    ``ratio_infer`` is the median of per-round ratios to the ``baseline`` pooling's configuration
+    with everything else equal (null without one). Writes ``<results_dir>/side_by_side.json``.
+    """
+    from poolbench.environment import capture_env
+    from poolbench.files import atomic_write_json
+
+    note = progress or (lambda _: None)
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ConfigError(f"results folder {results_dir} does not exist")
+    if rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    out_path = results_dir / SIDE_BY_SIDE
+    if not os.access(results_dir, os.W_OK | os.X_OK) or (out_path.exists() and not out_path.is_file()):
+        raise ConfigError(f"cannot write {out_path}")
+    configs, skipped = _collect(results_dir, run_ids, note)
+    if not configs:
+        raise ConfigError(f"no completed run under {results_dir} could be rebuilt for timing")
+    poolings = sorted({c.pooling for c in configs})
+    if baseline is not None and baseline not in poolings:
+        raise ConfigError(unknown_choice("baseline pooling", baseline, poolings))
+    devices = sorted({c.device for c in configs}, key=str)
+    warnings = [w for device in devices for w in timing_warnings(device)]
+    for warning in warnings:
+        note(f"warning: timings may be unreliable: {warning}")
+    note(f"timing {len(configs)} configurations interleaved, {rounds} rounds")
+    fns = {(index, name): fn for index, config in enumerate(configs) for name, fn in config.fns.items()}
+    samples, errors = interleaved_samples(fns, warmup=warmup, rounds=rounds)
+    rows = []
+    for index, config in enumerate(configs):
+        failed = [errors[(index, name)] for name in config.fns if (index, name) in errors]
+        if failed:
+            skipped.extend({"run_id": run_id, "reason": failed[0]} for run_id in config.run_ids)
+            note(f"skipped {', '.join(config.run_ids)}: {failed[0]}")
+            continue
+        infer = [ms / config.batch_size for ms in samples[(index, "infer")]]
+        train = samples[(index, "train")]
+        base = _baseline_of(config, configs, baseline)
+        ratio = ratio_ci = None
+        if base is not None and not any((base, name) in errors for name in ("infer",)):
+            ratio, ratio_ci = paired_ratios(samples[(index, "infer")], samples[(base, "infer")])
+        backward = samples.get((index, "pool_fwdbwd"))
+        rows.append(
+            {
+                "run_ids": config.run_ids,
+                "pooling": config.pooling,
+                "local_pooling": config.local_pooling,
+                "model": config.model,
+                "input": config.input,
+                "batch_size": config.batch_size,
+                "amp": config.amp,
+                "device": str(config.device),
+                "infer_image_ms": median_iqr(infer)[0],
+                "infer_image_ms_ci": list(interval(infer)),
+                "train_step_ms": median_iqr(train)[0],
+                "train_step_ms_ci": list(interval(train)),
+                "pool_fwd_ms": median_iqr(samples[(index, "pool_fwd")])[0],
+                "pool_fwdbwd_ms": median_iqr(backward)[0] if backward else None,
+                "peak_mem_mb": peak_memory_mb(config.fns["train"], config.device),
+                "ratio_infer": ratio,
+                "ratio_infer_ci": list(ratio_ci) if ratio_ci else None,
+                "flops_per_image": config.cost["flops_per_image"],
+                "pool_flops": config.cost["pool_flops"],
+                "params": config.cost["params"],
+                "rounds": len(train),
+            }
+        )
+    env = capture_env(",".join(str(d) for d in devices))
+    env.update(timing_warnings=warnings, rounds=rounds, warmup=warmup)
+    document = {
+        "schema": SIDE_BY_SIDE_SCHEMA,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "env": env,
+        "baseline": baseline,
+        "rows": rows,
+        "skipped": skipped,
+    }
+    atomic_write_json(out_path, _finite(document))
+    return out_path

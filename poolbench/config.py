@@ -7,25 +7,28 @@ Configs are composed with Hydra's compose API from ``conf/`` (the top-level fold
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from poolbench import schema
+from poolbench import plugins, schema
 from poolbench.errors import ConfigError, unknown_choice
 from poolbench.schema import Range, Required
 
@@ -48,6 +51,9 @@ class RunSettings:
     results_dir: Annotated[str, Required("the folder that holds the run directories")] = "results/runs"
     # Set by `poolbench sweep`; recorded, never part of the run's identity.
     sweep_name: str | None = None
+    # Modules or .py files registering pooling operators, imported before composing, e.g.
+    # plugins=[mypkg.mypools,./my_pools.py] (also POOLBENCH_PLUGINS); recorded with their sha256.
+    plugins: list[str] = field(default_factory=list)
 
 GROUPS = ("dataset", "model", "pooling", "local_pooling", "augment", "trainer", "experiment")
 # Keys that change how a run is executed or stored, not what it computes: excluded from its identity.
@@ -59,6 +65,7 @@ NON_IDENTITY_KEYS = (
     "trainer.overwrite",
     "trainer.num_threads",
     "trainer.num_workers",
+    "trainer.logger",
     "dataset.cache_dir",
     # Only feeds the default of trainer.steps_per_epoch, whose resolved value is part of the identity.
     "dataset.steps_per_epoch",
@@ -69,8 +76,16 @@ NON_IDENTITY_KEYS = (
 # behaviour 0.1 had), so the runs of 0.1 keep their ids and are found again.
 IDENTITY_NEUTRAL: dict[str, Any] = {
     "pooling.solver": "auto",
+    "plugins": [],
     "augment.name": "none",
     "choices.augment": "none",
+    "trainer.eval_every": None,
+    # icdar17 became a preset of retrieval_folder: its new keys at the values that read ICDAR17 as before.
+    "dataset.csv": None,
+    "dataset.identity_pattern": r"^([^-]+)-",
+    "dataset.test_identities": 0.5,
+    "dataset.identity_split_seed": 0,
+    "dataset.channels": None,
 }
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
@@ -86,6 +101,8 @@ def conf_dir() -> Path:
 def group_options(group: str) -> list[str]:
     """The option names of a config group, e.g. ``group_options('pooling')``: its yaml files and the
     nodes generated from the registries."""
+    from poolbench.pooling import CUSTOM
+
     _store_generated_nodes()
     folder = conf_dir() / group
     files = {p.stem for p in folder.glob("*.yaml")} if folder.is_dir() else set()
@@ -93,7 +110,8 @@ def group_options(group: str) -> list[str]:
         generated = {name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)}
     except OSError:  # ConfigStore raises OSError for a group it does not hold
         generated = set()
-    return sorted(files | generated)
+    # `custom` takes a class path, not a choice: `pooling=glob(*)` means every registered operator.
+    return sorted((files | generated) - {CUSTOM})
 
 
 def _store_generated_nodes() -> None:
@@ -104,8 +122,12 @@ def _store_generated_nodes() -> None:
 
     store = ConfigStore.instance()
     for group, kind in (("pooling", "global"), ("local_pooling", "local")):
+        store.repo[group] = {}  # exactly the registered operators (a test may have unregistered one)
         for spec in pooling.specs(kind):
             store.store(group=group, name=spec.name, node=spec.config_node())
+        geometry = {"kernel_size": None, "stride": None} if kind == "local" else {}
+        custom = {"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
+        store.store(group=group, name=pooling.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
     store.store(group="augment", name=AUTO_AUGMENT, node={"name": AUTO_AUGMENT})
     store.store(group="augment", name="none", node={"name": "none"})
@@ -118,6 +140,7 @@ def _store_generated_nodes() -> None:
 
 def _import_schema_owners() -> None:
     """Import the modules that register config schemas (their import registers the options)."""
+    import poolbench.data  # noqa: F401
     import poolbench.engine.settings  # noqa: F401
     import poolbench.models  # noqa: F401
 
@@ -133,7 +156,82 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConf
     cfg = _compose_raw(overrides)
     if validate:
         validate_config(cfg, _reference(tuple(o for o in overrides if _is_group_override(o))))
+    plugins.record(cfg)
     return cfg
+
+
+def compose_many(override_sets: Sequence[Sequence[str]]) -> list[DictConfig]:
+    """Compose and validate many configs fast (a sweep's runs); the same configs as :func:`compose` on each."""
+    return [copy.deepcopy(cfg) for cfg in iter_composed(override_sets)]
+
+
+def iter_composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig]:
+    """Each override set's composed and validated config, valid only until the next one is yielded.
+
+    Hydra's compose (search path, defaults list, merges) is paid once per distinct combination of
+    group choices (``pooling=dgmp model=resnet50``): each run's value overrides (``trainer.lr=0.1``)
+    are applied by Hydra's own override code to that combination's config, which is validated
+    against the combination's defaults exactly as ``compose`` does. Plain ``key=value`` overrides
+    of existing values are applied in place and undone after the yield (copying a config costs more
+    than composing the rest of a run's plan); anything else (``+key``, ``~key``, dict or list values)
+    works on a copy; what Hydra would route elsewhere (``hydra.*``, package overrides) takes the full
+    compose.
+    """
+    parser = OverridesParser.create()
+    parsed: dict[str, Override] = {}  # the same override strings recur across a grid: parse each once
+    # group choices → (their defaults, as validation's reference; a working copy that runs are edited on)
+    bases: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
+    for overrides in override_sets:
+        _reject_foreign(list(overrides))
+        groups = tuple(o for o in overrides if _is_group_override(o))
+        values = [o for o in overrides if not _is_group_override(o)]
+        for text in overrides:
+            if text not in parsed:
+                try:
+                    parsed[text] = parser.parse_overrides(overrides=[text])[0]
+                except OverrideParseException as exc:
+                    raise ConfigError(_parse_error_message(exc)) from None
+        value_overrides = [parsed[text] for text in values]
+        routed = ("hydra", "choices")
+        elsewhere = any(o.package is not None or o.key_or_group.split(".")[0] in routed for o in value_overrides)
+        slow = elsewhere or any(parsed[text].is_sweep_override() for text in overrides)
+        if slow or plugins.requested(overrides) or plugins.from_env():  # plugins' hashes join the identity
+            yield compose(list(overrides))  # its own path, or its error message (a sweep is one config)
+            continue
+        if groups not in bases:
+            reference = _reference(groups)  # cached by config: never edited here
+            bases[groups] = reference, copy.deepcopy(reference)
+        reference, working = bases[groups]
+        undo = _undo_list(working, value_overrides)
+        cfg = working if undo is not None else copy.deepcopy(reference)
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(value_overrides, cfg)
+            validate_config(cfg, reference)
+            yield cfg
+        except HydraException as exc:
+            raise ConfigError(_composition_message(exc)) from None
+        finally:
+            for parent, leaf, raw in reversed(undo or []):
+                parent[leaf] = raw
+
+
+def _undo_list(cfg: DictConfig, overrides: Sequence[Override]) -> list[tuple[Any, str, Any]] | None:
+    """How to restore what ``overrides`` will change in place, or None when they need a copy of ``cfg``."""
+    undo = []
+    for override in overrides:
+        if override.is_add() or override.is_delete() or override.is_force_add():
+            return None
+        if isinstance(override.value(), dict | list):
+            return None
+        parent_key, _, leaf = override.key_or_group.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            return None
+        node = parent._get_node(leaf)
+        if isinstance(node, DictConfig | ListConfig) or node is None:
+            return None
+        undo.append((parent, leaf, node._value()))
+    return undo
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,6 +244,7 @@ def _reference(group_overrides: tuple[str, ...]) -> DictConfig:
 
 
 def _compose_raw(overrides: list[str]) -> DictConfig:
+    plugins.prepare(overrides)  # their operators must be config options before Hydra composes
     _check_experiment(overrides)
     _store_generated_nodes()
     GlobalHydra.instance().clear()
@@ -329,12 +428,6 @@ def _validate_against_reference(cfg: DictConfig, reference: DictConfig, skip: Se
             raise ConfigError(f"{key} must be of type {kind} (like the default {default!r}), got {value!r}")
 
 
-def pooling_params(node: DictConfig | Mapping) -> dict[str, Any]:
-    """Operator parameters of a pooling/local_pooling node (everything but the bookkeeping keys)."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    return {k: v for k, v in data.items() if k not in ("name", "lr_mult", "kernel_size", "stride")}
-
-
 def _validate_pooling(cfg: DictConfig) -> None:
     from poolbench import pooling
 
@@ -342,18 +435,9 @@ def _validate_pooling(cfg: DictConfig) -> None:
         lr_mult = cfg[group].get("lr_mult", 1.0)
         if not isinstance(lr_mult, int | float) or lr_mult < 0:
             raise ConfigError(f"{group}.lr_mult must be a number >= 0, got {lr_mult!r}")
-    try:
-        pooling.create(cfg.pooling.name, **pooling_params(cfg.pooling))
-    except ValueError as exc:
-        raise ConfigError(f"pooling={cfg.choices.pooling}: {exc}") from None
-    local = cfg.local_pooling
-    if local.name == "none":
-        return
-    geometry = {k: local.get(k) for k in ("kernel_size", "stride") if local.get(k) is not None}
-    try:
-        pooling.create_local(local.name, **geometry, **pooling_params(local))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"local_pooling={cfg.choices.local_pooling}: {exc}") from None
+    pooling.from_config(cfg.pooling, "global")
+    if cfg.local_pooling.name != "none":
+        pooling.from_config(cfg.local_pooling, "local")
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
@@ -375,7 +459,9 @@ def config_hash(cfg: DictConfig) -> str:
 def run_id(cfg: DictConfig) -> str:
     """Readable, deterministic and collision-free run id: same config, same id. Every part is reduced
     to letters, digits, '.', '_' and '+', so no value can make it a path."""
-    parts = (cfg.pooling.name, cfg.model.name, cfg.dataset.name, f"s{cfg.seed}")
+    from poolbench import pooling
+
+    parts = (pooling.label(cfg.pooling), cfg.model.name, cfg.dataset.name, f"s{cfg.seed}")
     return "-".join(_path_safe(str(p)) for p in parts) + "-" + config_hash(cfg)
 
 

@@ -18,6 +18,11 @@ class DataError(PoolbenchError):
     """A dataset that cannot be read as configured (missing root, bad files, wrong layout)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and most schedulers send before killing), handled like Ctrl-C: a run records
+    ``interrupted`` and keeps its checkpoint, a sweep stops; the CLI exits 143 (128 + SIGTERM)."""
+
+
 def unknown_choice(what: str, value: object, choices: Iterable[str]) -> str:
     """One line naming the bad value, the closest valid choice, and all valid choices."""
     options = sorted(str(c) for c in choices)

@@ -1,26 +1,44 @@
 """One training run: config → data → model + pooling → fit → evaluate → latency → run record.
 
-:func:`execute` is what ``poolbench train`` and every sweep job call. Whatever happens, the run
+:func:`execute` is what ``poolbench train`` and every sweep job call. A config or data error found
+while building the dataset and model writes nothing; from then on, whatever happens, the run
 directory ends with a ``result.json`` whose ``status`` says how the run ended.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from poolbench import records
-from poolbench.config import config_hash, flatten, run_id
+from poolbench import files, records
+from poolbench.config import config_hash, flatten, run_dir, run_id
+from poolbench.engine.checkpoint import CHECKPOINT
 from poolbench.engine.policies import should_resume
 from poolbench.environment import capture_env
+from poolbench.errors import PoolbenchError, Terminated
+
+if TYPE_CHECKING:
+    import torch
+
+    from poolbench.data.base import DataBundle
+    from poolbench.models import PoolNet
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
+
+
+class DiskFullError(PoolbenchError):
+    """The disk of the results folder filled up during a run."""
 
 
 def _quiet(_: str) -> None:
@@ -28,17 +46,19 @@ def _quiet(_: str) -> None:
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
-    return Path(cfg.results_dir) / run_id(cfg)
+    return run_dir(cfg)
 
 
 def _identity_fields(cfg: DictConfig) -> dict[str, Any]:
+    from poolbench.pooling import label
+
     return {
         "run_id": run_id(cfg),
         "config_hash": config_hash(cfg),
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
-        "pooling": cfg.pooling.name,
-        "local_pooling": cfg.local_pooling.name,
+        "pooling": label(cfg.pooling),
+        "local_pooling": label(cfg.local_pooling),
         "seed": cfg.seed,
         "experiment": cfg.choices.get("experiment"),
         "sweep_name": cfg.get("sweep_name"),
@@ -52,43 +72,145 @@ def _env_fields(env: dict[str, Any]) -> dict[str, Any]:
     return {f"env.{k}": env.get(k) for k in keys}
 
 
-def execute(cfg: DictConfig, *, progress: Progress | None = None, log: Log | None = None) -> dict[str, Any]:
-    """Run (or reuse, or resume) the run that ``cfg`` identifies and return its flat record."""
+@dataclass
+class Built:
+    """What a run trains: built (and checked) before anything is written."""
+
+    device: torch.device
+    data: DataBundle
+    model: PoolNet
+
+
+def execute(
+    cfg: DictConfig, *, progress: Progress | None = None, log: Log | None = None, return_model: bool = False
+) -> dict[str, Any] | tuple[dict[str, Any], PoolNet]:
+    """Run (or reuse, or resume) the run that ``cfg`` identifies and return its flat record
+    (``(record, trained model)`` with ``return_model``).
+
+    Order: results folder writable → completed record reused (unless ``trainer.overwrite``) → dataset
+    and model built (an error here writes nothing) → run lock → train → record. An overwrite of a
+    completed run trains in ``.staging/<run-id>/`` and replaces the completed run only once it completed.
+    """
     log = log or _quiet
-    results_dir = Path(cfg.results_dir)
-    records.check_writable(results_dir)
+    records.check_writable(Path(cfg.results_dir))
     run_dir = run_dir_of(cfg)
-    with records.run_lock(run_dir):
-        try:
-            existing = records.read_record(run_dir)
-        except ValueError as exc:
-            log(f"ignoring the unreadable old record: {exc}")
-            existing = None
-        if existing and existing["status"] == "completed" and not cfg.trainer.overwrite:
-            log(f"run {run_dir.name} already completed; reusing its record (trainer.overwrite=true trains again)")
-            return {**existing, "reused": True}
-        resuming = should_resume(cfg.trainer.resume, run_dir / "checkpoint.pt")
-        if not resuming:
-            for stale in ("checkpoint.pt", "metrics.jsonl"):
-                (run_dir / stale).unlink(missing_ok=True)
-        return _train(cfg, run_dir, resuming, progress, log)
+    overwrite = bool(cfg.trainer.overwrite)
+    built: Built | None = None
+    with _sigterm_as_interrupt():
+        reusable = None if overwrite else _completed_record(run_dir, log)  # checked again under the lock
+        if reusable is None:
+            built = _build(cfg, progress)
+            with records.run_lock(run_dir):
+                records.recover(run_dir)
+                completed = _completed_record(run_dir, log)
+                if completed is None or overwrite:
+                    record = _run(cfg, run_dir, built, replacing=completed is not None, progress=progress, log=log)
+                    return (record, built.model) if return_model else record
+                reusable = completed
+        log(f"run {run_dir.name} already completed; reusing its record (trainer.overwrite=true trains again)")
+        if records.staging_dir(run_dir).exists():  # left by a killed overwrite run, unless one is live
+            with contextlib.suppress(records.RunLockedError), records.run_lock(run_dir):
+                records.recover(run_dir)
+        record = {**reusable, "reused": True}
+        if not return_model:
+            return record
+        from poolbench.engine.checkpoint import load_weights
+
+        built = built or _build(cfg, progress)
+        load_weights(built.model, run_dir / CHECKPOINT)
+        return record, built.model
 
 
-def _train(cfg: DictConfig, run_dir: Path, resuming: bool, progress: Progress | None, log: Log) -> dict[str, Any]:
+def _completed_record(run_dir: Path, log: Log) -> dict[str, Any] | None:
+    try:
+        existing = records.read_record(run_dir)
+    except ValueError as exc:
+        log(f"ignoring the unreadable old record: {exc}")
+        return None
+    return existing if existing and existing["status"] == "completed" else None
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn the first SIGTERM into :class:`Terminated` (Python's own handling would kill the process
+    before the record says so). Only where nobody else handles SIGTERM: inside a SLURM task of a sweep,
+    the sweep's handler decides between SLURM's requeue and submitit's checkpoint. Only the main thread
+    can install signal handlers."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield
+        return
+    raised = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal raised
+        if not raised:  # a second SIGTERM must not interrupt the writing of the record
+            raised = True
+            raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _build(cfg: DictConfig, progress: Progress | None) -> Built:
+    """Device, dataset and model of the run, every config and data error raised before anything is written."""
     import torch
 
     from poolbench.data import build_dataset
-    from poolbench.engine import NonFiniteLossError, evaluate, fit, measure_latency, seed_everything
-    from poolbench.engine.policies import TASK_LOSS, resolve_device
+    from poolbench.engine import seed_everything
+    from poolbench.engine.policies import resolve_device
+    from poolbench.engine.settings import TrainerSettings
+    from poolbench.engine.tracking import require_logger
     from poolbench.models import build_model
 
-    started = time.perf_counter()
+    require_logger(TrainerSettings.from_mapping(cfg.trainer).logger)
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     device = resolve_device(str(cfg.device))
-    env = capture_env(str(device))
-    records.atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    records.atomic_write_json(run_dir / "env.json", env)
+    data = build_dataset(cfg.dataset, seed=int(cfg.seed), augment=cfg.augment, progress=progress)
+    seed_everything(int(cfg.seed))  # the model's initial weights depend on the seed alone
+    model = build_model(
+        cfg.model,
+        cfg.pooling,
+        cfg.local_pooling,
+        in_channels=data.in_channels,
+        input_size=data.input_size,
+        num_classes=data.num_classes,
+        task=data.task,
+    )
+    return Built(device, data, model)
+
+
+def _run(
+    cfg: DictConfig, run_dir: Path, built: Built, *, replacing: bool, progress: Progress | None, log: Log
+) -> dict[str, Any]:
+    """Train in ``run_dir`` (or, when replacing a completed run, in its staging folder, swapped in at the end)."""
+    if not replacing:
+        resuming = should_resume(cfg.trainer.resume, run_dir / CHECKPOINT, overwrite=bool(cfg.trainer.overwrite))
+        return _train(cfg, run_dir, built, resuming, progress, log, run_dir=run_dir)
+    staged = records.staging_dir(run_dir)
+    try:
+        record = _train(cfg, staged, built, False, progress, log, run_dir=run_dir)
+    except BaseException:
+        records.discard_staged(run_dir)  # an overwrite always starts from scratch: nothing to resume
+        raise
+    records.replace_run_dir(staged, run_dir)
+    return record
+
+
+def _train(
+    cfg: DictConfig, work_dir: Path, built: Built, resuming: bool, progress: Progress | None, log: Log, *,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Write config, environment and a ``running`` record into ``work_dir``, train, evaluate, time, and
+    write the final record whatever happens."""
+    started = time.perf_counter()
+    env = capture_env(str(built.device))
     record: dict[str, Any] = {
         **_identity_fields(cfg),
         **_env_fields(env),
@@ -96,84 +218,112 @@ def _train(cfg: DictConfig, run_dir: Path, resuming: bool, progress: Progress | 
         "started_at": records.now(),
         "resumed": resuming,
         "run_dir": str(run_dir),
+        **_model_fields(built),
     }
-    records.atomic_write_json(run_dir / records.RECORD, record)
     try:
-        data = build_dataset(cfg.dataset, seed=int(cfg.seed), progress=progress)
-        seed_everything(int(cfg.seed))  # the model's initial weights depend on the seed alone
-        model = build_model(
-            cfg.model,
-            cfg.pooling,
-            cfg.local_pooling,
-            in_channels=data.in_channels,
-            input_size=data.input_size,
-            num_classes=data.num_classes,
-            task=data.task,
-        )
-        height, width = model.feature_map_size
-        record.update(
-            task=data.task,
-            feature_map_h=height,
-            feature_map_w=width,
-            pool_out_features=model.pool_out_features,
-            num_params=sum(p.numel() for p in model.parameters()),
-            **{f"data.{k}": v for k, v in data.info.items()},
-        )
-        if height * width <= 4:
-            message = (
-                f"the final feature map is {height}x{width}: global pools barely differ on it; "
-                "use a larger input, model.cifar_stem=true or model.last_stride=1"
-            )
-            warnings.warn(message, stacklevel=1)
-            log(f"warning: {message}")
-        summary = fit(
-            model,
-            data,
-            cfg.trainer,
-            device=device,
-            seed=int(cfg.seed),
-            run_dir=run_dir,
-            pool_lr_mult=float(cfg.pooling.get("lr_mult", 1.0)),
-            local_pool_lr_mult=float(cfg.local_pooling.get("lr_mult", 1.0)),
-            progress=progress,
-            log=log,
-        )
-        record.update({f"train.{k}": v for k, v in summary.items()})
-        amp = str(cfg.trainer.amp)
-        metrics = evaluate(
-            model, data, device=device, batch_size=cfg.trainer.eval_batch_size, amp=amp, progress=progress
-        )
-        record.update(metrics)
-        if cfg.trainer.latency.enabled:
-            latency = measure_latency(
-                model,
-                input_shape=(data.in_channels, data.input_size, data.input_size),
-                device=device,
-                batch_size=cfg.trainer.latency.batch_size,
-                warmup=cfg.trainer.latency.warmup,
-                repeats=cfg.trainer.latency.repeats,
-                amp=amp,
-                train_loss=TASK_LOSS[data.task],
-            )
-            record.update({f"latency.{k}": v for k, v in latency.items()})
-        record.update(
-            {
-                f"learned.{name}": p.detach().float().item()
-                for name, p in model.pool.named_parameters()
-                if p.numel() == 1
-            }
-        )
+        work_dir.mkdir(parents=True, exist_ok=True)
+        records.atomic_write_text(work_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        records.atomic_write_json(work_dir / "env.json", env)
+        records.atomic_write_json(work_dir / records.RECORD, record)
+        record.update(_train_and_measure(cfg, work_dir, built, resuming, progress, log))
         record.update(status="completed")
-    except NonFiniteLossError as exc:
-        record.update(status="failed", error=str(exc), failed_epoch=exc.epoch)
-        raise
-    except KeyboardInterrupt:
-        record.update(status="interrupted", error="interrupted by the user (Ctrl-C)")
+    except KeyboardInterrupt as exc:
+        reason = "terminated by SIGTERM" if isinstance(exc, Terminated) else "interrupted by the user (Ctrl-C)"
+        record.update(status="interrupted", error=reason)
         raise
     except Exception as exc:
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        record.update(_failure(exc, run_dir))
+        if files.is_disk_full(exc):
+            raise DiskFullError(f"{record['error']}; free some space, then resume with trainer.resume=true") from None
         raise
     finally:
         record.update(finished_at=records.now(), wall_time_s=round(time.perf_counter() - started, 3))
-        records.atomic_write_json(run_dir / records.RECORD, record)
+        try:
+            records.atomic_write_json(work_dir / records.RECORD, record)
+        except OSError as exc:  # the disk may still be full: the record stays `running`
+            log(f"could not write the run record: {exc}")
     return record
+
+
+def _failure(exc: Exception, run_dir: Path) -> dict[str, Any]:
+    from poolbench.engine import NonFiniteLossError
+
+    if isinstance(exc, NonFiniteLossError):
+        return {"status": "failed", "error": str(exc), "failed_epoch": exc.epoch}
+    if files.is_disk_full(exc):
+        where = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+        return {"status": "failed", "error": f"disk full in {run_dir.parent}{where} ({exc.strerror})"}
+    if isinstance(exc, PoolbenchError):
+        return {"status": "failed", "error": str(exc)}
+    return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _model_fields(built: Built) -> dict[str, Any]:
+    height, width = built.model.feature_map_size
+    return {
+        "task": built.data.task,
+        "feature_map_h": height,
+        "feature_map_w": width,
+        "pool_out_features": built.model.pool_out_features,
+        "num_params": sum(p.numel() for p in built.model.parameters()),
+        # What the side-by-side latency pass needs to rebuild the model without the data.
+        "in_channels": built.data.in_channels,
+        "input_size": built.data.input_size,
+        "num_classes": built.data.num_classes,
+        **{f"data.{k}": v for k, v in built.data.info.items()},
+    }
+
+
+def _train_and_measure(
+    cfg: DictConfig, work_dir: Path, built: Built, resuming: bool, progress: Progress | None, log: Log
+) -> dict[str, Any]:
+    """fit → evaluate → latency; the record fields they produce."""
+    from poolbench.engine import evaluate, fit, measure_cost, measure_latency
+    from poolbench.engine.policies import TASK_LOSS
+    from poolbench.engine.tracking import learned_fields
+
+    device, data, model = built.device, built.data, built.model
+    height, width = model.feature_map_size
+    if height * width <= 4:
+        message = (
+            f"the final feature map is {height}x{width}: global pools barely differ on it; "
+            "use a larger input, model.cifar_stem=true or model.last_stride=1"
+        )
+        warnings.warn(message, stacklevel=1)
+        log(f"warning: {message}")
+    summary = fit(
+        model,
+        data,
+        cfg.trainer,
+        device=device,
+        seed=int(cfg.seed),
+        run_dir=work_dir,
+        pool_lr_mult=float(cfg.pooling.get("lr_mult", 1.0)),
+        local_pool_lr_mult=float(cfg.local_pooling.get("lr_mult", 1.0)),
+        resume=resuming,
+        progress=progress,
+        log=log,
+    )
+    fields: dict[str, Any] = {"resume_count": summary.pop("resume_count")}
+    fields.update({f"train.{k}": v for k, v in summary.items()})
+    amp = str(cfg.trainer.amp)
+    fields.update(evaluate(model, data, device=device, batch_size=cfg.trainer.eval_batch_size, amp=amp,
+                           progress=progress))
+    if cfg.trainer.latency.enabled:
+        latency = measure_latency(
+            model,
+            input_shape=(data.in_channels, data.input_size, data.input_size),
+            device=device,
+            batch_size=cfg.trainer.latency.batch_size,
+            warmup=cfg.trainer.latency.warmup,
+            repeats=cfg.trainer.latency.repeats,
+            amp=amp,
+            train_loss=TASK_LOSS[data.task],
+        )
+        fields.update({f"latency.{k}": v for k, v in latency.items()})
+        if latency.get("timing_warning"):
+            log(f"warning: timings may be unreliable: {latency['timing_warning']}")
+    input_shape = (data.in_channels, data.input_size, data.input_size)
+    fields.update({f"cost.{k}": v for k, v in measure_cost(model, input_shape, device=device).items()})
+    fields.update(learned_fields(model))
+    return fields

@@ -22,8 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -118,6 +117,14 @@ def _defaults(schema: type) -> dict[str, Any]:
 def defaults(schema: type) -> dict[str, Any]:
     """Every field of ``schema`` with its default (nested dataclasses as dicts)."""
     return _defaults(schema)
+
+
+def required_fields(schema: type) -> list[str]:
+    """The fields of ``schema`` marked :class:`Required` (the values a user must give)."""
+    hints = get_type_hints(schema, include_extras=True)
+    return [
+        f.name for f in dataclasses.fields(schema) if any(isinstance(m, Required) for m in _unwrap(hints[f.name])[1])
+    ]
 
 
 # ------------------------------------------------------------------------------------------ checking
@@ -221,7 +228,7 @@ def _matches(value: Any, annotation: Any) -> bool:
                 return True
             continue
         origin = get_origin(member)
-        if origin in (list, tuple, typing.Sequence):
+        if origin in (list, tuple, Sequence):
             (item,) = get_args(member)[:1] or (Any,)
             if isinstance(value, list | tuple) and all(_matches(v, item) for v in value):
                 return True
@@ -245,7 +252,7 @@ def _type_name(annotation: Any) -> str:
         if member is type(None):
             continue
         origin = get_origin(member)
-        if origin in (list, tuple, typing.Sequence):
+        if origin in (list, tuple, Sequence):
             names.append("list")
         elif get_origin(member) is Literal:
             names.extend(_show(c) for c in get_args(member))

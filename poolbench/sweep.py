@@ -14,12 +14,18 @@ overrides of the same keys replace the preset's.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
+import logging
 import multiprocessing
 import os
+import re
 import shlex
+import signal
+import subprocess
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ from hydra.core.override_parser.types import Glob, Override
 from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 
-from poolbench import records
+from poolbench import config, plugins, records
 from poolbench.config import compose, group_options, run_id
 from poolbench.errors import ConfigError, PoolbenchError
 
@@ -44,6 +50,8 @@ ACTIONS = {
 }
 TO_RUN = ("new", "unfinished", "failed", "overwrite")
 EXECUTORS = ("local", "submitit", "slurm")
+# Names that become path components or job names: no separators, no leading dot, no markup.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass
@@ -123,6 +131,7 @@ def expand(overrides: Sequence[str]) -> list[tuple[list[str], list[str]]]:
 
     ``experiment=a,b`` expands each preset's own grid; the command line replaces a preset's grid keys.
     """
+    plugins.prepare(overrides)  # a plugin's operators are options that glob(*) must see
     parsed = _parse(overrides)
     experiments: list[str | None] = [None]
     rest = []
@@ -166,10 +175,10 @@ def run_status(run_dir: Path, overwrite: bool = False) -> tuple[str, float | Non
         record = {"status": "corrupt"}
     if record is not None and record["status"] == "completed":
         return ("overwrite" if overwrite else "completed"), record.get("wall_time_s")
+    if records.is_locked(run_dir):  # the lock lives beside the run dir, which may not exist yet
+        return "elsewhere", None
     if not run_dir.is_dir():
         return "new", None
-    if records.is_locked(run_dir):
-        return "elsewhere", None
     if record is None:
         return ("unfinished" if (run_dir / "checkpoint.pt").is_file() else "new"), None
     return ("failed" if record["status"] == "failed" else "unfinished"), None
@@ -179,28 +188,50 @@ def _quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def check_name(name: str) -> str:
+    """A sweep name is recorded and names SLURM jobs: plain characters only, so it can never act as a path."""
+    if not SAFE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"sweep name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-' (not starting with '.')"
+        )
+    return name
+
+
 def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRun]:
     """Compose every run of the grid (so a bad override fails before anything starts) and check its state.
 
-    Runs that resolve to the same config (same run id) are planned once.
+    Runs that resolve to the same config (same run id) are planned once. A run's status costs one
+    listing of its results folder plus a record read for the runs that exist.
     """
+    if name is not None:
+        check_name(name)
+    combinations = expand(overrides)
     planned: dict[str, PlannedRun] = {}
-    for full, swept in expand(overrides):
+    listings: dict[Path, set[str]] = {}
+    configs = config.iter_composed([full for full, _ in combinations])
+    for full, swept in combinations:
         try:
-            cfg = compose(full)
+            cfg = next(configs)
         except ConfigError as exc:
             raise ConfigError(f"{' '.join(swept)}: {exc}" if swept else str(exc)) from None
         identifier = run_id(cfg)
         if identifier in planned:
             continue
-        results_dir = Path(cfg.results_dir).resolve()
+        results_dir = Path(cfg.results_dir).resolve()  # one syscall per path component: cheap
+        if results_dir not in listings:
+            listings[results_dir] = set(os.listdir(results_dir)) if results_dir.is_dir() else set()
+        run_dir = results_dir / identifier  # run ids are plain folder names (config.run_id)
         # Absolute, so that jobs started from another working directory (submitit, SLURM) write the same place.
         extra = [f"results_dir={_quoted(str(results_dir))}"]
         if name is not None and cfg.get("sweep_name") is None:
             extra.append(f"sweep_name={_quoted(name)}")
-        status, wall_time = run_status(results_dir / identifier, overwrite=bool(cfg.trainer.overwrite))
+        overwrite = bool(cfg.trainer.overwrite)
+        listed = listings[results_dir]
+        known = identifier in listed or records.lock_path(run_dir).name in listed  # one listdir, not 10,000 stats
+        status, wall_time = run_status(run_dir, overwrite) if known else ("new", None)
         kept = [o for o in full if o.lstrip("+").split("=", 1)[0] != "results_dir"]
-        planned[identifier] = PlannedRun(kept + extra, swept, identifier, results_dir / identifier, status, wall_time)
+        planned[identifier] = PlannedRun(kept + extra, swept, identifier, run_dir, status, wall_time)
+    configs.close()
     return list(planned.values())
 
 
@@ -208,7 +239,11 @@ def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRu
 
 
 def run_one(overrides: list[str]) -> Outcome:
-    """Compose and execute one run; never raises for a failed run (its record says why)."""
+    """Compose and execute one run; never raises for a failed run (its record says why).
+
+    An interruption (Ctrl-C, or SIGTERM where the run handles it) is not an outcome: it propagates,
+    so that a SLURM task stopped for a requeue writes no result and is picked up again.
+    """
     from poolbench import run as run_module
 
     cfg = compose(overrides)
@@ -227,12 +262,52 @@ def _submitit_job() -> Callable[[list[str]], Outcome]:
     import submitit
 
     class RunJob(submitit.helpers.Checkpointable):
-        """On SLURM preemption or timeout submitit requeues the job, which then resumes from its checkpoint."""
+        """A sweep's SLURM task. On the preemption/time-limit signal (``--signal=USR2@90``) submitit calls
+        :meth:`checkpoint` and requeues the task; on ``scontrol requeue`` or preemption SLURM restarts
+        it. Either way it runs again with ``trainer.resume=true`` and continues from the run's last
+        checkpoint, which the training loop writes every epoch."""
 
         def __call__(self, overrides: list[str]) -> Outcome:
+            if "SLURM_JOB_ID" in os.environ:
+                _requeue_on_sigterm()
             return run_one(overrides)
 
     return RunJob()
+
+
+def _requeue_on_sigterm() -> None:
+    """In a SLURM task, SIGTERM decides between "SLURM is ending me" and "I am being warned".
+
+    When SLURM is already ending the job (``scancel``, ``scontrol requeue``, preemption: the job is
+    COMPLETING) the task exits without a result and SLURM's own decision stands: a requeued task
+    comes back and resumes, a cancelled one stays cancelled. A SIGTERM to a task that is still
+    RUNNING (a warning before a kill, ``scancel --signal=TERM``) does what submitit does on its
+    time-limit signal: checkpoint the call, requeue the task, exit. (submitit itself only logs
+    SIGTERM and lets the kill follow.)
+    """
+    import submitit
+
+    requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+    if not callable(requeue):
+        return
+
+    def preempted(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        job_id = submitit.JobEnvironment().job_id
+        try:
+            state = subprocess.run(
+                ["squeue", "--noheader", "--jobs", job_id, "--format=%T"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            state = "RUNNING"  # cannot tell: keep the run alive
+        if state != "RUNNING":
+            raise SystemExit(128 + signum)
+        try:
+            requeue(signum, frame)  # ends with sys.exit
+        except subprocess.CalledProcessError:  # `scontrol requeue` refused: SLURM is already ending the job
+            raise SystemExit(128 + signum) from None
+
+    signal.signal(signal.SIGTERM, preempted)
 
 
 # ------------------------------------------------------------------------------------------ the sweep
@@ -248,6 +323,7 @@ class SweepState:
     failed: list[Outcome] = field(default_factory=list)
     elsewhere: list[str] = field(default_factory=list)
     running: dict[str, float] = field(default_factory=dict)  # run id → start (monotonic)
+    tasks: dict[str, str] = field(default_factory=dict)  # run id → its scheduler state (SLURM arrays)
     started: float = field(default_factory=time.monotonic)
     stopped: bool = False  # --fail-fast tripped
 
@@ -313,8 +389,10 @@ def run_sweep(
 
     ``executor``: ``local`` (in this process when ``jobs == 1``, else a spawn process pool),
     ``submitit`` (submitit's AutoExecutor: SLURM when available, else its local executor) or
-    ``slurm``. ``executor_params`` go to submitit's ``update_parameters`` (timeout_min,
-    gpus_per_node, slurm_partition, ...).
+    ``slurm``. On SLURM the runs are one job array with ``jobs`` tasks at most running at once.
+    ``executor_params`` go to submitit's ``update_parameters`` (timeout_min, gpus_per_node,
+    slurm_partition, ...). An interruption (KeyboardInterrupt, :class:`Terminated`) stops this
+    machine's workers, marks their runs interrupted and propagates; a SLURM array keeps running.
     """
     if executor not in EXECUTORS:
         raise PoolbenchError(f"unknown executor '{executor}'. Valid choices: {', '.join(EXECUTORS)}")
@@ -338,9 +416,12 @@ def run_sweep(
     if executor == "local":
         pool: _Pool = _ProcessPool(jobs)
     else:
-        pool = _SubmititPool(executor, jobs, planned[0].run_dir.parent / ".submitit", executor_params or {})
+        pool = _submitit_pool(executor, jobs, planned[0].run_dir.parent / ".submitit", executor_params or {})
     try:
         _drive(state, todo, pool, fail_fast, notify)
+    except KeyboardInterrupt:
+        pool.interrupt([p for p in todo if p.run_id in state.running])
+        raise
     finally:
         pool.close()
     return state
@@ -352,23 +433,48 @@ def _record(state: SweepState, outcome: Outcome, fail_fast: bool) -> None:
         state.stopped = True
 
 
+def mark_interrupted(run_dir: Path, reason: str) -> None:
+    """Say ``interrupted`` in the record of a run whose process was stopped before it could (killed)."""
+    try:
+        with records.run_lock(run_dir):
+            record = records.read_record(run_dir)
+            if record is not None and record.get("status") == "running":
+                record.update(status="interrupted", error=reason, finished_at=records.now())
+                records.atomic_write_json(run_dir / records.RECORD, record)
+    except (records.RunLockedError, ValueError, OSError):
+        pass  # held by a live process, or unreadable: the next sweep's plan sees it as unfinished anyway
+
+
 class _Pool:
     """Submit runs, report the finished ones. ``window`` runs at most are in flight."""
 
     window: int
     poll_s: float
 
-    def submit(self, run: PlannedRun, slot: int) -> Any: ...
+    def submit(self, batch: list[tuple[int, PlannedRun]]) -> list[Any]:
+        """Start these (slot, run) pairs; one handle each."""
+        raise NotImplementedError
 
-    def finished(self, handle: Any, run: PlannedRun) -> Outcome | None: ...
+    def poll(self) -> dict[str, str]:
+        """Once per loop: the scheduler's state of each submitted run (run id → PENDING, RUNNING, ...)."""
+        return {}
+
+    def finished(self, handle: Any, run: PlannedRun) -> Outcome | None:
+        raise NotImplementedError
 
     def cancel_pending(self, handles: Sequence[Any]) -> None:
         """Cancel submitted runs that have not started (only a cluster queue holds such runs)."""
 
-    def close(self) -> None: ...
+    def interrupt(self, in_flight: list[PlannedRun]) -> None:
+        """The sweep is being stopped: stop what runs on this machine."""
+
+    def close(self) -> None:
+        return None
 
 
 class _ProcessPool(_Pool):
+    STOP_GRACE_S = 10.0  # for a worker to record its run interrupted after SIGTERM, before SIGKILL
+
     def __init__(self, jobs: int) -> None:
         self.window, self.poll_s = jobs, 0.2
         self.threads = default_threads(jobs)
@@ -380,10 +486,13 @@ class _ProcessPool(_Pool):
         context = multiprocessing.get_context("spawn")
         self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=self.window, mp_context=context)
 
-    def submit(self, run: PlannedRun, slot: int) -> tuple[concurrent.futures.Future[Outcome], Any]:
-        # One GPU per job when several are visible (device=auto would put every job on cuda:0).
-        device = f"cuda:{self.gpus[slot % len(self.gpus)]}" if len(self.gpus) > 1 else None
-        return self.pool.submit(run_one, _job_overrides(run, self.threads, device)), self.pool
+    def submit(self, batch: list[tuple[int, PlannedRun]]) -> list[Any]:
+        handles = []
+        for slot, run in batch:
+            # One GPU per job when several are visible (device=auto would put every job on cuda:0).
+            device = f"cuda:{self.gpus[slot % len(self.gpus)]}" if len(self.gpus) > 1 else None
+            handles.append((self.pool.submit(run_one, _job_overrides(run, self.threads, device)), self.pool))
+        return handles
 
     def finished(self, handle: tuple[concurrent.futures.Future[Outcome], Any], run: PlannedRun) -> Outcome | None:
         future, pool = handle
@@ -399,6 +508,25 @@ class _ProcessPool(_Pool):
                 self._new_pool()
             return Outcome(run.run_id, "failed", error="its worker process died (killed or out of memory?)")
 
+    def interrupt(self, in_flight: list[PlannedRun]) -> None:
+        # The workers are not in the sweep's signal path when it gets SIGTERM (only Ctrl-C reaches the
+        # whole process group): pass SIGTERM on, give them time to record their runs, then kill.
+        # ProcessPoolExecutor has no public handle on its processes.
+        workers = list(getattr(self.pool, "_processes", {}).values())
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+        deadline = time.monotonic() + self.STOP_GRACE_S
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for run in in_flight:
+            mark_interrupted(run.run_dir, "interrupted: the sweep was stopped (re-run it to resume)")
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -409,47 +537,181 @@ def _cuda_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
-class _SubmititPool(_Pool):
-    def __init__(self, executor: str, jobs: int, folder: Path, params: dict[str, Any]) -> None:
-        import submitit
+def _submitit_pool(executor: str, jobs: int, folder: Path, params: dict[str, Any]) -> _Pool:
+    import submitit
 
-        try:
-            self.executor = submitit.AutoExecutor(
-                folder=folder / "%j", cluster="slurm" if executor == "slurm" else None
-            )
-        except (RuntimeError, ValueError) as exc:
-            raise PoolbenchError(f"submitit cannot use {executor}: {exc}") from None
-        self.local = self.executor.cluster != "slurm"
-        parameters = {"timeout_min": 240, "name": "poolbench", **params}
-        if not self.local and jobs > 1:
-            parameters["slurm_array_parallelism"] = jobs
-        self.executor.update_parameters(**parameters)
-        cpus = parameters.get("cpus_per_task")
-        self.threads = int(cpus) if cpus else default_threads(jobs) if self.local else None
-        # The local executor starts every job it is given at once: feed it `jobs` at a time.
-        self.window = jobs if self.local else 10**9
-        self.poll_s = 0.5 if self.local else 10.0
+    try:
+        auto = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if executor == "slurm" else None)
+    except (RuntimeError, ValueError) as exc:
+        raise PoolbenchError(f"submitit cannot use {executor}: {exc}") from None
+    parameters = {"timeout_min": 240, "name": "poolbench", **params}
+    if auto.cluster == "slurm":
+        return _SlurmArrayPool(auto, jobs, folder, parameters)
+    return _SubmititLocalPool(auto, jobs, folder, parameters)
+
+
+class _SubmititPool(_Pool):
+    """What submitit's SLURM and local executors share: parameters, quiet logging, outcomes from result files."""
+
+    def __init__(self, executor: Any, jobs: int, folder: Path, parameters: dict[str, Any]) -> None:
+        self.executor = executor
+        self.log = _SweepLog(folder / "sweep.log")
+        with self.log.capture():
+            self.executor.update_parameters(**parameters)
         self.job = _submitit_job()
 
-    def submit(self, run: PlannedRun, slot: int) -> Any:
-        return self.executor.submit(self.job, _job_overrides(run, self.threads, None))
+    def _overrides(self, run: PlannedRun) -> list[str]:
+        return _job_overrides(run, self.threads, None)
 
-    def finished(self, handle: Any, run: PlannedRun) -> Outcome | None:
-        if not handle.done():
-            return None
+    def _outcome(self, handle: Any, run: PlannedRun) -> Outcome:
+        log = handle.paths.stderr
         try:
-            return handle.result()
+            with self.log.capture():
+                outcome: Outcome = handle.result()
         except Exception as exc:  # submitit's FailedJobError / UncompletedJobError: killed, timed out, ...
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return Outcome(run.run_id, "failed", error=f"job {handle.job_id}: {first} (log: {handle.paths.stderr})")
-
-    def cancel_pending(self, handles: Sequence[Any]) -> None:
-        for handle in handles:
-            if not self.local and handle.state == "PENDING":
-                handle.cancel(check=False)
+            return Outcome(run.run_id, "failed", error=f"job {handle.job_id}: {first} (log: {log})")
+        if outcome.status == "failed":
+            outcome.error = f"{outcome.error} (log: {log})"
+        return outcome
 
     def close(self) -> None:
-        return None
+        self.log.close()
+
+
+class _SubmititLocalPool(_SubmititPool):
+    def __init__(self, executor: Any, jobs: int, folder: Path, parameters: dict[str, Any]) -> None:
+        super().__init__(executor, jobs, folder, parameters)
+        cpus = parameters.get("cpus_per_task")
+        self.threads = int(cpus) if cpus else default_threads(jobs)
+        # The local executor starts every job it is given at once: feed it `jobs` at a time.
+        self.window, self.poll_s = jobs, 0.5
+        self.handles: list[Any] = []
+
+    def submit(self, batch: list[tuple[int, PlannedRun]]) -> list[Any]:
+        with self.log.capture():
+            handles = [self.executor.submit(self.job, self._overrides(run)) for _, run in batch]
+        self.handles.extend(handles)
+        return handles
+
+    def finished(self, handle: Any, run: PlannedRun) -> Outcome | None:
+        with self.log.capture():
+            if not handle.done():
+                return None
+        return self._outcome(handle, run)
+
+    def interrupt(self, in_flight: list[PlannedRun]) -> None:
+        # Its jobs are this machine's subprocesses: stop them as Ctrl-C would (the runs record it).
+        with self.log.capture():
+            for handle in self.handles:
+                if not handle.done():
+                    handle.cancel(check=False)
+
+
+# squeue states of a task that will not run again (a requeued task goes back to PENDING).
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+class _SlurmArrayPool(_SubmititPool):
+    """All the runs of a sweep as one SLURM job array, ``--jobs`` its ``%N`` throttle.
+
+    Task states come from one ``squeue`` call per poll, not from submitit's per-job ``sacct`` calls
+    (which need SLURM's accounting database and warn at every poll without it).
+    """
+
+    def __init__(self, executor: Any, jobs: int, folder: Path, parameters: dict[str, Any]) -> None:
+        super().__init__(executor, jobs, folder, {**parameters, "slurm_array_parallelism": jobs})
+        cpus = parameters.get("cpus_per_task")
+        self.threads = int(cpus) if cpus else None
+        self.window, self.poll_s = 10**9, 3.0
+        self.states: dict[str, str] = {}  # task id (123_4) → squeue state
+        self.unseen: dict[str, int] = {}  # task id → consecutive polls it was missing from squeue
+        self.handles: dict[str, Any] = {}  # run id → job
+
+    def submit(self, batch: list[tuple[int, PlannedRun]]) -> list[Any]:
+        with self.log.capture(), self.executor.batch():
+            handles = [self.executor.submit(self.job, self._overrides(run)) for _, run in batch]
+        for handle, (_, run) in zip(handles, batch, strict=True):
+            self.handles[run.run_id] = handle
+        self.log.write(f"submitted {len(handles)} runs as job array {handles[0].job_id.split('_')[0]}")
+        return handles
+
+    def poll(self) -> dict[str, str]:
+        arrays = sorted({h.job_id.split("_")[0] for h in self.handles.values()})
+        if not arrays:
+            return {}
+        command = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T", "--jobs", ",".join(arrays)]
+        try:
+            listing = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.log.write(f"squeue failed ({exc}); task states not updated")
+            return {key: self.states.get(h.job_id, "?") for key, h in self.handles.items()}
+        self.states = dict(line.split("|", 1) for line in listing.splitlines() if "|" in line)
+        for key, handle in self.handles.items():
+            missing = handle.job_id not in self.states
+            self.unseen[key] = self.unseen.get(key, 0) + 1 if missing else 0
+        return {key: self.states.get(h.job_id, "ENDED") for key, h in self.handles.items()}
+
+    def finished(self, handle: Any, run: PlannedRun) -> Outcome | None:
+        if not handle.paths.result_pickle.exists():
+            state = self.states.get(handle.job_id)
+            # Gone from the queue twice in a row (MinJobAge passed), or ended: done, with a result or not.
+            if not (state in ENDED or self.unseen.get(run.run_id, 0) >= 2):
+                return None
+            if not handle.paths.result_pickle.exists():
+                self.handles.pop(run.run_id, None)
+                return Outcome(
+                    run.run_id,
+                    "failed",
+                    error=f"task {handle.job_id} ended {state or 'without a trace in squeue'} without a result "
+                    f"(log: {handle.paths.stderr})",
+                )
+        self.handles.pop(run.run_id, None)
+        return self._outcome(handle, run)
+
+    def cancel_pending(self, handles: Sequence[Any]) -> None:
+        pending = [h.job_id for h in handles if self.states.get(h.job_id) == "PENDING"]
+        if pending:
+            subprocess.run(["scancel", *pending], capture_output=True, timeout=60, check=False)
+
+    def interrupt(self, in_flight: list[PlannedRun]) -> None:
+        arrays = sorted({h.job_id.split("_")[0] for h in self.handles.values()})
+        self.log.write(f"sweep stopped; job array(s) {', '.join(arrays)} left running")
+
+
+class _SweepLog:
+    """The sweep's log file: submitit's log messages and warnings go here, never to the live view."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.handler = logging.FileHandler(path)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        self.logger = logging.getLogger("submitit")
+        self.saved = (list(self.logger.handlers), self.logger.propagate)
+        for handler in self.saved[0]:
+            self.logger.removeHandler(handler)
+        self.logger.addHandler(self.handler)
+        self.logger.propagate = False
+
+    def write(self, message: str) -> None:
+        self.logger.warning(message)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for warning in caught:
+            self.write(f"{warning.category.__name__}: {warning.message}")
+
+    def close(self) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+        handlers, propagate = self.saved
+        for handler in handlers:
+            self.logger.addHandler(handler)
+        self.logger.propagate = propagate
 
 
 def _drive(
@@ -459,17 +721,22 @@ def _drive(
     in_flight: dict[int, tuple[Any, PlannedRun]] = {}  # slot → (handle, run)
     while queue or in_flight:
         free = [s for s in range(min(pool.window, len(todo))) if s not in in_flight]
+        batch = []
         while queue and free and not state.stopped:
-            run = queue.pop(0)
-            slot = free.pop(0)
-            in_flight[slot] = (pool.submit(run, slot), run)
-            state.start(run)
+            batch.append((free.pop(0), queue.pop(0)))
+        if batch:
+            for (slot, run), handle in zip(batch, pool.submit(batch), strict=True):
+                in_flight[slot] = (handle, run)
+                state.start(run)
             notify(state)
-        changed = False
+        tasks = pool.poll()
+        changed = tasks != state.tasks
+        state.tasks = tasks
         for slot, (handle, run) in list(in_flight.items()):
             outcome = pool.finished(handle, run)
             if outcome is not None:
                 del in_flight[slot]
+                state.tasks.pop(run.run_id, None)
                 _record(state, outcome, fail_fast)
                 changed = True
         if state.stopped and queue:  # --fail-fast: let started runs finish, start no more

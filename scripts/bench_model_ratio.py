@@ -19,6 +19,7 @@ import math
 import torch
 
 from poolbench import bench
+from poolbench.engine import latency
 
 TARGET = 1.15
 
@@ -52,15 +53,15 @@ def compare(
         case.net.to(settings.device)
         steps[pooling] = bench.model_step_fns(case, images, labels)[1]
         map_h, map_w = case.feature_map
-    samples, errors = bench.interleaved_samples(steps, settings)
+    samples, errors = bench.sample_interleaved(steps, settings)
     if errors:
         raise RuntimeError(f"{model}: {errors}")
-    ratio, q1, q3 = bench.paired_ratios(samples["dgmp"], samples["avg"])
-    dgmp_ms, avg_ms = (bench.median_iqr(samples[p])[0] for p in ("dgmp", "avg"))
+    ratio, (q1, q3) = latency.paired_ratios(samples["dgmp"], samples["avg"])
+    dgmp_ms, avg_ms = (latency.median_iqr(samples[p])[0] for p in ("dgmp", "avg"))
     print(
         f"{model:9s} input {images.shape[0]}x{in_channels}x{input_size}x{input_size} (final map {map_h}x{map_w}): "
         f"avg {avg_ms:.1f} ms, dgmp {dgmp_ms:.1f} ms per train step, "
-        f"dgmp/avg = {ratio:.3f} (IQR {q1:.3f}–{q3:.3f}, {len(samples['dgmp'])} pairs)"
+        f"dgmp/avg = {ratio:.3f} (95% CI {q1:.3f}–{q3:.3f}, {len(samples['dgmp'])} pairs)"
     )
     return dgmp_ms, avg_ms, ratio, q1, q3
 

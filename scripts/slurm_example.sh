@@ -6,9 +6,15 @@
 # `poolbench train` for one config in <results_dir>/<run-id>/; submitit's logs and pickles go to
 # <results_dir>/.submitit/<job-id>/.
 #
-# Resuming: a job that SLURM preempts or times out is requeued by submitit and continues from its
-# last checkpoint. If the watching process itself dies, run the same command again: finished runs are
-# skipped, unfinished ones resume, and runs still held by a live job are left to it.
+# The runs not completed yet go to SLURM as ONE job array; --jobs N is its %N throttle (SLURM never
+# runs more than N of the sweep's tasks at once). submitit's own messages go to
+# <results_dir>/.submitit/sweep.log; a failed task's line names its log file.
+#
+# Resuming: every task runs with trainer.resume=true and checkpoints each epoch. A task that SLURM
+# requeues (scontrol requeue, preemption) or that gets SIGTERM while running (it then requeues
+# itself) continues from its last checkpoint. If the watching process itself dies, the array keeps
+# running; run the same command again: finished runs are skipped, unfinished ones resume, and runs
+# still held by a live task are left to it. After `scancel <array id>` the same command resumes too.
 #
 # Usage: scripts/slurm_example.sh /path/to/icdar17 [extra poolbench overrides or options...]
 set -euo pipefail

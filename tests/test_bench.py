@@ -13,6 +13,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from poolbench import bench
+from poolbench.engine.latency import peak_memory_mb
 from poolbench.errors import ConfigError
 
 DOCUMENTED_COLUMNS = (
@@ -29,9 +30,12 @@ DOCUMENTED_COLUMNS = (
     "samples",
     "images_per_s",
     "ratio_to_avg",
+    "ratio_to_reference",
     "peak_mem_mb",
     "bandwidth_gb_s",
     "copy_bandwidth_gb_s",
+    "flops",
+    "params",
     "note",
 )
 SHAPE = (2, 8, 4, 4)
@@ -97,7 +101,7 @@ def test_cpu_peak_memory_counts_the_tensors_a_call_creates() -> None:
         del a
         return b.view(256, 256) * 2  # the view shares b's storage: b and the result, 512 KiB
 
-    assert bench.peak_memory_mb(chain, torch.device("cpu")) == 0.5
+    assert peak_memory_mb(chain, torch.device("cpu")) == 0.5
 
 
 def test_results_files_are_written_and_parseable(settings: bench.BenchSettings, tmp_path: Path) -> None:
@@ -168,3 +172,238 @@ def test_cli_bad_option_values_are_config_errors() -> None:
         result = CliRunner().invoke(app, ["bench", "--no-save", *args])
         assert isinstance(result.exception, ConfigError), args
         assert "\n" not in str(result.exception)
+
+
+def test_vs_reference_column_times_the_reference_formulation(
+    settings: bench.BenchSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[tuple[str, str, nn.Module]] = []
+
+    def reference_for(kind: str, name: str, module: nn.Module):  # noqa: ANN202
+        asked.append((kind, name, module))
+        return (lambda x: x.mean((2, 3))) if (kind, name) == ("global", "avg") else None
+
+    monkeypatch.setattr(bench, "reference_for", reference_for)
+    rows = bench.bench_operators([("global", "avg"), ("global", "max")], [SHAPE], settings)
+    assert {(kind, name) for kind, name, _ in asked} == {("global", "avg"), ("global", "max")}
+    assert all(isinstance(module, nn.Module) for _, _, module in asked)
+    for pass_ in ("forward", "forward+backward"):
+        avg = _find(rows, "global", "avg", pass_)
+        assert avg.ratio_to_reference is not None and avg.ratio_to_reference > 0
+        other = _find(rows, "global", "max", pass_)
+        assert other.ratio_to_reference is None and "no reference formulation" in other.note
+    assert not [r for r in rows if r.section == "reference"]  # references are columns, not rows
+
+
+def test_operator_rows_carry_forward_flops_and_parameters(settings: bench.BenchSettings) -> None:
+    rows = bench.bench_operators([("global", "gem"), ("global", "avg")], [SHAPE], settings)
+    avg, gem = _find(rows, "global", "avg", "forward"), _find(rows, "global", "gem", "forward")
+    assert avg.params == 0 and gem.params == 1
+    assert avg.flops == 2 * 8 * 4 * 4  # one per input element of the mean (a reduction)
+    assert gem.flops > avg.flops
+    assert _find(rows, "global", "gem", "forward+backward").flops is None  # counted for the forward only
+
+
+def test_build_case_keeps_global_and_local_pool_lr_mults_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    local_node = bench.local_pooling_config("mixed")
+    monkeypatch.setattr(bench, "local_pooling_config", lambda name: {**local_node, "lr_mult": 0.5})
+    case = bench.build_case(
+        "smallcnn", "gem", local_pooling="mixed", in_channels=1, input_size=16, model_overrides={"width": 4, "depth": 2}
+    )
+    groups = case.optimizer.param_groups
+    base_lr = groups[0]["lr"]
+    by_params = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert {by_params[id(p)] for p in case.net.global_pool_parameters()} == {10 * base_lr}  # gem's lr_mult
+    assert {by_params[id(p)] for p in case.net.local_pool_parameters()} == {0.5 * base_lr}
+
+
+def test_results_stay_inside_the_out_folder(
+    settings: bench.BenchSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench.socket, "gethostname", lambda: "../../escaped/host")
+    rows = bench.bench_operators([("global", "avg")], [SHAPE], settings, backward=False)
+    out = tmp_path / "a" / "out"
+    paths = bench.write_results(rows, {}, out)
+    assert all(p.parent == out for p in paths) and sorted(out.iterdir()) == sorted(paths)
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_cli_out_that_is_a_file_is_one_line_and_times_nothing(
+    tmp_path: Path, run_cli, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "file"
+    target.write_text("keep")
+    monkeypatch.setattr(bench, "bench_operators", lambda *a, **k: pytest.fail("timed despite a bad --out"))
+    assert run_cli("bench", "--quick", "--ops", "avg", "--out", str(target / "sub")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "is a file" in err and len(err.strip().splitlines()) == 1
+    assert target.read_text() == "keep"
+
+
+def test_cli_escapes_markup_in_names_and_notes() -> None:
+    from rich.console import Console
+
+    from poolbench.cli.bench import results_tables, side_by_side_table
+
+    row = bench.row_dict(bench.BenchRow("global", "[bold]op", "-", "1x1x1x1", "fp32", "cpu", 1, "forward"))
+    row["note"] = "RuntimeError: [/x] broke"
+    console = Console(record=True, width=400)
+    for table in results_tables([row], "cpu [red]"):
+        console.print(table)
+    document = {
+        "baseline": "[i]avg",
+        "rows": [
+            {
+                "run_ids": ["r"],
+                "model": "[/x]",
+                "pooling": "[bold]p",
+                "local_pooling": "none",
+                "input": "1x1x1x1",
+                "infer_image_ms": 1.0,
+                "infer_image_ms_ci": [0.5, 1.5],
+                "ratio_infer": None,
+                "ratio_infer_ci": None,
+                "train_step_ms": 2.0,
+                "train_step_ms_ci": [1.0, 3.0],
+                "pool_fwd_ms": 0.1,
+                "pool_fwdbwd_ms": None,
+                "peak_mem_mb": 1.0,
+                "flops_per_image": 10**9,
+            }
+        ],
+    }
+    console.print(side_by_side_table(document))
+    text = console.export_text()
+    for literal in ("[bold]op", "[/x] broke", "cpu [red]", "[/x]", "[bold]p", "[i]avg"):
+        assert literal in text
+
+
+# ------------------------------------------------------------------------------------ side by side
+
+TINY_RUN = [
+    "dataset=digits",
+    "trainer.epochs=1",
+    "trainer.steps_per_epoch=2",
+    "trainer.latency.enabled=false",
+    "trainer.latency.batch_size=8",
+    "model.width=4",
+    "model.depth=2",
+]
+SIDE_BY_SIDE_KEYS = {
+    "run_ids",
+    "pooling",
+    "model",
+    "infer_image_ms",
+    "infer_image_ms_ci",
+    "train_step_ms",
+    "train_step_ms_ci",
+    "pool_fwd_ms",
+    "pool_fwdbwd_ms",
+    "peak_mem_mb",
+    "ratio_infer",
+    "ratio_infer_ci",
+    "flops_per_image",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Three finished runs: avg with seeds 0 and 1 (one configuration), dgmp with seed 0."""
+    from poolbench.config import compose
+    from poolbench.run import execute
+
+    results = tmp_path_factory.mktemp("runs")
+    records = {}
+    for pooling, seed in (("avg", 0), ("avg", 1), ("dgmp", 0)):
+        record = execute(compose([*TINY_RUN, f"pooling={pooling}", f"seed={seed}", f"results_dir={results}"]))
+        records[f"{pooling}{seed}"] = record
+    return {"dir": results, **records}
+
+
+def _side_by_side(tiny_runs: dict, **kwargs) -> dict:  # noqa: ANN003
+    path = bench.side_by_side(tiny_runs["dir"], rounds=3, warmup=1, **kwargs)
+    assert path == tiny_runs["dir"] / bench.SIDE_BY_SIDE
+    return json.loads(path.read_text())
+
+
+def test_side_by_side_times_each_configuration_once_against_the_baseline(tiny_runs: dict) -> None:
+    document = _side_by_side(tiny_runs, baseline="avg")
+    assert document["schema"] == 1 and document["baseline"] == "avg" and document["skipped"] == []
+    assert {"created", "env", "rows"} <= set(document) and "timing_warnings" in document["env"]
+    rows = {row["pooling"]: row for row in document["rows"]}
+    assert set(rows) == {"avg", "dgmp"}
+    assert sorted(rows["avg"]["run_ids"]) == sorted([tiny_runs["avg0"]["run_id"], tiny_runs["avg1"]["run_id"]])
+    assert rows["dgmp"]["run_ids"] == [tiny_runs["dgmp0"]["run_id"]]
+    for row in rows.values():
+        assert set(row) >= SIDE_BY_SIDE_KEYS and row["model"] == "smallcnn" and row["rounds"] == 3
+        assert row["input"] == "8x1x32x32" and row["batch_size"] == 8
+        for key in ("infer_image_ms", "train_step_ms"):
+            low, high = row[f"{key}_ci"]
+            assert low <= row[key] <= high
+        assert row["pool_fwd_ms"] > 0 and row["pool_fwdbwd_ms"] > 0 and row["peak_mem_mb"] > 0
+        assert row["flops_per_image"] > row["pool_flops"] > 0
+    assert rows["avg"]["ratio_infer"] == 1.0 and rows["avg"]["ratio_infer_ci"] == [1.0, 1.0]  # paired with itself
+    low, high = rows["dgmp"]["ratio_infer_ci"]
+    assert low <= rows["dgmp"]["ratio_infer"] <= high
+    assert rows["dgmp"]["params"] == rows["avg"]["params"] + 1  # DGMP's log λ
+
+
+def test_side_by_side_without_baseline_and_for_chosen_runs(tiny_runs: dict) -> None:
+    document = _side_by_side(tiny_runs, run_ids=[tiny_runs["dgmp0"]["run_id"]])
+    (row,) = document["rows"]
+    assert row["pooling"] == "dgmp" and row["ratio_infer"] is None and row["ratio_infer_ci"] is None
+
+
+def test_side_by_side_bad_choices_are_config_errors(tiny_runs: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown baseline pooling 'gem'.*Valid choices: avg, dgmp"):
+        bench.side_by_side(tiny_runs["dir"], baseline="gem")
+    with pytest.raises(ConfigError, match="unknown completed run 'nope'"):
+        bench.side_by_side(tiny_runs["dir"], run_ids=["nope"])
+    with pytest.raises(ConfigError, match="no completed run"):
+        bench.side_by_side(tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        bench.side_by_side(tmp_path / "missing")
+    assert not (tmp_path / bench.SIDE_BY_SIDE).exists()
+
+
+def test_side_by_side_rebuilds_learned_parameters_from_the_checkpoint(tiny_runs: dict, tmp_path: Path) -> None:
+    import math
+    import shutil
+
+    from poolbench.records import read_record
+
+    run_dir = tmp_path / "copy" / tiny_runs["dgmp0"]["run_id"]
+    shutil.copytree(Path(tiny_runs["dgmp0"]["run_dir"]), run_dir)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    checkpoint["model"]["pool.log_lam"] = torch.tensor(math.log(123.0))
+    torch.save(checkpoint, run_dir / "checkpoint.pt")
+    record = read_record(run_dir)
+    _, net, _ = bench._rebuild(run_dir, record)
+    assert float(net.pool.lam.detach()) == pytest.approx(123.0)
+
+
+def test_side_by_side_reads_runs_where_they_are_found_not_where_records_point(tiny_runs: dict, tmp_path: Path) -> None:
+    import shutil
+
+    results = tmp_path / "results"
+    for key in ("avg0", "dgmp0"):
+        shutil.copytree(Path(tiny_runs[key]["run_dir"]), results / tiny_runs[key]["run_id"])
+    hostile = results / tiny_runs["dgmp0"]["run_id"] / "result.json"
+    hostile.write_text(json.dumps({**json.loads(hostile.read_text()), "run_dir": "/nonexistent/../etc"}))
+    (results / tiny_runs["avg0"]["run_id"] / "checkpoint.pt").unlink()
+    document = json.loads(bench.side_by_side(results, rounds=2, warmup=1).read_text())
+    assert [row["pooling"] for row in document["rows"]] == ["dgmp"]
+    (skipped,) = document["skipped"]
+    assert skipped["run_id"] == tiny_runs["avg0"]["run_id"] and "checkpoint.pt" in skipped["reason"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_cli_runs_mode_writes_and_shows_side_by_side(
+    tiny_runs: dict, run_cli, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("bench", "--runs", str(tiny_runs["dir"]), "--baseline", "avg", "--repeats", "2") == 0
+    out = capsys.readouterr().out
+    assert "side by side" in out and "dgmp" in out and "wrote" in out
+    assert run_cli("bench", "--runs", str(tiny_runs["dir"]), "--baseline", "nope") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Valid choices: avg, dgmp" in err

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from poolbench.errors import ConfigError
+
 TINY = [
     "dataset=digits",
     "trainer.epochs=1",
@@ -61,6 +63,9 @@ def test_cfg_prints_resolved_config_without_running(tmp_path: Path) -> None:
         (["trainer.epochs=abc"], "trainer.epochs must be of type int"),
         (["pooling=gem", "pooling.p=-1"], "pooling=gem"),
         (["seed=range(0,3)"], "poolbench sweep"),
+        (["--plugin", "x"], "unknown option '--plugin'"),
+        (["trainer.optimizer='[/x]'"], "unknown trainer.optimizer '[/x]'"),  # markup in a value: shown as is
+        (["trainer.optimizer='[bold]x'"], "'[bold]x'"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
@@ -70,6 +75,13 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, args: list[str], ex
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_version() -> None:
+    import poolbench as package
+
+    result = poolbench("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"poolbench {package.__version__}"
 
 
 @pytest.mark.slow
@@ -124,3 +136,12 @@ def test_train_on_a_tiny_icdar17_folder_reports_writer_retrieval(tmp_path: Path)
     record = json.loads(next((tmp_path / "runs").glob("*/result.json")).read_text())
     assert record["status"] == "completed" and record["task"] == "retrieval" and record["pooling"] == "dgmp"
     assert 0.0 <= record["mAP"] <= 1.0 and {"top1", "soft@2", "hard@2"} <= record.keys()
+
+
+def test_python_api_composes_like_the_cli() -> None:
+    import poolbench as package
+
+    cfg = package.compose(["pooling=gem", "pooling.p=4"])
+    assert cfg.pooling.p == 4 and cfg.choices.pooling == "gem"
+    with pytest.raises(ConfigError, match="Did you mean 'dgmp'"):
+        package.compose(["pooling=dgmpp"])

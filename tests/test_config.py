@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+from omegaconf import open_dict
+
+from poolbench import schema
 from poolbench.config import (
     GROUPS,
     compose,
@@ -12,6 +16,7 @@ from poolbench.config import (
     default_augment,
     group_options,
     identity,
+    run_dir,
     run_id,
 )
 from poolbench.errors import ConfigError
@@ -25,12 +30,18 @@ def test_default_config_composes_and_records_choices() -> None:
     assert (conf_dir() / "config.yaml").is_file()
 
 
+def required_values(group: str, option: str | None) -> list[str]:
+    """Placeholder overrides for the keys an option's schema marks Required (e.g. dataset.root)."""
+    opt = schema.options(group).get(str(option))
+    return [f"{group}.{name}=/data" for name in schema.required_fields(opt.schema)] if opt else []
+
+
 @pytest.mark.parametrize(
     ("group", "option"),
     [(g, o) for g in GROUPS if g not in ("trainer", "experiment") for o in group_options(g)],
 )
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
-    cfg = compose([f"{group}={option}"])
+    cfg = compose([f"{group}={option}", *required_values(group, option)])
     # augment=auto composes the dataset's own recipe and records that one.
     expected = default_augment(cfg.choices.dataset) if (group, option) == ("augment", "auto") else option
     assert cfg.choices[group] == expected
@@ -38,7 +49,8 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
 
 @pytest.mark.parametrize("option", group_options("experiment"))
 def test_every_experiment_preset_composes(option: str) -> None:
-    assert compose([f"experiment={option}"]).choices.experiment == option
+    dataset = compose([f"experiment={option}"], validate=False).choices.dataset
+    assert compose([f"experiment={option}", *required_values("dataset", dataset)]).choices.experiment == option
 
 
 def test_run_identity_is_deterministic_and_ignores_bookkeeping() -> None:
@@ -78,6 +90,26 @@ def test_override_grammar_add_and_delete() -> None:
         (["seed=range(0,3)"], "poolbench sweep"),
         (["pooling.p=="], "Error parsing override"),
         (["device=gpu"], "device must be"),
+        # Ranges from the schemas: values that would run but mean nothing.
+        (["trainer.grad_clip=-1"], "trainer.grad_clip must be null or > 0"),
+        (["trainer.gamma=-5"], "trainer.gamma must be > 0"),
+        (["trainer.lr=nan"], "trainer.lr must be a finite number"),
+        (["trainer.lr=inf"], "trainer.lr must be a finite number"),
+        (["trainer.num_threads=0"], "trainer.num_threads must be null or an integer >= 1"),
+        (["trainer.num_workers=-1"], "trainer.num_workers must be an integer >= 0"),
+        (["trainer.momentum=1.5"], "trainer.momentum must be >= 0 and < 1"),
+        (["trainer.latency.repeats=0"], "trainer.latency.repeats must be an integer >= 1"),
+        (["trainer.channels_last=maybe"], "unknown trainer.channels_last 'maybe'"),
+        (["seed=-1"], "seed must be an integer >= 0"),
+        (["seed=18446744073709551616"], "seed must be an integer >= 0"),
+        (["+foo=1"], "unknown config key 'foo'"),
+        (["~seed"], "'seed' is required"),
+        # Hydra's own settings would be silently ignored by the compose API: refused instead.
+        (["hydra.run.dir=/tmp/x"], "does not use Hydra's own settings"),
+        (["+hydra.foo=1"], "does not use Hydra's own settings"),
+        (["results_dir="], "results_dir must not be empty"),
+        # A command-line flag that reached the overrides (e.g. `poolbench train --plugin x`).
+        (["--plugin"], "unknown option '--plugin'"),
     ],
 )
 def test_bad_input_is_one_clear_line(overrides: list[str], expected: str) -> None:
@@ -86,3 +118,34 @@ def test_bad_input_is_one_clear_line(overrides: list[str], expected: str) -> Non
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+# Run ids of poolbench 0.1 for these overrides: the same config must keep finding its old runs.
+RUN_IDS_0_1 = {
+    (): "avg-smallcnn-synthwriters-s0-ea74eb229092",
+    ("pooling=dgmp",): "dgmp-smallcnn-synthwriters-s0-b47ecf246884",
+    ("model=resnet18", "pooling=gem"): "gem-resnet18-synthwriters-s0-3fdf756b91c8",
+    ("local_pooling=softpool",): "avg-smallcnn-synthwriters-s0-f716c689b29f",
+    ("experiment=quick",): "avg-smallcnn-synthwriters-s0-ea74eb229092",
+}
+
+
+@pytest.mark.parametrize("overrides", list(RUN_IDS_0_1))
+def test_run_ids_of_unchanged_configs_are_stable(overrides: tuple[str, ...]) -> None:
+    assert run_id(compose(list(overrides))) == RUN_IDS_0_1[overrides]
+
+
+def test_run_directory_stays_inside_results_dir(tmp_path: Path) -> None:
+    cfg = compose([f"results_dir={tmp_path}"])
+    with open_dict(cfg):
+        cfg.dataset.name = "/../../escape"
+        cfg.model.name = "a/b"
+    identifier = run_id(cfg)
+    assert "/" not in identifier and ".." not in identifier
+    assert run_dir(cfg).parent == tmp_path
+
+
+def test_float_keys_accept_ints_in_any_notation() -> None:
+    assert compose(["trainer.lr=1"]).trainer.lr == 1
+    assert compose(["trainer.lr=1e-2"]).trainer.lr == pytest.approx(0.01)
+    assert compose(["trainer.grad_clip=5"]).trainer.grad_clip == 5

@@ -172,7 +172,7 @@ def test_classification_head_and_in_channels() -> None:
         ({"name": "torchvision", "arch": "resnt18"}, {"name": "avg"}, "unknown torchvision model 'resnt18'.*resnet18"),
         ({"name": "smallcnn", "cifar_stem": True, "depth": 1, "last_stride": 1}, {"name": "avg"},
          "model.last_stride=1: smallcnn has no strided layer"),
-        ({"name": "smallcnn"}, {"name": "gem", "p": -1.0}, "pooling gem"),
+        ({"name": "smallcnn"}, {"name": "gem", "p": -1.0}, "pooling=gem"),
         ({"name": "smallcnn"}, {"name": "avgg"}, "Did you mean 'avg'"),
         ({"name": "smallcnn", "pretrained": True}, {"name": "avg"}, "no pretrained weights"),
     ],

@@ -44,7 +44,9 @@ def record_of(results: Path) -> dict:
     return json.loads((only_run_dir(results) / "result.json").read_text())
 
 
-def start_and_wait_for_epochs(results: Path, epochs: int, *extra: str) -> subprocess.Popen[str]:
+def start_and_wait_for_epochs(
+    results: Path, epochs: int, *extra: str, metrics: str = "*/metrics.jsonl"
+) -> subprocess.Popen[str]:
     """Start a training run and return once ``epochs`` epochs are checkpointed (it is then mid-run)."""
     process = subprocess.Popen(
         command(*RESUMABLE, f"results_dir={results}", *extra),
@@ -55,8 +57,8 @@ def start_and_wait_for_epochs(results: Path, epochs: int, *extra: str) -> subpro
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        metrics = list(results.glob("*/metrics.jsonl"))
-        if metrics and len(metrics[0].read_text().splitlines()) >= epochs:
+        found = list(results.glob(metrics))
+        if found and len(found[0].read_text().splitlines()) >= epochs:
             return process
         if process.poll() is not None:
             raise AssertionError(f"run ended before epoch {epochs}: {process.communicate()}")
@@ -86,7 +88,7 @@ def test_kill_9_twice_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -
     resumed = poolbench(*RESUMABLE, f"results_dir={results}", "trainer.resume=true")
     assert resumed.returncode == 0, resumed.stderr
     final = record_of(results)
-    assert final["status"] == "completed" and final["resumed"] is True
+    assert final["status"] == "completed" and final["resumed"] is True and final["resume_count"] == 2
     assert {k: final[k] for k in FINAL} == {k: expected[k] for k in FINAL}
     epochs = [json.loads(line)["epoch"] for line in (only_run_dir(results) / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4]
@@ -108,6 +110,39 @@ def test_ctrl_c_marks_the_run_interrupted_keeps_its_checkpoint_and_exits_cleanly
     resumed = poolbench(*RESUMABLE, f"results_dir={tmp_path}", "trainer.resume=true")
     assert resumed.returncode == 0, resumed.stderr
     assert record_of(tmp_path)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path) -> None:
+    process = start_and_wait_for_epochs(tmp_path, 1)
+    process.send_signal(signal.SIGTERM)  # what SLURM sends before it kills a job
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143  # 128 + SIGTERM, like `poolbench sweep`
+    assert "Traceback" not in stdout + stderr
+    assert len(stderr.strip().splitlines()) == 1 and "stopped (SIGTERM)" in stderr
+    record = record_of(tmp_path)
+    assert record["status"] == "interrupted" and "SIGTERM" in record["error"]
+    assert torch.load(only_run_dir(tmp_path) / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"] >= 1
+
+    resumed = poolbench(*RESUMABLE, f"results_dir={tmp_path}", "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    final = record_of(tmp_path)
+    assert final["status"] == "completed" and final["resumed"] is True and final["resume_count"] == 1
+
+
+@pytest.mark.slow
+def test_a_killed_overwrite_run_leaves_the_completed_run_intact(tmp_path: Path) -> None:
+    completed = poolbench(*RESUMABLE, f"results_dir={tmp_path}")
+    assert completed.returncode == 0, completed.stderr
+    run_dir = only_run_dir(tmp_path)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    process = start_and_wait_for_epochs(tmp_path, 1, "trainer.overwrite=true", metrics=".staging/*/metrics.jsonl")
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    reused = poolbench(*RESUMABLE, f"results_dir={tmp_path}")
+    assert reused.returncode == 0 and record_of(tmp_path)["status"] == "completed"
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
 def test_nan_loss_stops_the_run_and_records_epoch_and_reason(tmp_path: Path) -> None:
@@ -133,13 +168,12 @@ def test_nan_loss_stops_the_run_and_records_epoch_and_reason(tmp_path: Path) -> 
         (["model=resnet18", "model.pretrained=true"], "pretrained"),
     ],
 )
-def test_unusable_data_or_model_is_one_line_and_a_failed_record(tmp_path: Path, args: list[str], expected: str) -> None:
+def test_unusable_data_or_model_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], expected: str) -> None:
     result = poolbench(*args, f"results_dir={tmp_path}")
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr.lower()
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    record = record_of(tmp_path)
-    assert record["status"] == "failed" and record["error"]
+    assert list(tmp_path.iterdir()) == []  # found while building: no run directory, no lock
 
 
 def test_unwritable_results_directory_fails_before_anything_starts(tmp_path: Path) -> None:

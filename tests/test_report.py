@@ -42,7 +42,9 @@ def make_record(pooling: str, seed: int, *, dataset: str = "synthwriters", **fie
         "choice.trainer": "default",
         "cfg.seed": seed,
         "cfg.pooling.name": pooling,
-        "cfg.pooling.lr_mult": 1000.0 if pooling == "dgmp" else 1.0,  # determined by the pooling: not a key
+        # each option's own definition at its default: varies with the pooling, but is not a key
+        "cfg.pooling.lr_mult": 10.0 if pooling == "gem" else 1.0,
+        **({"cfg.pooling.lam": 1000} if pooling == "dgmp" else {}),
         "cfg.trainer.epochs": 4,
         "cfg.results_dir": "results/runs",
         "cfg.sweep_name": "test",
@@ -70,7 +72,7 @@ def results(tmp_path: Path) -> Path:
 
 def test_summary_is_mean_std_n_over_seeds(results: Path) -> None:
     built = report.build(results, baseline="avg")
-    assert built.keys == ["choice.pooling"]  # seed, lr_mult, results_dir, sweep_name and grid are not keys
+    assert built.keys == ["choice.pooling"]  # seed, lr_mult/lam at default, results_dir, sweep_name, grid: not keys
     assert built.metrics == ["mAP", "latency.infer_image_ms"]
     summary = built.summary.set_index("choice.pooling")
     for pooling, values in MAP.items():
@@ -96,7 +98,9 @@ def test_paired_comparison_matches_scipy(results: Path) -> None:
     assert set(built.comparison["pooling"]) == {"dgmp", "max"}
     line = next(line for line in built.comparison_lines if line.startswith("dgmp"))
     p_value = stats.ttest_rel(MAP["dgmp"], MAP["avg"]).pvalue
-    assert line == f"dgmp vs avg: ΔmAP = {deltas.mean():+.3g} ± {half_width:.3g} (95% CI), p = {p_value:.2g}, n = 3"
+    # Changed by issue 11: the line also gives the bootstrap interval, Holm p, d_z and the share of seeds improved.
+    assert line.startswith(f"dgmp vs avg: ΔmAP = {deltas.mean():+.3g} ± {half_width:.3g} (95% CI), ")
+    assert f"p = {p_value:.2g} (Holm " in line and line.endswith("better in 3/3 seeds, n = 3")
 
 
 def test_pairs_only_matching_seeds_and_contexts_and_wilcoxon_from_six(tmp_path: Path) -> None:
@@ -181,15 +185,15 @@ def test_every_export_format_is_written_and_parses_back(results: Path, tmp_path:
     expected = [f"{table}.{ext}" for table in ("summary", "comparison") for ext in ("csv", "md", "tex")]
     assert sorted(p.name for p in written) == sorted([*expected, "runs.csv"])
 
-    summary = pd.read_csv(out / "summary.csv").set_index("pooling")
+    summary = pd.read_csv(out / "summary.csv", comment="#").set_index("pooling")  # provenance: '# ' lines
     assert summary.loc["dgmp", "mAP.mean"] == pytest.approx(np.mean(MAP["dgmp"]))
     assert summary.loc["dgmp", "mAP.std"] == pytest.approx(np.std(MAP["dgmp"], ddof=1))
-    long_form = pd.read_csv(out / "runs.csv")
+    long_form = pd.read_csv(out / "runs.csv", comment="#")
     assert len(long_form) == 9 and {"run_id", "seed", "mAP", "cfg.trainer.epochs"} <= set(long_form.columns)
-    comparison = pd.read_csv(out / "comparison.csv")
+    comparison = pd.read_csv(out / "comparison.csv", comment="#")
     assert set(comparison["pooling"]) == {"dgmp", "max"}
 
-    lines = (out / "summary.md").read_text().splitlines()
+    lines = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["pooling", "n", "mAP", "latency.infer_image_ms"]
     assert set(lines[1]) <= set("|-") and len(lines) == 2 + 3
@@ -227,8 +231,8 @@ def test_plots_are_written(results: Path, tmp_path: Path) -> None:
         write(results, make_record("avg", seed, dataset="digits", mAP=value + 0.2, **{"latency.infer_image_ms": 0.5}))
         write(results, make_record("dgmp", seed, dataset="digits", mAP=value + 0.25, **{"latency.infer_image_ms": 1.0}))
     written = report.write_plots(report.build(results), tmp_path)
-    assert [p.name for p in written] == ["pareto.png", "bars.png"]
-    for path in written:
+    assert [p.name for p in written] == ["pareto.png", "pareto.pdf", "bars.png", "bars.pdf"]
+    for path in written[::2]:
         image = matplotlib.image.imread(path)
         assert image.shape[0] > 300 and image.shape[1] > 500
 
@@ -251,7 +255,8 @@ def test_cli_prints_table_and_comparison_and_writes_files(
     assert "9 completed runs" in printed and "grouped by pooling" in printed
     assert "dgmp vs avg: ΔmAP = +0.045" in printed
     assert sorted(p.name for p in out.iterdir()) == [
-        "bars.png", "comparison.csv", "comparison.md", "pareto.png", "runs.csv", "summary.csv", "summary.md"
+        "bars.pdf", "bars.png", "comparison.csv", "comparison.md", "pareto.pdf", "pareto.png", "report.json",
+        "runs.csv", "summary.csv", "summary.md",
     ]  # fmt: skip
 
 
@@ -262,3 +267,16 @@ def test_cli_missing_dir_is_one_red_line(
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.strip().startswith("error: results directory") and len(captured.err.strip().splitlines()) == 1
+
+
+def test_a_target_operator_is_compared_under_its_class_name(tmp_path: Path) -> None:
+    for seed, (base, mine) in enumerate(((0.60, 0.63), (0.62, 0.66), (0.61, 0.64))):
+        write(tmp_path, make_record("avg", seed, mAP=base))
+        custom = make_record("SoftmaxPool", seed, mAP=mine)
+        custom.update(
+            {"choice.pooling": "custom", "cfg.pooling.name": "custom", "cfg.pooling._target_": "m.SoftmaxPool"}
+        )
+        write(tmp_path, custom)
+    built = report.build(tmp_path, metrics=["mAP"], baseline="SoftmaxPool")
+    assert set(built.summary["choice.pooling"]) == {"avg", "SoftmaxPool"}
+    assert any(line.startswith("avg vs SoftmaxPool") for line in built.comparison_lines)

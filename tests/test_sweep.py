@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from omegaconf import DictConfig
 
 from poolbench import records, sweep
 from poolbench import run as run_module
-from poolbench.config import group_options
+from poolbench.config import compose_many, group_options
 from poolbench.errors import ConfigError
 
 TINY = ["dataset=digits", "trainer.epochs=1", "trainer.steps_per_epoch=2", "trainer.latency.enabled=false"]
@@ -29,8 +30,12 @@ class FakeTrainer:
         self.fail_for = fail_for
         self.calls: list[tuple[str, bool]] = []
 
-    def __call__(self, cfg: DictConfig, run_dir: Path, resuming: bool, progress: Any, log: Any) -> dict[str, Any]:
+    def __call__(
+        self, cfg: DictConfig, work_dir: Path, built: Any, resuming: bool, progress: Any, log: Any, *, run_dir: Path
+    ) -> dict[str, Any]:
         self.calls.append((run_dir.name, resuming))
+        work_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = work_dir
         record: dict[str, Any] = {
             "run_id": run_dir.name,
             "pooling": cfg.pooling.name,
@@ -51,6 +56,7 @@ class FakeTrainer:
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeTrainer:
     trainer = FakeTrainer(fail_for=("max",))
     monkeypatch.setattr(run_module, "_train", trainer)
+    monkeypatch.setattr(run_module, "_build", lambda cfg, progress: None)  # no dataset or model needed
     return trainer
 
 
@@ -199,21 +205,24 @@ CONCURRENT_SWEEP = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from poolbench import run, runs
+    from poolbench import records, run
     from poolbench.cli import main
 
     EXECUTIONS = sys.argv[1]
 
-    def slow_train(cfg, run_dir, resuming, progress, log):
+    def slow_train(cfg, work_dir, built, resuming, progress, log, *, run_dir):
         with open(EXECUTIONS, "a") as log_file:
             log_file.write(run_dir.name + "\\n")
         time.sleep(0.7)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = work_dir
         record = {"run_id": run_dir.name, "status": "completed", "pooling": cfg.pooling.name, "seed": cfg.seed,
                   "mAP": 0.5, "wall_time_s": 0.7}
         records.atomic_write_json(run_dir / records.RECORD, record)
         return record
 
     run._train = slow_train
+    run._build = lambda cfg, progress: None
     sys.argv = ["poolbench", "sweep", *sys.argv[2:]]
     main()
     """
@@ -263,11 +272,11 @@ def test_real_sweep_with_two_jobs_then_rerun_skips(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_submitit_local_executor(tmp_path: Path) -> None:
-    import shutil
+def test_submitit_local_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import submitit
 
-    if shutil.which("sbatch"):
-        pytest.skip("SLURM is available here: the submitit executor would submit to it")
+    # As on a machine without SLURM, even where a test cluster runs (tests/test_slurm.py covers that one).
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", staticmethod(lambda: -1))
     results = tmp_path / "runs"
     planned = sweep.plan(["pooling=avg,gem", *TINY, f"results_dir={results}"])
     state = sweep.run_sweep(planned, jobs=2, executor="submitit", executor_params={"timeout_min": 10})
@@ -278,3 +287,91 @@ def test_submitit_local_executor(tmp_path: Path) -> None:
     result_files = list((results / ".submitit").rglob("*_result.pkl"))
     assert len(result_files) == 2
     assert json.loads((planned[0].run_dir / records.RECORD).read_text())["status"] == "completed"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be collected
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split() if (task / "children").is_file() else []
+        for child in map(int, children):
+            found |= {child, *_descendants(child)}
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the worker processes")
+def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_marks_runs_interrupted(tmp_path: Path) -> None:
+    grid = ["pooling=avg,max", "dataset=digits", "trainer.epochs=50", "trainer.latency.enabled=false"]
+    command = [sys.executable, "-m", "poolbench", "sweep", *grid, f"results_dir={tmp_path}", "--jobs", "2"]
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while len([d for d in tmp_path.glob("*/metrics.jsonl")]) < 2:  # both runs are training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() else "timeout"
+        time.sleep(0.2)
+    workers = _descendants(proc.pid)
+    assert len(workers) >= 2
+    proc.terminate()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    assert "stopped (SIGTERM)" in out and "re-run the same command to resume" in out
+    time.sleep(0.5)
+    assert [pid for pid in workers if _alive(pid)] == []
+    statuses = {records.read_record(d)["status"] for d in tmp_path.iterdir() if (d / records.RECORD).is_file()}  # type: ignore[index]
+    assert statuses == {"interrupted"}
+    assert {p.status for p in sweep.plan([*grid, f"results_dir={tmp_path}"])} == {"unfinished"}  # resumes next time
+
+
+def test_sweep_names_and_run_ids_cannot_become_paths(
+    run_cli: Callable[..., int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("../x", "a/b", ".hidden", "[bold]x", ""):
+        with pytest.raises(ConfigError, match="sweep name"):
+            sweep.plan(["pooling=avg", f"results_dir={tmp_path}"], name=name)
+    assert run_cli("sweep", "pooling=avg", f"results_dir={tmp_path}", "--name", "../../x", "--dry-run") == 2
+    assert "error: sweep name '../../x' is not allowed" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="dataset.name is set by the option"):
+        sweep.plan(["pooling=avg", "dataset.name=/../../X", f"results_dir={tmp_path / 'r'}"])
+    assert not (tmp_path / "r").exists() and not (tmp_path.parent / "X").exists()
+
+
+@pytest.mark.slow
+def test_fast_planner_composes_exactly_what_compose_does() -> None:
+    from omegaconf import OmegaConf
+
+    from poolbench.config import compose, run_id
+
+    grid = ["pooling=avg,gem,dgmp", "model=smallcnn,resnet18", "local_pooling=none,max", "trainer.lr=0.1,0.001"]
+    override_sets = [full for full, _ in sweep.expand([*grid, "seed=0,1", "dataset=digits"])]
+    override_sets += [  # the paths that work on a copy, presets, bundles, adds and interpolated values
+        ["pooling=gem", "trainer.latency={enabled: false, batch_size: 8, warmup: 1, repeats: 2}"],
+        ["pooling=avg", "++trainer.lr=0.5", "seed=3"],
+        ["experiment=dgmp_paper_clamm", "pooling=dgmp", "pooling.lam=5000", "seed=2"],
+        ["experiment=quick", "pooling=lse", "trainer.eval_batch_size=${trainer.batch_size}"],
+        ["pooling=dgmp", "trainer.epochs=2", "trainer.epochs=3"],  # the last of a repeated key wins
+    ]
+    assert len(override_sets) >= 50
+    fast = compose_many(override_sets)
+    for overrides, cfg in zip(override_sets, fast, strict=True):
+        slow = compose(overrides)
+        assert run_id(cfg) == run_id(slow), overrides
+        assert OmegaConf.to_container(cfg) == OmegaConf.to_container(slow), overrides
+    # In-place edits are undone: a config composed later is not affected by an earlier one.
+    assert [run_id(c) for c in compose_many(override_sets[::-1])] == [run_id(c) for c in fast[::-1]]
+    with pytest.raises(ConfigError, match="unknown config key 'trainer.nope'"):
+        compose_many([["pooling=avg"], ["pooling=avg", "trainer.nope=1"]])
+    with pytest.raises(ConfigError, match="trainer.lr must be > 0"):
+        compose_many([["trainer.lr=-1"]])
+    with pytest.raises(ConfigError, match="is a sweep"):
+        compose_many([["trainer.lr=0.1,0.2"]])
+    with pytest.raises(ConfigError, match="Overrides look like"):
+        compose_many([["trainer.lr=(("]])

@@ -5,18 +5,12 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 # Importing the command modules registers their commands on `app`.
-from poolbench.cli import listing, train  # noqa: E402,F401,I001
+from poolbench.cli import bench, check, listing, report, sweep, train  # noqa: F401
 from poolbench.cli.app import app, console_err
 from poolbench.errors import PoolbenchError
-
-for optional in ("sweep", "report", "bench"):
-    try:
-        __import__(f"poolbench.cli.{optional}")
-    except ModuleNotFoundError as exc:  # a command whose module is not written yet is simply absent
-        if exc.name != f"poolbench.cli.{optional}":
-            raise
 
 
 def main() -> None:
@@ -24,7 +18,8 @@ def main() -> None:
     try:
         app()
     except PoolbenchError as exc:
-        console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # A message quotes user values and file names: never let rich read them as markup.
+        console_err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console_err.print("[yellow]interrupted[/]")

@@ -17,3 +17,20 @@ console = Console()
 console_err = Console(stderr=True)
 OVERRIDES_HELP = "Hydra overrides, e.g. pooling=dgmp model=resnet18 trainer.epochs=5 (see `poolbench train --cfg`)."
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _version(value: bool) -> None:
+    if value:
+        import poolbench
+
+        console.print(f"poolbench {poolbench.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print poolbench's version and exit.", callback=_version, is_eager=True
+    ),
+) -> None:
+    """Benchmark pooling operators (DGMP, GeM, LSE, SoftPool, ...) in CNNs: train, sweep, report, bench."""

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from poolbench.cli.app import app, console, console_err
@@ -33,8 +34,9 @@ def results_tables(rows: Sequence[dict[str, object]], caption: str) -> list[Tabl
         groups.setdefault(key, []).append(row)
     tables = []
     for title, group in groups.items():
-        table = Table(title=f"{title} · {caption}", title_justify="left")
-        for label in ("op", "pass", "median ± IQR ms", "n", "images/s", "× avg", "peak MiB", "GB/s (% copy)", "note"):
+        table = Table(title=escape(f"{title} · {caption}"), title_justify="left")
+        labels = ("op", "pass", "median ± IQR ms", "n", "images/s", "× avg", "× reference", "peak MiB", "GB/s (% copy)")
+        for label in (*labels, "GFLOP", "params", "note"):
             numeric = label not in ("op", "pass", "note")
             table.add_column(label, justify="right" if numeric else "left", overflow="fold")
         for row in group:
@@ -45,19 +47,57 @@ def results_tables(rows: Sequence[dict[str, object]], caption: str) -> list[Tabl
                 bandwidth_text = f"{bandwidth:.3g} ({100 * bandwidth / copy:.0f}%)"
             else:
                 bandwidth_text = _format(bandwidth)
-            table.add_row(
+            flops = row["flops"]
+            cells = (
                 _label(row),
                 str(row["pass"]),
                 timing,
                 str(row["samples"]),
                 _format(row["images_per_s"]),
                 _format(row["ratio_to_avg"]),
+                _format(row["ratio_to_reference"]),
                 _format(row["peak_mem_mb"]),
                 bandwidth_text,
+                _format(flops / 1e9) if isinstance(flops, int) else "-",
+                _format(row["params"]),
                 str(row["note"]),
             )
+            table.add_row(*(escape(cell) for cell in cells))  # notes carry exception text, names come from users
         tables.append(table)
     return tables
+
+
+def side_by_side_table(document: dict[str, object]) -> Table:
+    """The rows of side_by_side.json: medians with 95% intervals over rounds, ratio to the baseline."""
+    baseline = document.get("baseline")
+    table = Table(title=escape(f"side by side · baseline {baseline or '-'}"), title_justify="left")
+    labels = ("model", "pooling", "local", "input", "infer ms/img [95% CI]", f"× {baseline or 'baseline'} [95% CI]")
+    for label in (*labels, "train step ms [95% CI]", "pool fwd ms", "pool fwd+bwd ms", "peak MiB", "GFLOP/img", "runs"):
+        table.add_column(escape(label), justify="left" if label in labels[:4] else "right", overflow="fold")
+
+    def with_ci(value: object, ci: object) -> str:
+        if not isinstance(value, float):
+            return "-"
+        return f"{_format(value)} [{_format(ci[0])}, {_format(ci[1])}]" if isinstance(ci, list) else _format(value)
+
+    for row in document["rows"]:  # type: ignore[union-attr]
+        flops = row["flops_per_image"]
+        cells = (
+            row["model"],
+            row["pooling"],
+            row["local_pooling"],
+            row["input"],
+            with_ci(row["infer_image_ms"], row["infer_image_ms_ci"]),
+            with_ci(row["ratio_infer"], row["ratio_infer_ci"]),
+            with_ci(row["train_step_ms"], row["train_step_ms_ci"]),
+            _format(row["pool_fwd_ms"]),
+            _format(row["pool_fwdbwd_ms"]),
+            _format(row["peak_mem_mb"]),
+            _format(flops / 1e9) if isinstance(flops, int) else "-",
+            str(len(row["run_ids"])),
+        )
+        table.add_row(*(escape(str(cell)) for cell in cells))  # record fields are not ours: never markup
+    return table
 
 
 def _split(text: str | None) -> list[str]:
@@ -84,22 +124,55 @@ def bench(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (operator mode)."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's; always recorded)."),
     warmup: int = typer.Option(None, "--warmup", help="Warm-up calls per variant (default 3; --quick 1)."),
-    repeats: int = typer.Option(None, "--repeats", help="Timed calls per variant (default 20; --quick 5)."),
+    repeats: int = typer.Option(
+        None, "--repeats", help="Timed rounds (one call of every variant each; default 20, --quick 5, --runs 10)."
+    ),
     budget: float = typer.Option(
         None, "--budget", help="Seconds per variant after which it stops at 3 samples (default 2; --quick 0.3)."
     ),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory pass."),
+    runs: Path = typer.Option(
+        None,
+        "--runs",
+        help="Side-by-side mode: rebuild every distinct configuration of the completed runs in this results "
+        "folder, time them interleaved and write <folder>/side_by_side.json.",
+    ),
+    baseline: str = typer.Option(None, "--baseline", help="Side-by-side mode: pooling the ratios refer to, e.g. avg."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for the CSV and JSON results."),
     save: bool = typer.Option(True, "--save/--no-save", help="Write CSV + JSON."),
 ) -> None:
-    """Time pooling operators (forward, forward+backward) or whole models (inference, train step).
+    """Time pooling operators (forward, forward+backward), whole models (inference, train step), or
+    the configurations of finished runs side by side (--runs).
 
-    Medians and IQRs over interleaved calls after warm-up, peak memory, images/s, the ratio to avg
-    in the same run, and for avg/max/sum the achieved bandwidth next to a tensor copy's.
+    Medians and IQRs over interleaved rounds after warm-up, peak memory, images/s, the ratio to avg
+    and to the reference formulation in the same run, forward flops and parameters, and for
+    avg/max/sum the achieved bandwidth next to a tensor copy's.
     """
+    import json
+
     from poolbench import bench as lib
     from poolbench.errors import ConfigError
 
+    def note(message: str) -> None:
+        console_err.print(f"[dim]{escape(message)}[/]", highlight=False)
+
+    if runs is not None:
+        if threads is not None:
+            lib.BenchSettings.make(device="cpu", threads=threads)
+        if repeats is not None and repeats < 1:
+            raise ConfigError(f"repeats must be >= 1, got {repeats}")
+        path = lib.side_by_side(
+            runs,
+            baseline=baseline,
+            progress=note,
+            rounds=repeats or lib.SIDE_BY_SIDE_ROUNDS,
+            warmup=warmup if warmup is not None else 2,
+        )
+        console.print(side_by_side_table(json.loads(path.read_text())))
+        console.print(f"wrote {escape(str(path))}", highlight=False)
+        return
+    if baseline is not None:
+        raise ConfigError("--baseline applies to --runs only (operator and model mode always compare with avg)")
     settings = lib.BenchSettings.make(
         device=device,
         dtype=dtype,
@@ -112,9 +185,11 @@ def bench(
     )
     if local and global_only:
         raise ConfigError("--local and --global exclude each other (neither = both kinds)")
-
-    def note(message: str) -> None:
-        console_err.print(f"[dim]{message}[/]", highlight=False)
+    if save:
+        lib.check_out_dir(out)
+    warnings = lib.timing_warnings(settings.device)
+    if warnings:
+        console_err.print(f"warning: timings may be unreliable: {escape('; '.join(warnings))}", highlight=False)
 
     if models:
         try:
@@ -140,9 +215,9 @@ def bench(
         )
         rows = lib.bench_operators(operators, shapes, settings, backward=not forward_only, progress=note)
     records = [lib.row_dict(row) for row in rows]
-    caption = f"{settings.device} · {dtype} · {settings.threads} threads"
+    caption = f"{settings.device} · {dtype} · {settings.threads} threads" + (" · UNRELIABLE TIMING" if warnings else "")
     for table in results_tables(records, caption):
         console.print(table)
     if save:
-        csv_path, json_path = lib.write_results(rows, lib.environment(settings), out)
-        console.print(f"wrote {csv_path} and {json_path}", highlight=False)
+        csv_path, json_path = lib.write_results(rows, lib.environment(settings, warnings), out)
+        console.print(f"wrote {escape(str(csv_path))} and {escape(str(json_path))}", highlight=False)

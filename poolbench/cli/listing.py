@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import Enum
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from poolbench.cli.app import app, console
@@ -52,5 +53,9 @@ def list_(
         for spec in specs(kind):
             width = (spec.width,) if kind == "global" else ()
             learnable = "yes" if spec.learnable else "no"
-            table.add_row(spec.name, spec.formula, _format_params(spec.params), *width, learnable, spec.reference)
+            name = escape(spec.name)
+            if not spec.cls.__module__.startswith("poolbench."):  # a plugin's: say where it comes from
+                name += f"\n[dim]{escape(spec.cls.__module__)}[/]"
+            texts = (spec.formula, _format_params(spec.params), *width, learnable, spec.reference)
+            table.add_row(name, *(escape(t) for t in texts))
         console.print(table)

@@ -6,6 +6,7 @@ import time
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -43,14 +44,15 @@ class ProgressBars:
         now = time.perf_counter()
         task = self._tasks.get(description)
         if task is None:
-            task = self._tasks[description] = self._progress.add_task(description, total=total)
+            task = self._tasks[description] = self._progress.add_task(escape(description), total=total)
         elif done < total and now - self._last_draw.get(description, 0.0) < self.min_interval_s:
             return
         self._last_draw[description] = now
         self._progress.update(task, completed=done, total=total)
 
     def log(self, message: str) -> None:
-        self._progress.console.print(message, highlight=False)
+        # Log lines quote config values and paths: printed as they are, never as rich markup.
+        self._progress.console.print(message, highlight=False, markup=False)
 
     def __enter__(self) -> ProgressBars:
         self._progress.start()

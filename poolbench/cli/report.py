@@ -1,11 +1,13 @@
-"""``poolbench report``: aggregate run records into tables, paired comparisons, files and plots."""
+"""``poolbench report``: aggregate run records into tables, paired comparisons, files, plots and HTML."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from poolbench.cli.app import app, console, console_err
@@ -28,47 +30,83 @@ def report(
     where: list[str] = typer.Option(
         None, "--where", "-w", help="Keep runs with key=value (or key=v1,v2), e.g. dataset=synthwriters. Repeatable."
     ),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: <RESULTS_DIR>/../report)."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Output folder, replaced by this report's files (default: <RESULTS_DIR>/../report)."
+    ),
     formats: str = typer.Option(
         None, "--format", "-f", help="Comma-separated: csv, md, tex, parquet (needs pyarrow) (default: all available)."
     ),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write pareto.png and bars.png."),
+    plots: bool = typer.Option(
+        True, "--plots/--no-plots", help="Write pareto, bars, curves and cd_diagram (PNG + PDF)."
+    ),
+    html: bool = typer.Option(False, "--html", help="Also write report.html: one self-contained page to share."),
+    allow_confounded: bool = typer.Option(
+        False, "--allow-confounded", help="Compare operators even when another key differs with them (warned)."
+    ),
 ) -> None:
-    """Mean ± std over seeds per configuration, paired tests against a baseline, exported tables and plots."""
+    """Mean ± std over seeds per configuration, paired tests against a baseline, ranks, files, plots, HTML."""
     from poolbench import report as reporting
 
     chosen_formats = reporting.parse_formats(formats)
-    result = reporting.build(results_dir, metrics=metric or (), baseline=baseline, where=where or ())
+    destination = out or results_dir.parent / "report"
+    reporting.check_destination(destination)  # before anything is printed or computed
+    result = reporting.build(
+        results_dir, metrics=metric or (), baseline=baseline, where=where or (), allow_confounded=allow_confounded
+    )
     if result.skipped:
         console_err.print(f"[yellow]skipped {len(result.skipped)} record(s):[/]")
         for line in result.skipped:
             console_err.print(f"  {line}", highlight=False, markup=False)
     for line in result.warnings:
-        console_err.print(f"[yellow]warning:[/] {line}", highlight=False)
+        console_err.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False)
     console.print(_table(reporting.display_summary(result), _title(result), numeric_from=len(result.keys)))
     if result.baseline is not None:
-        if result.comparison.empty:
-            console.print(f"no run shares a seed and configuration with a '{result.baseline}' run: nothing to compare")
+        if result.comparison.empty and result.design is not None and result.design.confounded:
+            console.print("nothing compared: the operators are confounded with other keys (see the warnings)")
+        elif result.comparison.empty:
+            console.print(
+                f"no run shares a seed and configuration with a '{escape(result.baseline)}' run: nothing to compare"
+            )
+        else:
+            console.print(
+                f"paired comparisons against {escape(result.baseline)}: Holm-adjusted over a family of "
+                f"{result.family_size} t-tests",
+                highlight=False,
+            )
         for line in result.comparison_lines:
-            console.print(line, highlight=False)
-    destination = out or results_dir.parent / "report"
-    written = reporting.write_tables(result, destination, chosen_formats)
+            console.print(line, highlight=False, markup=False)
+    if result.ranking is not None:
+        for line in reporting.ranking_lines(result.ranking):
+            console.print(line, highlight=False, markup=False)
+    for line in result.side_by_side:
+        console.print(line, highlight=False, markup=False)
+    for metric_name, source in result.latency_source.items():
+        console.print(f"[dim]{escape(metric_name)} from {escape(source)}[/]", highlight=False)
+    writers = [partial(reporting.write_tables, formats=chosen_formats)]
     if plots:
-        written += reporting.write_plots(result, destination)
-    console.print(f"[dim]wrote {len(written)} files to {destination}: {', '.join(p.name for p in written)}[/]")
+        writers.append(reporting.write_plots)
+    if html:
+        writers.append(reporting.write_html)
+    written = reporting.write_report(result, destination, writers)
+    for note in result.notes:
+        console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
+    names = ", ".join(p.name for p in written)
+    console.print(
+        f"[dim]wrote {len(written)} files to {escape(reporting.safe_text(str(destination)))}: {escape(names)}[/]"
+    )
 
 
 def _title(result: Report) -> str:
     from poolbench.report import label
 
     grouped = ", ".join(label(k) for k in result.keys) or "nothing (one configuration)"
-    return f"{len(result.runs)} completed runs, mean ± std over seeds, grouped by {grouped}"
+    return escape(f"{len(result.runs)} completed runs, mean ± std over seeds, grouped by {grouped}")
 
 
 def _table(frame: pd.DataFrame, title: str, numeric_from: int) -> Table:
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(frame.columns):
-        table.add_column(str(column), justify="right" if i >= numeric_from else "left")
+        table.add_column(escape(str(column)), justify="right" if i >= numeric_from else "left")
     for row in frame.itertuples(index=False):
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(escape(str(v)) for v in row))
     return table

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import signal
 import time
+from collections import Counter
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
-from poolbench.errors import PoolbenchError
+from poolbench.errors import PoolbenchError, Terminated
 
 if TYPE_CHECKING:
     from poolbench.sweep import Outcome, PlannedRun, SweepState
@@ -54,11 +57,12 @@ class LiveView:
         state = self.state
         total = len(state.plan)
         finished = len(state.done) + state.skipped + len(state.failed) + len(state.elsewhere)
+        running = sum(state.tasks.get(run_id, "RUNNING") == "RUNNING" for run_id in state.running)
         counts = Text.assemble(
             (f"{self.title}: ", "bold"),
             (f"done {len(state.done)}", "green"),
             " · ",
-            (f"running {len(state.running)}", "cyan"),
+            (f"running {running}", "cyan"),
             " · ",
             (f"failed {len(state.failed)}", "red" if state.failed else ""),
             " · ",
@@ -71,8 +75,16 @@ class LiveView:
             f" · elapsed {_duration(time.monotonic() - state.started)}",
         )
         parts: list[RenderableType] = [counts, ProgressBar(total=max(total, 1), completed=finished, width=60)]
+        if state.tasks:  # a SLURM job array: what the scheduler says about each submitted run
+            counts_by_state = Counter(state.tasks.values())
+            parts.append(
+                Text("  array tasks: " + " · ".join(f"{n} {s.lower()}" for s, n in sorted(counts_by_state.items())))
+            )
         now = time.monotonic()
         for run_id, started in list(state.running.items()):
+            task = state.tasks.get(run_id)
+            if task is not None and task != "RUNNING":
+                continue  # queued: counted above, not listed one by one
             parts.append(Text(f"  ▶ {run_id}  {_duration(now - started)}", style="cyan"))
         return Group(*parts)
 
@@ -85,7 +97,7 @@ def _plan_table(planned: list[PlannedRun]) -> Table:
         table.add_column(column)
     for i, run in enumerate(planned, 1):
         style = STATUS_STYLE[run.status]
-        table.add_row(str(i), run.run_id, " ".join(run.swept), f"[{style}]{run.status}[/]", run.action)
+        table.add_row(str(i), escape(run.run_id), escape(" ".join(run.swept)), f"[{style}]{run.status}[/]", run.action)
     return table
 
 
@@ -154,7 +166,9 @@ def sweep(
         to_run = sum(p.status in sweeping.TO_RUN for p in planned)
         console.print(f"{to_run} of {len(planned)} runs would start; nothing was run (--dry-run)")
         return
-    params: dict[str, Any] = {"timeout_min": timeout_min, **_slurm_params(slurm_param or [])}
+    # The SLURM job name: the sweep's name, checked by plan() to be plain characters.
+    params: dict[str, Any] = {"timeout_min": timeout_min, "name": sweep_name or "poolbench"}
+    params.update(_slurm_params(slurm_param or []))
     for key, value in (
         ("slurm_partition", slurm_partition),
         ("gpus_per_node", gpus_per_node),
@@ -166,7 +180,7 @@ def sweep(
 
     state_box: list[SweepState] = []
     view: LiveView | None = None
-    reported: set[str] = set()
+    printed = {"done": 0, "failed": 0}  # both lists only grow: print what is new (a sweep may hold 10,000 runs)
 
     def on_change(state: SweepState) -> None:
         nonlocal view
@@ -174,11 +188,16 @@ def sweep(
             state_box.append(state)
             view = LiveView(state, sweep_name or "sweep")
             live.update(view)
-        for outcome in (*state.done, *state.failed):
-            if outcome.run_id not in reported:
-                reported.add(outcome.run_id)
+        for kind, outcomes in (("done", state.done), ("failed", state.failed)):
+            for outcome in outcomes[printed[kind] :]:
                 _print_outcome(outcome)
+            printed[kind] = len(outcomes)
 
+    def terminated(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop at a time: the cleanup must not be cut short
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     with Live(console=console, refresh_per_second=2, transient=False) as live:
         try:
             state = sweeping.run_sweep(
@@ -189,11 +208,16 @@ def sweep(
                 executor_params=params,
                 on_change=on_change,
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             live.stop()
             summary = _summary(state_box[0]) if state_box else "nothing finished"
-            console_err.print(f"[yellow]interrupted[/]: {summary}; re-run the same command to resume")
-            raise typer.Exit(130) from None
+            how = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            queued = executor.value != "local"
+            left = "; on SLURM, tasks already submitted keep running (scancel stops them)" if queued else ""
+            console_err.print(f"[yellow]{how}[/]: {summary}; re-run the same command to resume{left}")
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     if not console.is_terminal:  # rich leaves a non-terminal's last line open
         console.line()
     console.print(_summary(state))
@@ -208,4 +232,4 @@ def _print_outcome(outcome: Outcome) -> None:
     if outcome.status == "completed":
         console.print(f"[green]✓[/] {outcome.run_id}  {_duration(outcome.wall_time_s)}", highlight=False)
     else:
-        console.print(f"[red]✗[/] {outcome.run_id}: {outcome.error}", highlight=False)
+        console.print(f"[red]✗[/] {escape(outcome.run_id)}: {escape(str(outcome.error))}", highlight=False)

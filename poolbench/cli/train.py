@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, OVERRIDES_HELP, app, console, console_err
 from poolbench.cli.progress import ProgressBars
+from poolbench.errors import Terminated
 
 SUMMARY_KEYS = (
     ("mAP", "mAP"),
@@ -26,20 +29,23 @@ SUMMARY_KEYS = (
 
 
 def summary_table(record: dict[str, Any]) -> Table:
-    table = Table(title=f"run {record['run_id']}", show_header=False, title_justify="left")
+    """The run's key figures; every cell is plain text (record values are never read as markup)."""
+    table = Table(title=Text(f"run {record['run_id']}"), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("status", str(record["status"]) + (" (reused)" if record.get("reused") else ""))
-    table.add_row("pooling / model / data", f"{record['pooling']} / {record['model']} / {record['dataset']}")
+    rows = [("status", str(record["status"]) + (" (reused)" if record.get("reused") else ""))]
+    rows.append(("pooling / model / data", f"{record['pooling']} / {record['model']} / {record['dataset']}"))
     if "feature_map_h" in record:
-        table.add_row("final feature map", f"{record['feature_map_h']}x{record['feature_map_w']}")
+        rows.append(("final feature map", f"{record['feature_map_h']}x{record['feature_map_w']}"))
     for key, label in SUMMARY_KEYS:
         value = record.get(key)
         if isinstance(value, float):
-            table.add_row(label, f"{value:.4g}")
-    table.add_row("device", str(record.get("env.device_name")))
-    table.add_row("wall time", f"{record.get('wall_time_s', float('nan')):.1f} s")
-    table.add_row("run directory", str(record.get("run_dir")))
+            rows.append((label, f"{value:.4g}"))
+    rows.append(("device", str(record.get("env.device_name"))))
+    rows.append(("wall time", f"{record.get('wall_time_s', float('nan')):.1f} s"))
+    rows.append(("run directory", str(record.get("run_dir"))))
+    for label, value in rows:
+        table.add_row(label, Text(value))
     return table
 
 
@@ -57,14 +63,15 @@ def train(
 
     config = compose(overrides or [])
     if cfg:
-        console.print(OmegaConf.to_yaml(config, resolve=True), highlight=False, end="")
-        console.print(f"# run directory: {run_dir_of(config)}", style="dim", highlight=False)
+        console.print(OmegaConf.to_yaml(config, resolve=True), highlight=False, markup=False, end="")
+        console.print(f"# run directory: {run_dir_of(config)}", style="dim", highlight=False, markup=False)
         return
     bars = ProgressBars(console, enabled=not quiet)
     try:
         with bars:
             record = execute(config, progress=bars, log=bars.log)
-    except KeyboardInterrupt:
-        console_err.print(f"[yellow]interrupted[/]: checkpoint and record kept in {run_dir_of(config)}")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        how = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        console_err.print(f"[yellow]{how}[/]: checkpoint and record kept in {escape(str(run_dir_of(config)))}")
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     console.print(summary_table(record))

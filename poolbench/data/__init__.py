@@ -2,8 +2,15 @@
 
 Public API::
 
-    build_dataset(cfg, *, seed, progress=None) -> DataBundle   # cfg = the Hydra `dataset` group
+    build_dataset(cfg, *, seed, augment=None, progress=None) -> DataBundle  # cfg = the `dataset` group
     dataset_names() -> list[str]
+
+A dataset is one schema dataclass registered as an option of the ``dataset`` config group
+(``schema.option("dataset", name, Schema, meta={"augment": recipe, "build": builder})``): its fields are
+the ``dataset.*`` keys with their types, ranges and defaults, ``meta["augment"]`` the training
+augmentation ``augment=auto`` picks (poolbench.data.augment), ``meta["build"]`` the function
+``build(settings, *, seed, transform, progress) -> DataBundle`` that reads it. Adding a dataset is
+one module that registers its option, imported below.
 
 Nothing downloads: every dataset is generated, bundled with a package, or read from a local
 ``root``. Problems with the data raise ``poolbench.errors.DataError`` with one line; a corrupt or
@@ -16,36 +23,39 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from poolbench.data import classification, synthwriters, writers
+from poolbench import schema
+from poolbench.data import augment as _augment  # noqa: F401 - registers the augment recipes
+from poolbench.data import classification, retrieval_folder, synthwriters  # noqa: F401 - register datasets
 from poolbench.data.base import DataBundle
-from poolbench.errors import ConfigError, unknown_choice
-
-Builder = Callable[..., DataBundle]
-
-BUILDERS: dict[str, Builder] = {
-    "synthwriters": synthwriters.build,
-    "icdar17": writers.build_icdar17,
-    "digits": classification.build_digits,
-    "fashion_mnist": classification.build_fashion_mnist,
-    "cifar10": classification.build_cifar10,
-    "cifar100": classification.build_cifar100,
-    "imagefolder": classification.build_imagefolder,
-    "clamm": classification.build_clamm,
-}
+from poolbench.data.common import Augment, settings
 
 
 def dataset_names() -> list[str]:
-    return sorted(BUILDERS)
+    return sorted(schema.options("dataset"))
 
 
-def build_dataset(cfg: Mapping[str, Any], *, seed: int,
+def augment_transform(augment: Mapping[str, Any] | None, dataset: str) -> Augment:
+    """``size -> transform`` of the ``augment`` node (``auto`` = the dataset's recipe; None = no
+    augmentation); the recipe's values are validated by its schema."""
+    from poolbench.config import AUTO_AUGMENT, default_augment  # config imports this package to register it
+
+    if augment is None:
+        return lambda size: None
+    node = dict(augment)
+    if node.get("name") == AUTO_AUGMENT:
+        node = {"name": default_augment(dataset)}
+    _, recipe = settings("augment", node)
+    return recipe.transform
+
+
+def build_dataset(cfg: Mapping[str, Any], *, seed: int, augment: Mapping[str, Any] | None = None,
                   progress: Callable[[str, int, int], None] | None = None) -> DataBundle:
-    """Build the dataset the ``dataset`` config group describes; ``progress(description, done, total)``
-    is called during long preparation (synthwriters generation)."""
-    name = cfg.get("name")
-    if name not in BUILDERS:
-        raise ConfigError(unknown_choice("dataset", name, BUILDERS))
-    return BUILDERS[str(name)](cfg, seed=seed, progress=progress)
+    """Build the dataset the ``dataset`` config node describes (missing keys take the option's
+    defaults), with the ``augment`` node's transform on training items (None: none);
+    ``progress(description, done, total)`` is called during long preparation."""
+    option, dataset_settings = settings("dataset", cfg)
+    transform = augment_transform(augment, option.name)
+    return option.meta["build"](dataset_settings, seed=seed, transform=transform, progress=progress)
 
 
-__all__ = ["DataBundle", "build_dataset", "dataset_names"]
+__all__ = ["DataBundle", "augment_transform", "build_dataset", "dataset_names"]

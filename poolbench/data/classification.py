@@ -2,17 +2,20 @@
 
 Images are kept in memory as uint8 and returned as float (C, H, W) standardised with the training
 split's per-channel mean and std (CLaMM: the DGMP authors' grey mean/std). Unreadable images are a
-DataError naming the file, never skipped.
+DataError naming the file, never skipped; a training set with a single class is refused (accuracy
+would be 1.0 whatever the model). One epoch is one pass over the training set (``steps_per_epoch:
+null``). CIFAR's pickled batches are read with an unpickler that can only build plain containers and
+numpy arrays, so a crafted batch cannot run code.
 """
 
 from __future__ import annotations
 
-import csv
 import gzip
+import io
 import pickle
-from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -21,44 +24,53 @@ from torch.utils.data import Dataset
 from poolbench.data.base import DataBundle
 from poolbench.data.common import (
     IMAGE_SUFFIXES,
+    Augment,
     NormalisedImages,
+    PositiveInt,
+    Progress,
+    StepsPerEpoch,
+    Transform,
     channel_stats,
-    check_task,
-    dataset_options,
+    check_classes,
+    entries,
     existing_dir,
-    fraction,
     image_files,
-    positive_int,
+    read_csv_rows,
     read_image,
+    read_images,
     resize_images,
+    shown,
+    subfolders,
 )
 from poolbench.errors import ConfigError, DataError
+from poolbench.schema import Range, Required, option
 
-Progress = Callable[[str, int, int], None] | None
+ImageSize = Annotated[int | None, Range(ge=1)]
+TestFraction = Annotated[float, Range(gt=0, lt=1)]
+SplitSeed = Annotated[int, Range(ge=0, lt=2**32)]
 
 # Where Debian's `dataset-fashion-mnist` package installs the four IDX files (dpkg -L shows them).
 FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
-def optional_size(options: Mapping[str, Any], key: str = "image_size") -> int | None:
-    return None if options[key] is None else positive_int(options, key)
-
-
 def in_memory_bundle(name: str, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
-                     test_labels: torch.Tensor, num_classes: int, image_size: int | None,
+                     test_labels: torch.Tensor, num_classes: int, image_size: int | None, augment: Augment,
                      info: dict[str, Any] | None = None) -> DataBundle:
-    """Bundle uint8 (N, C, H, W) splits, resized to ``image_size`` and standardised with train statistics."""
+    """Bundle uint8 (N, C, H, W) splits, resized to ``image_size`` and standardised with train statistics;
+    training items go through the ``augment`` recipe's transform."""
+    check_classes(train_labels, name)
     train_images, test_images = resize_images(train_images, image_size), resize_images(test_images, image_size)
     mean, std = channel_stats(train_images)
+    size = train_images.shape[-1]
     return DataBundle(
         name=name,
         task="classification",
-        train=NormalisedImages(train_images, train_labels, mean, std),
+        train=NormalisedImages(train_images, train_labels, mean, std, augment(size)),
         test=NormalisedImages(test_images, test_labels, mean, std),
         train_labels=train_labels,
         num_classes=num_classes,
         in_channels=train_images.shape[1],
-        input_size=train_images.shape[-1],
+        input_size=size,
         info={"train_size": len(train_labels), "test_size": len(test_labels),
               "normalisation": "per-channel train mean/std", **(info or {})},
     )
@@ -78,27 +90,42 @@ def stratified_split(labels: np.ndarray, test_fraction: float, split_seed: int) 
 
 # --- digits -------------------------------------------------------------------------------------
 
-DIGITS_DEFAULTS = {"image_size": 32, "test_fraction": 0.25, "split_seed": 0}
+@dataclass
+class DigitsConfig:
+    """``dataset=digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), offline."""
+
+    name: str = "digits"
+    task: Literal["classification"] = "classification"
+    image_size: ImageSize = 32  # upsampled from 8x8 (bilinear); null keeps 8x8
+    test_fraction: TestFraction = 0.25  # stratified split, fixed by split_seed (not the run seed)
+    split_seed: SplitSeed = 0
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
 
 
-def build_digits(cfg: Mapping[str, Any], *, seed: int, progress: Progress = None) -> DataBundle:
-    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes); upsampled to ``image_size``."""
+def build_digits(s: DigitsConfig, *, seed: int, transform: Augment, progress: Progress = None) -> DataBundle:
     from sklearn.datasets import load_digits
 
-    check_task(cfg, "classification")
-    options = dataset_options(cfg, DIGITS_DEFAULTS)
-    test_fraction = fraction(options, "test_fraction")
     digits = load_digits()
     images = torch.from_numpy((digits.images * (255.0 / 16.0)).round().astype(np.uint8))[:, None]
     labels = torch.from_numpy(digits.target.astype(np.int64))
-    train, test = stratified_split(digits.target, test_fraction, positive_int(options, "split_seed", 0))
-    return in_memory_bundle("digits", images[train], labels[train], images[test], labels[test], 10,
-                            optional_size(options))
+    train, test = stratified_split(digits.target, s.test_fraction, s.split_seed)
+    return in_memory_bundle("digits", images[train], labels[train], images[test], labels[test], 10, s.image_size,
+                            transform)
 
 
 # --- fashion_mnist ------------------------------------------------------------------------------
 
-FASHION_DEFAULTS = {"root": FASHION_MNIST_DEBIAN_ROOT, "image_size": 32}
+@dataclass
+class FashionMnistConfig:
+    """``dataset=fashion_mnist``: Fashion-MNIST (10 classes) from its four IDX files (optionally .gz)."""
+
+    name: str = "fashion_mnist"
+    task: Literal["classification"] = "classification"
+    root: str = FASHION_MNIST_DEBIAN_ROOT  # where Debian's dataset-fashion-mnist installs them
+    image_size: ImageSize = 32  # resized from 28x28; null keeps 28
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
+
+
 IDX_DTYPES = {0x08: np.uint8}
 
 
@@ -107,14 +134,17 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise DataError(f"cannot read IDX file '{path}': {err}") from None
+        raise DataError(f"cannot read IDX file '{shown(path)}': {err}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise DataError(f"'{path}' is not an unsigned-byte IDX file (bad magic number)")
+        raise DataError(f"'{shown(path)}' is not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"IDX file '{shown(path)}' is truncated in its header")
     dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4).astype(np.int64)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise DataError(f"IDX file '{path}' is truncated: expected {int(np.prod(dims))} values, found {data.size}")
+        raise DataError(f"IDX file '{shown(path)}' is truncated: expected {int(np.prod(dims))} values, "
+                        f"found {data.size}")
     return data.reshape(tuple(dims))
 
 
@@ -122,15 +152,14 @@ def find_idx(root: Path, stem: str) -> Path:
     for candidate in (root / stem, root / f"{stem}.gz"):
         if candidate.exists():
             return candidate
-    raise DataError(f"fashion_mnist: '{stem}(.gz)' not found in '{root}' (install Debian's dataset-fashion-mnist "
-                    f"or set dataset.root to a folder with the four IDX files)")
+    raise DataError(f"fashion_mnist: '{stem}(.gz)' not found in '{shown(root)}' (install Debian's "
+                    f"dataset-fashion-mnist or set dataset.root to a folder with the four IDX files)")
 
 
-def build_fashion_mnist(cfg: Mapping[str, Any], *, seed: int, progress: Progress = None) -> DataBundle:
-    """Fashion-MNIST from its IDX files (train-images-idx3-ubyte[.gz], ..., t10k-labels-idx1-ubyte[.gz])."""
-    check_task(cfg, "classification")
-    options = dataset_options(cfg, FASHION_DEFAULTS)
-    root = existing_dir(options["root"], "fashion_mnist")
+def build_fashion_mnist(s: FashionMnistConfig, *, seed: int, transform: Augment, progress: Progress = None
+                        ) -> DataBundle:
+    """train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-..., t10k-labels-..."""
+    root = existing_dir(s.root, "fashion_mnist")
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = read_idx(find_idx(root, f"{prefix}-images-idx3-ubyte"))
@@ -138,13 +167,31 @@ def build_fashion_mnist(cfg: Mapping[str, Any], *, seed: int, progress: Progress
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"fashion_mnist {split}: {images.shape} images do not match {labels.shape} labels")
         splits[split] = (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
-    return in_memory_bundle("fashion_mnist", *splits["train"], *splits["test"], 10, optional_size(options),
-                            {"root": str(root)})
+    return in_memory_bundle("fashion_mnist", *splits["train"], *splits["test"], 10, s.image_size, transform,
+                            {"root": shown(root)})
 
 
 # --- cifar10 / cifar100 -------------------------------------------------------------------------
 
-CIFAR_DEFAULTS = {"root": None, "image_size": None}
+@dataclass
+class CifarConfig:
+    """``dataset=cifar10`` / ``cifar100`` (fine labels): the python version, extracted under ``root``."""
+
+    name: str = "cifar10"
+    task: Literal["classification"] = "classification"
+    root: Annotated[str | None, Required("the folder holding cifar-10-batches-py/ or cifar-100-python/ "
+                                         "(the python version, extracted; nothing is downloaded)")] = None
+    image_size: ImageSize = None  # null keeps 32x32
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
+
+
+@dataclass
+class Cifar100Config(CifarConfig):
+    """``dataset=cifar100``: CIFAR-100 with its fine labels (100 classes)."""
+
+    name: str = "cifar100"
+
+
 CIFAR_LAYOUT = {
     # name: (folder, training batch files, test batch file, label key, classes)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels", 10),
@@ -152,190 +199,220 @@ CIFAR_LAYOUT = {
 }
 
 
-def read_cifar_batches(folder: Path, files: list[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the python pickle batches of the CIFAR distribution.
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR batches hold: builtin containers, bytes, str, numbers and numpy arrays.
 
-    Read directly rather than through torchvision.datasets.CIFAR10/100, whose md5 checks reject the
-    small fake batches the tests write; the format is the same (dict with b"data" (N, 3072) uint8
-    and the label list).
+    Any other global (a function or class a crafted file names to run code) is refused before it is
+    looked up, so nothing in the file can execute.
     """
+
+    ALLOWED = frozenset({
+        (module, name)
+        for package in ("numpy.core", "numpy._core")
+        for module, name in ((f"{package}.multiarray", "_reconstruct"), (f"{package}.multiarray", "scalar"),
+                             (f"{package}.numeric", "_frombuffer"))
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never contains")
+        return super().find_class(module, name)
+
+
+def read_cifar_batches(folder: Path, files: list[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the python pickle batches of the CIFAR distribution (a dict with b"data" (N, 3072) uint8 and
+    the label list), read directly rather than through torchvision.datasets, whose md5 checks reject the
+    small batches the tests write and whose reader is a plain pickle.load."""
     images, labels = [], []
     for name in files:
         path = folder / name
         if not path.exists():
-            raise DataError(f"CIFAR batch '{path}' is missing")
+            raise DataError(f"CIFAR batch '{shown(path)}' is missing")
         try:
-            with path.open("rb") as handle:
-                batch = pickle.load(handle, encoding="bytes")  # noqa: S301 - the user's own dataset files
+            batch = ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[label_key], dtype=np.int64))
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
-            raise DataError(f"cannot read CIFAR batch '{path}': {err!r}") from None
+            if len(images[-1]) != len(labels[-1]):
+                raise ValueError(f"{len(images[-1])} images but {len(labels[-1])} labels")
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AttributeError,
+                OSError) as err:
+            raise DataError(f"cannot read CIFAR batch '{shown(path)}': {err}") from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
-def build_cifar(name: str, cfg: Mapping[str, Any]) -> DataBundle:
-    check_task(cfg, "classification")
-    options = dataset_options(cfg, CIFAR_DEFAULTS)
-    folder_name, train_files, test_file, label_key, classes = CIFAR_LAYOUT[name]
-    root = existing_dir(options["root"], name)
+def build_cifar(s: CifarConfig, *, seed: int, transform: Augment, progress: Progress = None) -> DataBundle:
+    folder_name, train_files, test_file, label_key, classes = CIFAR_LAYOUT[s.name]
+    root = existing_dir(s.root, s.name)
     folder = root / folder_name if (root / folder_name).is_dir() else root
     if not (folder / test_file).exists():
-        raise DataError(f"{name}: no '{folder_name}/{test_file}' under '{root}'; extract the python version of "
-                        f"{name} there (nothing is downloaded)")
+        raise DataError(f"{s.name}: no '{folder_name}/{test_file}' under '{shown(root)}'; extract the python "
+                        f"version of {s.name} there (nothing is downloaded)")
     train_images, train_labels = read_cifar_batches(folder, train_files, label_key)
     test_images, test_labels = read_cifar_batches(folder, [test_file], label_key)
-    return in_memory_bundle(name, train_images, train_labels, test_images, test_labels, classes,
-                            optional_size(options), {"root": str(root)})
-
-
-def build_cifar10(cfg: Mapping[str, Any], *, seed: int, progress: Progress = None) -> DataBundle:
-    return build_cifar("cifar10", cfg)
-
-
-def build_cifar100(cfg: Mapping[str, Any], *, seed: int, progress: Progress = None) -> DataBundle:
-    return build_cifar("cifar100", cfg)
+    for labels in (train_labels, test_labels):
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
+            raise DataError(f"{s.name}: labels in '{shown(folder)}' must lie in 0..{classes - 1}")
+    return in_memory_bundle(s.name, train_images, train_labels, test_images, test_labels, classes, s.image_size,
+                            transform, {"root": shown(root)})
 
 
 # --- imagefolder --------------------------------------------------------------------------------
 
-IMAGEFOLDER_DEFAULTS = {"root": None, "channels": 1, "image_size": 64, "test_fraction": 0.2, "split_seed": 0}
+@dataclass
+class ImageFolderConfig:
+    """``dataset=imagefolder``: any class-per-folder tree, ``<root>/train/<class>/*`` and
+    ``<root>/test/<class>/*``, or ``<root>/<class>/*`` split by ``test_fraction``."""
+
+    name: str = "imagefolder"
+    task: Literal["classification"] = "classification"
+    root: Annotated[str | None, Required("the folder holding <class>/ (or train/<class>/ and test/<class>/) "
+                                         "folders of images")] = None
+    channels: Literal[1, 3] = 1  # 1 = grey, 3 = RGB
+    image_size: PositiveInt = 64  # every image is resized to image_size x image_size
+    test_fraction: TestFraction = 0.2  # only without train/ and test/ folders; stratified, fixed by split_seed
+    split_seed: SplitSeed = 0
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
 
 
 def read_class_tree(folder: Path, mode: str, size: int, classes: list[str] | None,
                     progress: Progress) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    found = [p.name for p in subfolders(folder)]
     if classes is None:
         classes = found
     if not classes:
-        raise DataError(f"imagefolder: no class folders in '{folder}' (expected <root>/<class>/<image>)")
+        raise DataError(f"imagefolder: no class folders in '{shown(folder)}' (expected <root>/<class>/<image>)")
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise DataError(f"imagefolder: class folder '{unknown[0]}' in '{folder}' is not a training class")
+        raise DataError(f"imagefolder: class folder '{shown(unknown[0])}' in '{shown(folder)}' is not a "
+                        f"training class")
     files = [(path, label) for label, name in enumerate(classes) if (folder / name).is_dir()
              for path in image_files(folder / name)]
     if not files:
-        raise DataError(f"imagefolder: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of '{folder}'")
-    images = []
-    for done, (path, _) in enumerate(files, start=1):
-        image = torch.from_numpy(read_image(path, mode))
-        image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
-        images.append(resize_images(image[None], size)[0])
-        if progress is not None:
-            progress(f"reading {folder.name} images", done, len(files))
-    return torch.stack(images), torch.tensor([label for _, label in files]), classes
+        raise DataError(f"imagefolder: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of "
+                        f"'{shown(folder)}'")
+    images = read_images([path for path, _ in files], mode, size, progress, shown(folder.name))
+    return images, torch.tensor([label for _, label in files]), classes
 
 
-def build_imagefolder(cfg: Mapping[str, Any], *, seed: int, progress: Progress = None) -> DataBundle:
-    """A class-per-folder tree: <root>/train/<class>/* and <root>/test/<class>/*, or <root>/<class>/*
-    split deterministically by ``test_fraction`` (stratified, ``split_seed``)."""
-    check_task(cfg, "classification")
-    options = dataset_options(cfg, IMAGEFOLDER_DEFAULTS)
-    if options["channels"] not in (1, 3):
-        raise ConfigError(f"dataset option 'channels' must be 1 (grey) or 3 (RGB), got {options['channels']!r}")
-    mode = "L" if options["channels"] == 1 else "RGB"
-    size = positive_int(options, "image_size")
-    root = existing_dir(options["root"], "imagefolder")
+def build_imagefolder(s: ImageFolderConfig, *, seed: int, transform: Augment, progress: Progress = None
+                      ) -> DataBundle:
+    mode = "L" if s.channels == 1 else "RGB"
+    root = existing_dir(s.root, "imagefolder")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        train_images, train_labels, classes = read_class_tree(root / "train", mode, size, None, progress)
-        test_images, test_labels, _ = read_class_tree(root / "test", mode, size, classes, progress)
+        train_images, train_labels, classes = read_class_tree(root / "train", mode, s.image_size, None, progress)
+        test_images, test_labels, _ = read_class_tree(root / "test", mode, s.image_size, classes, progress)
         layout = "train/test folders"
     else:
-        images, labels, classes = read_class_tree(root, mode, size, None, progress)
-        test_fraction, split_seed = fraction(options, "test_fraction"), positive_int(options, "split_seed", 0)
-        train, test = stratified_split(labels.numpy(), test_fraction, split_seed)
+        images, labels, classes = read_class_tree(root, mode, s.image_size, None, progress)
+        train, test = stratified_split(labels.numpy(), s.test_fraction, s.split_seed)
         train_images, train_labels, test_images, test_labels = images[train], labels[train], images[test], labels[test]
-        layout = f"split {options['test_fraction']} of one tree"
+        layout = f"split {s.test_fraction} of one tree"
     return in_memory_bundle("imagefolder", train_images, train_labels, test_images, test_labels, len(classes),
-                            None, {"root": str(root), "classes": ",".join(classes), "layout": layout})
+                            None, transform,
+                            {"root": shown(root), "classes": ",".join(map(shown, classes)), "layout": layout})
 
 
 # --- clamm --------------------------------------------------------------------------------------
 
-CLAMM_DEFAULTS = {
-    "train_images": None,
-    "train_csv": None,  # null = the one .csv file in train_images
-    "test_images": None,
-    "test_csv": None,
-    "filename_column": 0,
-    "label_column": 1,
-    "short_side": 512,
-    "input_size": 224,
-}
+@dataclass
+class ClammConfig:
+    """``dataset=clamm``: CLaMM'16/'17 script classification (12 classes), the layout made by
+    scripts/prepare_clamm.py: a folder of .tif pages plus a ';'-separated label file per split."""
+
+    name: str = "clamm"
+    task: Literal["classification"] = "classification"
+    train_images: Annotated[str | None, Required("the folder of training pages")] = None
+    train_csv: str | None = None  # null = the one .csv in train_images
+    test_images: Annotated[str | None, Required("the folder of test pages")] = None
+    test_csv: str | None = None  # null = the one .csv in test_images
+    filename_column: Annotated[int, Range(ge=0)] = 0
+    label_column: Annotated[int, Range(ge=0)] = 1  # SCRIPT_TYPE
+    short_side: PositiveInt = 512  # pages are scaled so their short side is this
+    input_size: PositiveInt = 224  # random crops (or the augment recipe) for training, centre crop for test
+    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training pages
+
+
 # Grey mean and std of CLaMM pages, as used by the DGMP authors.
 CLAMM_MEAN, CLAMM_STD = 185.2293 / 255, 61.8040 / 255
 
 
 def read_label_csv(path: Path, filename_column: int, label_column: int) -> list[tuple[str, str]]:
     """(file name, label) rows of a semicolon-separated CLaMM file list; a header row is skipped."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = [row for row in csv.reader(handle, delimiter=";") if any(cell.strip() for cell in row)]
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"clamm: cannot read label file '{path}': {err}") from None
+    rows = read_csv_rows(path, "clamm label file", delimiter=";")
     needed = max(filename_column, label_column) + 1
-    if rows and not rows[0][filename_column].lower().endswith(IMAGE_SUFFIXES):
+    if rows and not (len(rows[0]) > filename_column and rows[0][filename_column].lower().endswith(IMAGE_SUFFIXES)):
         rows = rows[1:]  # header such as FILENAME;SCRIPT_TYPE;...
     if not rows:
-        raise DataError(f"clamm: label file '{path}' has no rows")
+        raise DataError(f"clamm: label file '{shown(path)}' has no rows")
     short = [i for i, row in enumerate(rows) if len(row) < needed]
     if short:
-        raise DataError(f"clamm: row {short[0] + 1} of '{path}' has fewer than {needed} ';'-separated columns")
-    return [(row[filename_column].strip(), row[label_column].strip()) for row in rows]
+        raise DataError(f"clamm: row {short[0] + 1} of '{shown(path)}' has fewer than {needed} ';'-separated "
+                        f"columns")
+    return [(row[filename_column], row[label_column]) for row in rows]
 
 
 def find_label_csv(folder: Path, configured: str | None) -> Path:
     if configured:
         path = Path(configured).expanduser()
         path = path if path.is_absolute() else folder / path
-        if not path.exists():
-            raise DataError(f"clamm: label file '{path}' does not exist")
+        if not path.is_file():
+            raise DataError(f"clamm: label file '{shown(path)}' does not exist")
         return path
-    candidates = sorted(folder.glob("*.csv"))
+    candidates = [p for p in entries(folder) if p.suffix.lower() == ".csv"]
     if len(candidates) != 1:
-        found = ", ".join(p.name for p in candidates) or "none"
-        raise DataError(f"clamm: expected one .csv label file in '{folder}' (found {found}); set dataset.train_csv/"
-                        f"test_csv")
+        found = ", ".join(shown(p.name) for p in candidates) or "none"
+        raise DataError(f"clamm: expected one .csv label file in '{shown(folder)}' (found {found}); set "
+                        f"dataset.train_csv/test_csv")
     return candidates[0]
 
 
 class PageCrops(Dataset):
-    """Crops of grey pages: random crops (training) or the centre crop (test), standardised."""
+    """Crops of grey pages, standardised: the centre crop (test); for training a random crop, or the
+    ``transform`` of the whole page when an augment recipe is given (e.g. ``document``'s random resized
+    crop of the page, as the DGMP authors trained on CLaMM)."""
 
-    def __init__(self, pages: list[torch.Tensor], labels: torch.Tensor, size: int, random_crop: bool):
+    def __init__(self, pages: list[torch.Tensor], labels: torch.Tensor, size: int, random_crop: bool,
+                 transform: Transform | None = None):
         self.pages, self.labels, self.size, self.random_crop = pages, labels, size, random_crop
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.pages)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         page, size = self.pages[index], self.size
-        if self.random_crop:
-            y = int(torch.randint(0, page.shape[0] - size + 1, ()))
-            x = int(torch.randint(0, page.shape[1] - size + 1, ()))
+        if self.transform is not None:
+            crop = self.transform(page[None])[0]
         else:
-            y, x = (page.shape[0] - size) // 2, (page.shape[1] - size) // 2
-        crop = page[y:y + size, x:x + size].float().div_(255.0)[None]
+            if self.random_crop:
+                y = int(torch.randint(0, page.shape[0] - size + 1, ()))
+                x = int(torch.randint(0, page.shape[1] - size + 1, ()))
+            else:
+                y, x = (page.shape[0] - size) // 2, (page.shape[1] - size) // 2
+            crop = page[y:y + size, x:x + size]
+        crop = crop.float().div_(255.0)[None]
         return (crop - CLAMM_MEAN) / CLAMM_STD, int(self.labels[index])
 
 
-def read_clamm_split(folder: Path, csv_path: Path, options: Mapping[str, Any], classes: list[str] | None,
+def read_clamm_split(folder: Path, csv_path: Path, s: ClammConfig, classes: list[str] | None,
                      split: str, progress: Progress) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
-    rows = read_label_csv(csv_path, options["filename_column"], options["label_column"])
+    rows = read_label_csv(csv_path, s.filename_column, s.label_column)
     if classes is None:
         classes = sorted({label for _, label in rows})
     unknown = sorted({label for _, label in rows} - set(classes))
     if unknown:
-        raise DataError(f"clamm {split}: label '{unknown[0]}' in '{csv_path}' does not occur in the training labels")
+        raise DataError(f"clamm {split}: label '{unknown[0]}' in '{shown(csv_path)}' does not occur in the "
+                        f"training labels")
     pages = []
     for done, (name, _) in enumerate(rows, start=1):
         path = folder / name
-        if not path.exists():
-            raise DataError(f"clamm {split}: '{name}' is listed in '{csv_path.name}' but missing from '{folder}'")
-        page = torch.from_numpy(read_image(path, "L", short_side=options["short_side"]))
-        if min(page.shape) < options["input_size"]:
-            raise DataError(f"clamm {split}: '{name}' is smaller than input_size {options['input_size']} after "
-                            f"scaling its short side to {options['short_side']}")
+        if not path.is_file():
+            raise DataError(f"clamm {split}: '{name}' is listed in '{shown(csv_path.name)}' but missing from "
+                            f"'{shown(folder)}'")
+        page = torch.from_numpy(read_image(path, "L", short_side=s.short_side))
+        if min(page.shape) < s.input_size:
+            raise DataError(f"clamm {split}: '{name}' is smaller than input_size {s.input_size} after scaling its "
+                            f"short side to {s.short_side}")
         pages.append(page)
         if progress is not None:
             progress(f"reading clamm {split} images", done, len(rows))
@@ -343,34 +420,36 @@ def read_clamm_split(folder: Path, csv_path: Path, options: Mapping[str, Any], c
     return pages, labels, classes
 
 
-def build_clamm(cfg: Mapping[str, Any], *, seed: int, progress: Progress = None) -> DataBundle:
-    """CLaMM'16/'17 script classification: a folder of .tif pages plus a semicolon-separated label file
-    per split (``FILENAME;SCRIPT_TYPE;...``; columns set by ``filename_column`` / ``label_column``).
-    Pages are scaled so their short side is ``short_side``; training items are random
-    ``input_size`` crops, test items the centre crop."""
-    check_task(cfg, "classification")
-    options = dataset_options(cfg, CLAMM_DEFAULTS)
-    positive_int(options, "short_side")
-    positive_int(options, "filename_column", 0)
-    positive_int(options, "label_column", 0)
-    input_size = positive_int(options, "input_size")
-    if input_size > options["short_side"]:
-        raise ConfigError(f"clamm: input_size {input_size} is larger than short_side {options['short_side']}")
-    train_folder = existing_dir(options["train_images"], "clamm train_images")
-    test_folder = existing_dir(options["test_images"], "clamm test_images")
+def build_clamm(s: ClammConfig, *, seed: int, transform: Augment, progress: Progress = None) -> DataBundle:
+    """Pages are scaled so their short side is ``short_side``; training items are random ``input_size``
+    crops (or the augment recipe's transform of the page), test items the centre crop."""
+    if s.input_size > s.short_side:
+        raise ConfigError(f"clamm: input_size {s.input_size} is larger than short_side {s.short_side}")
+    train_folder = existing_dir(s.train_images, "clamm train_images")
+    test_folder = existing_dir(s.test_images, "clamm test_images")
     train_pages, train_labels, classes = read_clamm_split(
-        train_folder, find_label_csv(train_folder, options["train_csv"]), options, None, "train", progress)
+        train_folder, find_label_csv(train_folder, s.train_csv), s, None, "train", progress)
     test_pages, test_labels, _ = read_clamm_split(
-        test_folder, find_label_csv(test_folder, options["test_csv"]), options, classes, "test", progress)
+        test_folder, find_label_csv(test_folder, s.test_csv), s, classes, "test", progress)
+    check_classes(train_labels, "clamm")
     return DataBundle(
         name="clamm",
         task="classification",
-        train=PageCrops(train_pages, train_labels, input_size, random_crop=True),
-        test=PageCrops(test_pages, test_labels, input_size, random_crop=False),
+        train=PageCrops(train_pages, train_labels, s.input_size, random_crop=True,
+                        transform=transform(s.input_size)),
+        test=PageCrops(test_pages, test_labels, s.input_size, random_crop=False),
         train_labels=train_labels,
         num_classes=len(classes),
         in_channels=1,
-        input_size=input_size,
+        input_size=s.input_size,
         info={"train_size": len(train_pages), "test_size": len(test_pages), "classes": ",".join(classes),
               "normalisation": "grey, CLaMM mean 185.23/255, std 61.80/255"},
     )
+
+
+option("dataset", "digits", DigitsConfig, meta={"augment": "cifar", "build": build_digits})
+option("dataset", "fashion_mnist", FashionMnistConfig, meta={"augment": "cifar", "build": build_fashion_mnist})
+option("dataset", "cifar10", CifarConfig, meta={"augment": "cifar", "build": build_cifar})
+option("dataset", "cifar100", Cifar100Config, meta={"augment": "cifar", "build": build_cifar})
+option("dataset", "imagefolder", ImageFolderConfig, meta={"augment": "imagenet", "build": build_imagefolder})
+option("dataset", "clamm", ClammConfig, meta={"augment": "document", "build": build_clamm})

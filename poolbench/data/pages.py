@@ -1,4 +1,4 @@
-"""Pages -> patches, shared by the writer-identification sets (synthwriters, icdar17).
+"""Pages -> patches, shared by the writer-identification sets (synthwriters, retrieval_folder / icdar17).
 
 A page is a uint8 grayscale tensor (H, W) with ink bright on a dark background (0 = no ink); items
 are float (1, S, S) in [0, 1] with the same polarity, so zero padding in a CNN means "no ink".
@@ -10,7 +10,8 @@ the uint8 pages stay in memory.
 - Training (``RandomPatches``): random crops of ``crop_size`` page pixels, resized to
   ``input_size``; positions come from torch's global RNG, so the engine's seeding makes them
   reproducible. Up to ``max_tries`` crops are drawn and the first with enough content is used
-  (else the one with the most content).
+  (else the one with the most content). An optional ``transform`` (``augment``) maps the uint8 crop
+  (1, crop_size, crop_size) to one of the same size before it is resized.
 - Test (``TiledPatches``): a non-overlapping grid of ``crop_size`` tiles centred on each page;
   tiles below ``min_content`` are dropped. A page where every tile is below it keeps its fullest
   tile, so every page still gets a descriptor.
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from poolbench.data.common import Transform
 from poolbench.errors import DataError
 
 ContentMask = Callable[[torch.Tensor], torch.Tensor]
@@ -67,7 +69,7 @@ class RandomPatches(Dataset):
 
     def __init__(self, pages: list[torch.Tensor], content: ContentMask, page_labels: torch.Tensor,
                  crop_size: int, input_size: int, patches_per_page: int, min_content: float,
-                 max_tries: int = 10):
+                 max_tries: int = 10, transform: Transform | None = None):
         self.pages = pages
         self.content = content
         self.page_labels = page_labels
@@ -76,6 +78,7 @@ class RandomPatches(Dataset):
         self.patches_per_page = patches_per_page
         self.min_pixels = min_content * crop_size * crop_size
         self.max_tries = max_tries
+        self.transform = transform
 
     @property
     def labels(self) -> torch.Tensor:
@@ -97,7 +100,10 @@ class RandomPatches(Dataset):
             if pixels >= self.min_pixels:
                 break
         y, x = best
-        return to_input(page[y:y + size, x:x + size], self.input_size), int(self.page_labels[page_index])
+        crop = page[y:y + size, x:x + size]
+        if self.transform is not None:
+            crop = self.transform(crop[None])[0]
+        return to_input(crop, self.input_size), int(self.page_labels[page_index])
 
 
 def tile_positions(content: torch.Tensor, crop_size: int, min_content: float) -> list[tuple[int, int]]:
@@ -135,8 +141,12 @@ class TiledPatches(Dataset):
 
 
 def check_test_pages(page_writers: torch.Tensor, describe: str) -> None:
-    """Leave-one-out retrieval needs at least two pages of every test writer."""
+    """Leave-one-out retrieval needs at least two pages of every test writer, and two test writers (with
+    one, every retrieved page is relevant and mAP is 1.0 whatever the model)."""
     writers, counts = page_writers.unique(return_counts=True)
+    if len(writers) < 2:
+        raise DataError(f"{describe}: the test set has {len(writers)} writer/identity; retrieval needs at least 2 "
+                        f"(with one, mAP would be 1.0 whatever the model)")
     single = writers[counts < 2]
     if len(single):
         raise DataError(f"{describe}: {len(single)} test writer(s) have a single page (e.g. writer "

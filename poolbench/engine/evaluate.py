@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from poolbench.data.base import DataBundle
-from poolbench.engine.policies import amp_dtype
+from poolbench.engine.policies import amp_dtype, autocast
 from poolbench.errors import DataError
 from poolbench.metrics import accuracy, writer_retrieval
 
@@ -30,14 +30,13 @@ def evaluate(
     ``progress("evaluate", batches_done, batches_total)`` is called after every batch.
     """
     dtype = amp_dtype(amp, device)
-    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     loader = DataLoader(data.test, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
     outputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast(device, dtype):
             for i, (x, y) in enumerate(loader, start=1):
                 outputs.append(model(x.to(device, non_blocking=True)).float())
                 targets.append(torch.as_tensor(y).to(device))

@@ -104,6 +104,7 @@ def build_optimizer(
     return adam(groups, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
 
 
-def should_resume(requested: bool, checkpoint: Path) -> bool:
-    """Resume only when asked to and a checkpoint exists; otherwise the run starts from scratch."""
-    return bool(requested) and checkpoint.is_file()
+def should_resume(requested: bool, checkpoint: Path, *, overwrite: bool = False) -> bool:
+    """Resume only when asked to and a checkpoint exists; otherwise the run starts from scratch.
+    ``trainer.overwrite`` always starts from scratch (it is also the way out of an unusable checkpoint)."""
+    return bool(requested) and not overwrite and checkpoint.is_file()

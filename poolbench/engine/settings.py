@@ -61,6 +61,11 @@ class TrainerSettings:
     num_threads: Annotated[int | None, Range(ge=1)] = None  # torch CPU threads; null = torch's default
     num_workers: Annotated[int, Range(ge=0)] = 0  # DataLoader workers
     eval_batch_size: PositiveInt = 128
+    # Evaluate on the test split every this many epochs and record eval.<metric> in metrics.jsonl;
+    # null = only after training. Never changes the training itself.
+    eval_every: Annotated[int | None, Range(ge=1)] = None
+    # tensorboard: per-step loss/lr and per-epoch scalars under <run_dir>/tb/ (pip install poolbench[tb]).
+    logger: Literal["none", "tensorboard"] = "none"
     resume: bool = False  # continue an unfinished run of the same config from its last checkpoint
     overwrite: bool = False  # train again even when the same config already completed
     latency: LatencySettings = field(default_factory=LatencySettings)

@@ -9,7 +9,6 @@ random numbers an uninterrupted run draws in epoch e + 1.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import random
@@ -26,22 +25,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from poolbench.data.base import DataBundle
+from poolbench.engine.checkpoint import CHECKPOINT, TrainState, preserved_rng
+from poolbench.engine.evaluate import evaluate
 from poolbench.engine.policies import (
+    LossFn,
     amp_dtype,
     autocast,
     build_optimizer,
     loss_function,
     loss_name,
-    should_resume,
     use_channels_last,
 )
 from poolbench.engine.samplers import PKBatchSampler, RandomBatchSampler
 from poolbench.engine.settings import TrainerSettings
-from poolbench.errors import ConfigError, PoolbenchError
-from poolbench.files import atomic_write, atomic_write_text
+from poolbench.engine.tracking import EpochLog, learned_fields, require_logger
+from poolbench.errors import PoolbenchError
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 # On CUDA the loss is read back every this many steps (a host sync each time); on CPU every step,
 # where reading a scalar costs nothing.
 CUDA_FINITE_CHECK_EVERY = 25
@@ -116,25 +115,6 @@ def _lr_factor(s: TrainerSettings, steps_per_epoch: int) -> Callable[[int], floa
     return lambda step: 1.0
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    name, key, *rest = state["numpy"]
-    np.random.set_state((name, key.numpy(), *rest))
-
-
 def _check_finite(losses: torch.Tensor, start: int, stop: int, epoch: int) -> None:
     bad = ~torch.isfinite(losses[start:stop])
     if bool(bad.any()):
@@ -162,6 +142,116 @@ def _summary(history: list[dict[str, Any]], resumed_from: int) -> dict[str, Any]
     }
 
 
+def _start(
+    model: nn.Module,
+    s: TrainerSettings,
+    steps: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    pool_lr_mult: float,
+    local_pool_lr_mult: float,
+) -> TrainState:
+    """Fresh optimiser, per-step lr schedule and grad scaler (fp16 only) for ``model``."""
+    optimizer = build_optimizer(
+        model,
+        optimizer=s.optimizer,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        momentum=s.momentum,
+        amsgrad=s.amsgrad,
+        pool_lr_mult=pool_lr_mult,
+        local_pool_lr_mult=local_pool_lr_mult,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(s, steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return TrainState(model, optimizer, scheduler, scaler)
+
+
+class _Loader:
+    """The training batches: a fixed number per epoch, drawn from generators re-seeded every epoch."""
+
+    def __init__(self, s: TrainerSettings, data: DataBundle, loss: str, steps: int, device: torch.device) -> None:
+        self.batch_generator, self.worker_generator = torch.Generator(), torch.Generator()
+        sampler: PKBatchSampler | RandomBatchSampler
+        if loss == "triplet":
+            sampler = PKBatchSampler(
+                data.train_labels, s.writers_per_batch, s.patches_per_writer, steps, self.batch_generator
+            )
+        else:
+            sampler = RandomBatchSampler(len(data.train), s.batch_size, steps, self.batch_generator)  # type: ignore[arg-type]
+        self.loader = DataLoader(
+            data.train,
+            batch_sampler=sampler,
+            num_workers=s.num_workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_seed_worker if s.num_workers > 0 else None,
+            generator=self.worker_generator,
+        )
+
+    def epoch(self, seed: int) -> DataLoader:
+        """The loader for the epoch with this seed (python, numpy and torch are seeded with it too)."""
+        seed_everything(seed)
+        self.batch_generator.manual_seed(seed)
+        self.worker_generator.manual_seed(seed)
+        return self.loader
+
+
+def _train_epoch(
+    state: TrainState,
+    step_model: Callable[[torch.Tensor], torch.Tensor],
+    batches: DataLoader,
+    s: TrainerSettings,
+    *,
+    epoch: int,
+    steps: int,
+    loss_fn: LossFn,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    memory_format: torch.memory_format,
+    on_step: Callable[[int], None] | None,
+) -> tuple[torch.Tensor, list[float]]:
+    """One epoch of optimiser steps; returns the per-step losses (on the device) and learning rates."""
+    model, optimizer, scheduler, scaler = state.model, state.optimizer, state.scheduler, state.scaler
+    check_every = 1 if device.type == "cpu" else CUDA_FINITE_CHECK_EVERY
+    model.train()
+    losses = torch.zeros(steps, device=device)
+    lrs: list[float] = []
+    checked = n = 0
+    for n, (x, y) in enumerate(batches, start=1):  # noqa: B007  (n is the step count after the loop)
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        with autocast(device, dtype):
+            out = step_model(x)
+        step_loss = loss_fn(out.float(), y, s.margin)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(step_loss).backward()
+        if s.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        losses[n - 1] = step_loss.detach()
+        if n - checked >= check_every:
+            _check_finite(losses, checked, n, epoch)
+            checked = n
+        if on_step:
+            on_step(n)
+    _check_finite(losses, checked, n, epoch)
+    return losses[:n], lrs
+
+
+def _evaluate_during_training(model: nn.Module, data: DataBundle, s: TrainerSettings, device: torch.device,
+                              progress: Progress | None) -> dict[str, float]:
+    """``eval.<metric>`` on the test split, leaving every random generator as it was: a run with
+    ``trainer.eval_every`` trains exactly like one without."""
+    with preserved_rng():
+        metrics = evaluate(model, data, device=device, batch_size=s.eval_batch_size, amp=s.amp, progress=progress)
+    return {f"eval.{k}": v for k, v in metrics.items()}
+
+
 def fit(
     model: nn.Module,
     data: DataBundle,
@@ -172,25 +262,30 @@ def fit(
     run_dir: Path,
     pool_lr_mult: float,
     local_pool_lr_mult: float = 1.0,
+    resume: bool = False,
     progress: Progress | None = None,
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (a :class:`~poolbench.models.PoolNet`) in place on ``data.train``.
 
-    Writes ``run_dir/checkpoint.pt`` after every epoch and appends one line per epoch to
-    ``run_dir/metrics.jsonl``. With ``trainer.resume`` and an existing checkpoint, training continues
-    after its last epoch. ``progress("train", steps_done, steps_total)`` is called after every step.
+    Writes ``run_dir/checkpoint.pt`` after every epoch and appends one row per epoch to
+    ``run_dir/metrics.jsonl`` (see :mod:`poolbench.engine.tracking`). ``resume`` is the caller's
+    decision (:func:`~poolbench.engine.policies.should_resume`): continue after the last epoch of
+    ``run_dir/checkpoint.pt``, else start from scratch (a stale checkpoint is removed).
+    ``progress("train", steps_done, steps_total)`` is called after every step.
     Returns epochs_done, train_loss (mean of the last epoch), train_steps, train_seconds (the loops
-    only, all epochs including those before a resume), steps_per_s and resumed_from_epoch.
-    Raises :class:`NonFiniteLossError` when the loss is NaN/Inf; the last checkpoint stays intact.
+    only, all epochs including those before a resume), steps_per_s, resumed_from_epoch and resume_count.
+    Raises :class:`NonFiniteLossError` when the loss is NaN/Inf (the last checkpoint stays intact),
+    :class:`~poolbench.engine.checkpoint.CheckpointError` when the checkpoint cannot be resumed from.
     """
     s = TrainerSettings.from_mapping(trainer_cfg)
     loss = loss_name(s.loss, data.task)
     loss_fn = loss_function(s.loss, data.task)
     steps = _steps_per_epoch(s, data, loss)
+    require_logger(s.logger)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
+    checkpoint_path = run_dir / CHECKPOINT
     for leftover in run_dir.glob(f".{CHECKPOINT}.*.tmp"):  # from a process killed while saving
         leftover.unlink(missing_ok=True)
     dtype = amp_dtype(s.amp, device)
@@ -198,110 +293,60 @@ def fit(
 
     with deterministic_mode(s.deterministic, device):
         model.to(device=device, memory_format=memory_format)
-        optimizer = build_optimizer(
-            model,
-            optimizer=s.optimizer,
-            lr=s.lr,
-            weight_decay=s.weight_decay,
-            momentum=s.momentum,
-            amsgrad=s.amsgrad,
-            pool_lr_mult=pool_lr_mult,
-            local_pool_lr_mult=local_pool_lr_mult,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(s, steps))
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        history: list[dict[str, Any]] = []
-        start_epoch = 0
-        if should_resume(s.resume, checkpoint_path):
-            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            try:
-                model.load_state_dict(state["model"])
-            except RuntimeError as exc:
-                raise ConfigError(f"{checkpoint_path} does not match this model: {exc}") from None
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-            start_epoch, history = state["epoch"], state["history"]
+        state = _start(model, s, steps, device=device, dtype=dtype, pool_lr_mult=pool_lr_mult,
+                       local_pool_lr_mult=local_pool_lr_mult)
+        if resume:
+            state.restore(checkpoint_path)
             if log:
-                log(f"resuming from {checkpoint_path} after epoch {start_epoch}/{s.epochs}")
-        # Rewritten from the checkpoint's history: a crash between checkpoint and append must not
-        # leave a missing or duplicated line.
-        atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in history))
-
-        batch_generator = torch.Generator()
-        sampler: PKBatchSampler | RandomBatchSampler
-        if loss == "triplet":
-            sampler = PKBatchSampler(
-                data.train_labels, s.writers_per_batch, s.patches_per_writer, steps, batch_generator
-            )
+                log(f"resuming from {checkpoint_path} after epoch {state.epoch}/{s.epochs}")
         else:
-            sampler = RandomBatchSampler(len(data.train), s.batch_size, steps, batch_generator)  # type: ignore[arg-type]
-        worker_generator = torch.Generator()
-        loader = DataLoader(
-            data.train,
-            batch_sampler=sampler,
-            num_workers=s.num_workers,
-            pin_memory=device.type == "cuda",
-            worker_init_fn=_seed_worker if s.num_workers > 0 else None,
-            generator=worker_generator,
-        )
+            checkpoint_path.unlink(missing_ok=True)
+        start_epoch = state.epoch
+        loader = _Loader(s, data, loss, steps, device)
         step_model = torch.compile(model) if s.compile else model
-        check_every = 1 if device.type == "cpu" else CUDA_FINITE_CHECK_EVERY
         total_steps = s.epochs * steps
         done = start_epoch * steps
         if progress:
             progress("train", min(done, total_steps), total_steps)
+        epoch_log = EpochLog(run_dir, state.history, s.logger, resumed=resume)
+        try:
+            for epoch in range(start_epoch, s.epochs):
+                batches = loader.epoch(epoch_seed(seed, epoch))
+                on_step = functools.partial(_report, progress, done, total_steps) if progress else None
+                started = time.perf_counter()
+                losses, lrs = _train_epoch(
+                    state, step_model, batches, s, epoch=epoch, steps=steps, loss_fn=loss_fn, device=device,
+                    dtype=dtype, memory_format=memory_format, on_step=on_step,
+                )
+                row = _epoch_row(epoch, losses, lrs, time.perf_counter() - started)
+                row.update(learned_fields(model))
+                if s.eval_every and (epoch + 1) % s.eval_every == 0:
+                    row.update(_evaluate_during_training(model, data, s, device, progress))
+                state.history.append(row)
+                state.epoch = epoch + 1
+                state.save(checkpoint_path)
+                epoch_log.epoch_done(row, done, losses.tolist() if epoch_log.per_step else (), lrs)
+                done += row["steps"]
+                if log:
+                    log(_epoch_line(row, s.epochs))
+        finally:
+            epoch_log.close()
+    return {**_summary(state.history, start_epoch), "resume_count": state.resume_count}
 
-        for epoch in range(start_epoch, s.epochs):
-            this_seed = epoch_seed(seed, epoch)
-            seed_everything(this_seed)
-            batch_generator.manual_seed(this_seed)
-            worker_generator.manual_seed(this_seed)
-            model.train()
-            lr = optimizer.param_groups[0]["lr"]
-            losses = torch.zeros(steps, device=device)
-            checked = n = 0
-            started = time.perf_counter()
-            for n, (x, y) in enumerate(loader, start=1):  # noqa: B007  (n is the step count after the loop)
-                x = x.to(device, non_blocking=True, memory_format=memory_format)
-                y = y.to(device, non_blocking=True)
-                with autocast(device, dtype):
-                    out = step_model(x)
-                step_loss = loss_fn(out.float(), y, s.margin)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(step_loss).backward()
-                if s.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                losses[n - 1] = step_loss.detach()
-                if n - checked >= check_every:
-                    _check_finite(losses, checked, n, epoch)
-                    checked = n
-                if progress:
-                    progress("train", done + n, total_steps)
-            _check_finite(losses, checked, n, epoch)
-            mean_loss = losses[:n].mean().item() if n else math.nan
-            seconds = time.perf_counter() - started
-            done += n
-            row = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr, "seconds": round(seconds, 4), "steps": n}
-            history.append(row)
-            checkpoint = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "rng": _rng_state(),
-                "history": history,
-            }
-            atomic_write(checkpoint_path, functools.partial(torch.save, checkpoint))
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            if log:
-                rate = n / seconds if seconds > 0 else math.nan
-                log(f"epoch {epoch + 1}/{s.epochs} loss {mean_loss:.4f} lr {lr:.3g} {seconds:.1f} s {rate:.1f} steps/s")
-    return _summary(history, start_epoch)
+
+def _epoch_row(epoch: int, losses: torch.Tensor, lrs: list[float], seconds: float) -> dict[str, Any]:
+    """The start of the epoch's metrics row: mean loss, lr at its start, time and steps."""
+    n = len(losses)
+    mean_loss = losses.mean().item() if n else math.nan
+    return {"epoch": epoch + 1, "loss": mean_loss, "lr": lrs[0] if lrs else math.nan, "seconds": round(seconds, 4),
+            "steps": n}
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    rate = row["steps"] / row["seconds"] if row["seconds"] > 0 else math.nan
+    return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} lr {row['lr']:.3g} {row['seconds']:.1f} s "
+            f"{rate:.1f} steps/s")
+
+
+def _report(progress: Progress, done_before: int, total: int, step: int) -> None:
+    progress("train", done_before + step, total)

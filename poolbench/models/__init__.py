@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from poolbench import pooling
-from poolbench.config import pooling_params
 from poolbench.errors import ConfigError
 from poolbench.models import smallcnn, surgery
 from poolbench.models import timm as timm_backbones
@@ -132,14 +131,6 @@ def build_trunk(model_cfg: DictConfig | Mapping[str, Any], in_channels: int) -> 
     return trunk
 
 
-def _global_pool(pooling_cfg: Mapping[str, Any]) -> nn.Module:
-    name = pooling_cfg.get("name")
-    try:  # TODO(lead): pooling.from_config(pooling_cfg, "global")
-        return pooling.create(name, **pooling_params(pooling_cfg))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"pooling {name}: {exc}") from None
-
-
 def _probe(
     trunk: nn.Module, pool: nn.Module, pool_name: str, in_channels: int, input_size: int, what: str
 ) -> tuple[torch.Size, int]:
@@ -199,8 +190,8 @@ def build_model(
             "use local_pooling=none"
         )
     pcfg = _plain(pooling_cfg)
-    pool = _global_pool(pcfg)
-    fmap, width = _probe(trunk, pool, str(pcfg.get("name")), in_channels, input_size, what)
+    pool = pooling.from_config(pcfg, "global")
+    fmap, width = _probe(trunk, pool, pooling.label(pcfg), in_channels, input_size, what)
     model = PoolNet(
         trunk,
         pool,

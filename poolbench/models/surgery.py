@@ -12,7 +12,6 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from poolbench import pooling
-from poolbench.config import pooling_params
 from poolbench.errors import ConfigError
 
 # Layers that downsample when their stride exceeds 1 (adaptive pools reduce to a fixed size instead).
@@ -149,8 +148,7 @@ def _square(value: int | tuple[int, ...]) -> int:
 def replace_max_pools(trunk: nn.Module, local_cfg: Mapping[str, Any]) -> int:
     """Put the configured local pool in place of every ``nn.MaxPool2d`` of the trunk, inheriting its
     kernel, stride and padding unless ``local_pooling.kernel_size/stride`` are set. Returns the count."""
-    name = local_cfg["name"]
-    params = pooling_params(local_cfg)
+    name = pooling.label(local_cfg)
     inherit = local_cfg.get("kernel_size") is None
     targets = [target for target, m in trunk.named_modules() if isinstance(m, nn.MaxPool2d)]
     for target in targets:
@@ -163,9 +161,6 @@ def replace_max_pools(trunk: nn.Module, local_cfg: Mapping[str, Any]) -> int:
         stride = local_cfg.get("stride")
         stride = _square(old.stride) if stride is None and inherit else stride
         padding = _square(old.padding) if inherit else 0
-        try:  # TODO(lead): pooling.from_config(local_cfg, "local", kernel_size=..., stride=..., padding=...)
-            new = pooling.create_local(name, kernel_size=kernel, stride=stride, padding=padding, **params)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"local_pooling {name}: {exc}") from None
+        new = pooling.from_config(local_cfg, "local", kernel_size=kernel, stride=stride, padding=padding)
         set_module(trunk, target, new)
     return len(targets)

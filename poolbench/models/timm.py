@@ -33,7 +33,7 @@ class TimmSettings(BackboneSettings):
 
     name: str = "timm"
     # A timm name (resnet18d), with a pretrained tag (resnet18.a1_in1k) or a cached hub repo (hf-hub:org/repo).
-    arch: Annotated[str, Required("a timm model, e.g. model.arch=resnet18d")] = "resnet18d"
+    arch: Annotated[str | None, Required("a timm model, e.g. model.arch=resnet18d")] = None
 
 
 option("model", "timm", TimmSettings, meta={"library": "timm"})

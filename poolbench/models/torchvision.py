@@ -37,8 +37,7 @@ class TorchvisionSettings(BackboneSettings):
     """``model=torchvision``: any classification model of ``torchvision.models``."""
 
     name: str = "torchvision"
-    # Required (null refused); the default only makes `model=torchvision` alone compose.
-    arch: Annotated[str, Required("a torchvision classification model, e.g. model.arch=resnet18")] = "resnet18"
+    arch: Annotated[str | None, Required("a torchvision classification model, e.g. model.arch=resnet18")] = None
 
 
 option("model", "torchvision", TorchvisionSettings)

@@ -1,7 +1,9 @@
 """Local (downsampling) pools: (B, C, H, W) -> (B, C, H', W'), one value per k×k window.
 
-The maths lives in plain functions over the windows that :func:`unfold_windows` cuts out; the modules
-only hold hyper-parameters and learnable weights. Output size is ``nn.MaxPool2d``'s floor formula
+The maths lives in plain functions built on PyTorch's native pooling kernels (``F.max_pool2d``,
+``F.avg_pool2d`` as a mean or, with ``divisor_override=1``, as a window sum); the modules only hold
+hyper-parameters and learnable weights. Only ranking (``sort``) and SoftPool on extreme value
+spreads cut the windows out with :func:`unfold_windows`. Output size is ``nn.MaxPool2d``'s floor formula
 H' = (H + 2·padding − k) // stride + 1 for every operator except ``fractional``.
 
 Padding has one meaning everywhere: a window may hang ``padding`` pixels over the border and the
@@ -11,7 +13,7 @@ softpool/stochastic/sort give them no weight). ``padding <= kernel_size // 2`` (
 :class:`LocalPool`) guarantees every window holds at least one in-map position.
 
 Half-precision inputs are computed in float32 (x², x^p, Σx and exp overflow in fp16) and the result is
-cast back to the input dtype.
+cast back to the input dtype; max and min are exact in every dtype and stay native.
 """
 
 from __future__ import annotations
@@ -41,20 +43,26 @@ def _float32_for_half(fn: Fn) -> Fn:
     return wrapper  # type: ignore[return-value]
 
 
-def unfold_windows(
-    x: Tensor, kernel_size: int, stride: int, padding: int = 0, fill: float = 0.0
-) -> tuple[Tensor, Tensor | None]:
-    """Cut (B, C, H, W) into windows (B, C, H', W', k²): a copy of k²/stride² times the input's size.
-
-    Out-of-map positions hold ``fill``. Returns the windows and a boolean in-map mask of shape
-    (1, 1, H', W', k²), or ``None`` when there is no padding (every position is in the map).
-    """
+def _check_fits(x: Tensor, kernel_size: int, padding: int) -> None:
     height, width = x.shape[-2:]
     if min(height, width) + 2 * padding < kernel_size:
         raise ValueError(
             f"feature map {height}x{width} with padding {padding} is smaller than the "
             f"{kernel_size}x{kernel_size} pooling window"
         )
+
+
+def unfold_windows(
+    x: Tensor, kernel_size: int, stride: int, padding: int = 0, fill: float = 0.0
+) -> tuple[Tensor, Tensor | None]:
+    """Cut (B, C, H, W) into windows (B, C, H', W', k²): a copy of k²/stride² times the input's size.
+
+    Only for what no window-sum or max kernel can express (ranking). Out-of-map positions hold
+    ``fill``. Returns the windows and a boolean in-map mask of shape (1, 1, H', W', k²), or ``None``
+    when there is no padding (every position is in the map).
+    """
+    _check_fits(x, kernel_size, padding)
+    height, width = x.shape[-2:]
 
     def cut(t: Tensor, value: float) -> Tensor:
         if padding:
@@ -65,61 +73,82 @@ def unfold_windows(
     return cut(x, fill), valid
 
 
-def _count(windows: Tensor, valid: Tensor | None) -> Tensor | float:
-    return windows.shape[-1] if valid is None else valid.sum(-1, dtype=windows.dtype)
+def window_sum(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
+    """Σ x over the in-map positions of each window, on the native average-pool kernel.
 
-
-def _where_valid(windows: Tensor, valid: Tensor | None, value: float) -> Tensor:
-    return windows if valid is None else windows.masked_fill(~valid, value)
+    avg_pool2d pads with zeros, which add nothing to a sum, and ``divisor_override=1`` skips the
+    division: the same window grid (and floor-mode size) as ``nn.MaxPool2d``.
+    """
+    _check_fits(x, kernel_size, padding)
+    return F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=True, divisor_override=1)
 
 
 def max_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
-    """max over the window."""
-    return unfold_windows(x, kernel_size, stride, padding, -math.inf)[0].amax(-1)
+    """max over the window (``F.max_pool2d``: padding is −inf, exact in every dtype)."""
+    _check_fits(x, kernel_size, padding)
+    return F.max_pool2d(x, kernel_size, stride, padding)
 
 
 def min_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
-    """min over the window."""
-    return unfold_windows(x, kernel_size, stride, padding, math.inf)[0].amin(-1)
+    """min over the window: −max(−x), exact."""
+    return -max_pool(-x, kernel_size, stride, padding)
 
 
 @_float32_for_half
 def sum_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
     """Σ x over the window."""
-    return unfold_windows(x, kernel_size, stride, padding)[0].sum(-1)
+    return window_sum(x, kernel_size, stride, padding)
 
 
 @_float32_for_half
 def avg_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
-    """mean over the in-map positions of the window."""
-    windows, valid = unfold_windows(x, kernel_size, stride, padding)
-    return windows.sum(-1) / _count(windows, valid)
+    """mean over the in-map positions of the window (``count_include_pad=False``)."""
+    _check_fits(x, kernel_size, padding)
+    return F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=False)
 
 
-def _safe_root(total: Tensor, p: float) -> Tensor:
+def safe_root(total: Tensor, p: float) -> Tensor:
     # total^(1/p) with a zero (not NaN) gradient where total == 0: the double-where trick.
     positive = total > 0
     return torch.where(positive, torch.where(positive, total, 1.0) ** (1.0 / p), 0.0)
 
 
-def _scaled_power_sum(magnitude: Tensor, p: float) -> Tensor:
-    """(Σ a^p)^(1/p) over the last dim for a >= 0, scaled by the (detached) max so a^p cannot overflow.
+def nonnegative_power(magnitude: Tensor, p: float) -> Tensor:
+    """a^p for a >= 0, with a zero gradient at a = 0 for every p (a^p has an infinite slope there when p < 1)."""
+    if p == 2.0:
+        return magnitude.square()
+    if p >= 1.0:  # p·a^(p−1) is finite at 0
+        return magnitude.pow(p)
+    nonzero = magnitude > 0
+    return torch.where(nonzero, torch.where(nonzero, magnitude, 1.0) ** p, 0.0)
 
-    Scaling is exact: m·(Σ (a/m)^p)^(1/p) = (Σ a^p)^(1/p) for any constant m > 0. Zeros get a zero
-    gradient for every p (a^p has an infinite slope at 0 when p < 1).
+
+def _power_mean(magnitude: Tensor, p: float, pool: Callable[[Tensor], Tensor], floor: float = 0.0) -> Tensor:
+    """pool(a^p)^(1/p) for a >= ``floor`` >= 0 and a window pool that is a (weighted) sum: 1-homogeneous in a.
+
+    a^p overflows for large activations or large p (1e4³ is fine in float32, 1e4¹⁰ is not), and
+    floor^p underflows to 0 for large p (an infinite gradient of the root): then each channel is
+    divided by its detached max m, exact since m·pool((a/m)^p)^(1/p) equals the result for any
+    constant m > 0. The common case costs no extra pass over the input. What still rounds to 0 is
+    a window whose values are all below the dtype's smallest normal number to the power 1/p (2e-13
+    for p = 3 in float32; with the rescaling: that far below its channel's max), as in nn.LPPool2d.
     """
-    peak = magnitude.detach().amax(-1, keepdim=True)
+    if floor == 0.0 or floor**p >= torch.finfo(magnitude.dtype).tiny:
+        total = pool(nonnegative_power(magnitude, p))
+        # With floor^p a normal number every total is > 0: the root needs no guard.
+        pooled = total.pow(1.0 / p) if floor > 0 else safe_root(total, p)
+        if bool(pooled.isfinite().all()) or not bool(magnitude.isfinite().all()):
+            return pooled
+    peak = magnitude.detach().amax(dim=(-2, -1), keepdim=True)
     peak = torch.where(peak > 0, peak, 1.0)
-    scaled = magnitude / peak
-    nonzero = scaled > 0
-    terms = torch.where(nonzero, torch.where(nonzero, scaled, 1.0) ** p, 0.0)
-    return peak.squeeze(-1) * _safe_root(terms.sum(-1), p)
+    return peak * safe_root(pool(nonnegative_power(magnitude / peak, p)), p)
 
 
 @_float32_for_half
 def lpnorm_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, p: float = 3.0) -> Tensor:
     """(Σ |x|^p)^(1/p) over the window; unlike ``nn.LPPool2d`` it takes |x| (no NaN for x < 0)."""
-    return _scaled_power_sum(unfold_windows(x, kernel_size, stride, padding)[0].abs(), p)
+    magnitude = x if p == 2.0 else x.abs()  # x² needs no |x|
+    return _power_mean(magnitude, p, lambda t: window_sum(t, kernel_size, stride, padding))
 
 
 def l2_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
@@ -130,20 +159,12 @@ def l2_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tenso
 @_float32_for_half
 def power_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, p: float = 3.0, eps: float = 1e-6) -> Tensor:
     """(mean max(x, eps)^p)^(1/p) over the in-map positions of the window (power average)."""
-    windows, valid = unfold_windows(x, kernel_size, stride, padding)
-    clamped = _where_valid(windows.clamp_min(eps), valid, 0.0)
-    count = _count(windows, valid)
-    return _scaled_power_sum(clamped, p) / count ** (1.0 / p)
+    return _power_mean(x.clamp_min(eps), p, lambda t: avg_pool(t, kernel_size, stride, padding), floor=eps)
 
 
-def _stochastic_weights(windows: Tensor, valid: Tensor | None) -> Tensor:
-    """Per-window probabilities max(x, 0)/Σ max(x, 0); uniform over in-map positions if the sum is 0."""
-    positive = windows.clamp_min(0.0)
-    total = positive.sum(-1, keepdim=True)
-    has_mass = total > 0
-    uniform = (torch.ones_like(windows) if valid is None else valid.to(windows.dtype)).expand_as(windows)
-    uniform = uniform / uniform.sum(-1, keepdim=True)
-    return torch.where(has_mass, positive / torch.where(has_mass, total, 1.0), uniform)
+def _draw_index(keys: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
+    """Per window, the flat (H·W) index of its largest key (padding never wins: it is −inf)."""
+    return F.max_pool2d(keys, kernel_size, stride, padding, return_indices=True)[1]
 
 
 @_float32_for_half
@@ -151,25 +172,57 @@ def stochastic_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, 
     """Stochastic pooling (Zeiler & Fergus 2013), probabilities π = max(x, 0)/Σ max(x, 0).
 
     ``sample=True`` (training) returns the value x_i at one position drawn with probability π_i from
-    the global torch RNG; otherwise (inference) the expectation Σ π_i·x_i, which is exactly the mean
-    of the training-time output.
+    the global torch RNG; otherwise (inference) the expectation Σ π_i·x_i = Σ x⁺·x / Σ x⁺ (two
+    window sums), which is exactly the mean of the training-time output; the in-map mean (uniform
+    draw) where no value is positive.
+
+    The draw is an exponential race on the native max-pool kernel: with one E_i = −log U_i ~ Exp(1)
+    per position, argmax_i x⁺_i / E_i picks i with probability π_i (the window's Σ x⁺ cancels), and
+    argmax_i U_i is uniform. Each window's draw has exactly these probabilities; overlapping
+    windows share their positions' E_i, so their draws are not independent of each other.
     """
-    windows, valid = unfold_windows(x, kernel_size, stride, padding)
-    probs = _stochastic_weights(windows, valid)
+    _check_fits(x, kernel_size, padding)
     if not sample:
-        return (probs * windows).sum(-1)
-    # Exponential race: argmin E_i/π_i with E_i ~ Exp(1) picks i with probability π_i; π_i = 0 never wins.
-    race = torch.empty_like(probs).exponential_()
-    race = torch.where(probs > 0, race / probs, math.inf)
-    return windows.gather(-1, race.argmin(-1, keepdim=True)).squeeze(-1)
+        positive = x.clamp_min(0.0)
+        mass = window_sum(positive, kernel_size, stride, padding)
+        has_mass = mass > 0
+        weighted = window_sum(positive * x, kernel_size, stride, padding) / torch.where(has_mass, mass, 1.0)
+        return torch.where(has_mass, weighted, avg_pool(x, kernel_size, stride, padding))
+    with torch.no_grad():
+        uniform = torch.rand_like(x)  # 4× cheaper than exponential_(), which draws E = −log U itself
+        # U = 0 gives E = inf: key 0, that position cannot win (probability 2⁻²⁴ per draw in float32).
+        race = uniform.log().neg_()
+        # E = 0 cannot occur (U < 1), so x⁺ / E is never 0/0.
+        keys, index = F.max_pool2d(x.clamp_min(0.0) / race, kernel_size, stride, padding, return_indices=True)
+        no_mass = keys <= 0
+        if bool(no_mass.any()):  # argmax 1/E = argmax U: uniform over the window's in-map positions
+            index = torch.where(no_mass, _draw_index(uniform, kernel_size, stride, padding), index)
+    return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+
+
+def _softpool_windows(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
+    """SoftPool on copied windows, each with its own max subtracted: exact for any spread of values."""
+    windows, valid = unfold_windows(x, kernel_size, stride, padding)
+    weights = torch.softmax(windows if valid is None else windows.masked_fill(~valid, -math.inf), dim=-1)
+    return (weights * windows).sum(-1)
 
 
 @_float32_for_half
 def softpool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
-    """Σ softmax(x)_i·x_i over the window (Stergiou et al. 2021), softmax with the max subtracted."""
-    windows, valid = unfold_windows(x, kernel_size, stride, padding)
-    weights = torch.softmax(_where_valid(windows, valid, -math.inf), dim=-1)
-    return (weights * windows).sum(-1)
+    """Σ softmax(x)_i·x_i over the window (Stergiou et al. 2021) = Σ e^(x−m)·x / Σ e^(x−m).
+
+    Two window sums on the native kernel with m the detached per-channel max (any constant per
+    window cancels; padding adds 0 to both sums). Where a window's values lie so far below its
+    channel's max that its denominator leaves the dtype's full-precision range (a spread of about 69
+    in float32), the windows are cut out and each gets its own max (exact, k²/s² times the memory).
+    """
+    weights = (x - x.detach().amax(dim=(-2, -1), keepdim=True)).exp()
+    mass = window_sum(weights, kernel_size, stride, padding)
+    # Below this the largest term of the window is subnormal: float rounding is no longer relative.
+    smallest = torch.finfo(x.dtype).tiny * kernel_size**2 / torch.finfo(x.dtype).eps
+    if bool((mass >= smallest).all()):
+        return window_sum(weights * x, kernel_size, stride, padding) / mass
+    return _softpool_windows(x, kernel_size, stride, padding)
 
 
 @_float32_for_half
@@ -177,16 +230,20 @@ def sort_pool(x: Tensor, kernel_size: int, stride: int, padding: int, logits: Te
     """Σ_j softmax(w)_j·x_(j) over the k = len(w) largest window values, x_(1) >= x_(2) >= ...
 
     Where a border window has fewer than k in-map values, the softmax is renormalised over those.
+    Ranking needs the windows themselves (k²/s² times the input's memory); k = 1 is max pooling,
+    computed on the native kernel.
     """
     k = logits.numel()
+    if k == 1:  # the single weight is exactly 1; multiplying keeps the logit in the graph (gradient 0)
+        return max_pool(x, kernel_size, stride, padding) * torch.softmax(logits.to(x.dtype), dim=0)
     windows, valid = unfold_windows(x, kernel_size, stride, padding, -math.inf)
     top = windows.topk(k, dim=-1).values
     weights = torch.softmax(logits.to(top.dtype), dim=0).expand_as(top)
     if valid is not None:
         ranked_valid = torch.arange(k, device=x.device) < valid.sum(-1, keepdim=True)
-        weights = _where_valid(weights, ranked_valid, 0.0)
+        weights = weights.masked_fill(~ranked_valid, 0.0)
         weights = weights / weights.sum(-1, keepdim=True)
-        top = _where_valid(top, ranked_valid, 0.0)
+        top = top.masked_fill(~ranked_valid, 0.0)
     return (weights * top).sum(-1)
 
 
@@ -426,3 +483,6 @@ class MixedLocal(LocalPool):
         a = torch.sigmoid(self.logit).to(x.dtype)
         geometry = (self.kernel_size, self.stride, self.padding)
         return a * max_pool(x, *geometry) + (1 - a) * avg_pool(x, *geometry)
+
+    def learned_values(self) -> dict[str, float]:
+        return {"a": float(torch.sigmoid(self.logit.detach()))}

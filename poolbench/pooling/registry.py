@@ -1,24 +1,36 @@
-"""Name → operator registry for global and local pooling.
+"""Name → operator registry for global and local pooling, and the one way to build an operator from config.
 
-Operators register themselves with :func:`register`; :func:`create` and :func:`create_local`
-instantiate them by name. An unknown name or parameter is a ``ValueError`` that names the valid
-choices: never a silent fallback to another operator (timm #2159).
+Operators register themselves with :func:`register` (public API: plugins use it too); :func:`create`
+and :func:`create_local` instantiate them by name. :func:`from_config` builds an operator from a
+``pooling`` / ``local_pooling`` config node — a registered ``name`` or a Hydra-style ``_target_`` class
+path — and is the only place that decides which keys of a node are operator parameters. An unknown
+name or parameter is an error that names the valid choices: never a silent fallback to another
+operator (timm #2159).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from torch import nn
 
-from poolbench.errors import unknown_choice
+from poolbench.errors import ConfigError, unknown_choice
 
 Kind = Literal["global", "local"]
 # Constructor arguments every local operator takes; they are not listed as operator parameters.
 LOCAL_GEOMETRY = ("kernel_size", "stride", "padding")
+LOCAL_DEFAULTS = {"kernel_size": 2, "stride": None, "padding": 0}  # LocalPool's: stride None = kernel_size
+# Keys of a pooling/local_pooling config node that are not constructor parameters of the operator
+# (local pools take the geometry too, but from models.py's choice, not as an operator parameter).
+NODE_KEYS = ("name", "lr_mult", "_target_", *LOCAL_GEOMETRY)
+# The config option that instantiates any nn.Module class given as ``_target_`` (Hydra's convention).
+CUSTOM = "custom"
+GROUP_OF: dict[Kind, str] = {"global": "pooling", "local": "local_pooling"}
 
 
 class GlobalPool(nn.Module):
@@ -63,6 +75,8 @@ class PoolSpec:
     width: str = "C"
     params: dict[str, Any] = field(default_factory=dict)
     lr_mult: float = 1
+    # Each parameter's annotated type (``typing.Any`` when the constructor does not say).
+    types: dict[str, Any] = field(default_factory=dict)
 
     def config_node(self) -> dict[str, Any]:
         """The operator's config group node (``pooling=<name>`` / ``local_pooling=<name>``): its name, the
@@ -76,15 +90,21 @@ _REGISTRY: dict[Kind, dict[str, PoolSpec]] = {"global": {}, "local": {}}
 T = TypeVar("T", bound=type[nn.Module])
 
 
-def _signature_params(cls: type[nn.Module], kind: Kind) -> dict[str, Any]:
-    params = {}
+def _signature(cls: type[nn.Module], kind: Kind) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(defaults, annotated types) of the constructor's parameters, without the local geometry."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that cannot be evaluated only costs its type check
+        hints = {}
+    defaults, kinds = {}, {}
     for pname, p in inspect.signature(cls.__init__).parameters.items():
         if pname == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if kind == "local" and pname in LOCAL_GEOMETRY:
             continue
-        params[pname] = None if p.default is inspect.Parameter.empty else p.default
-    return params
+        defaults[pname] = None if p.default is inspect.Parameter.empty else p.default
+        kinds[pname] = hints.get(pname, Any)
+    return defaults, kinds
 
 
 def register(
@@ -97,27 +117,40 @@ def register(
     width: str = "C",
     lr_mult: float = 1,
 ) -> Callable[[T], T]:
-    """Class decorator adding an operator to the registry under ``name``.
+    """Class decorator adding an operator to the registry under ``name`` (public API)::
 
-    ``lr_mult`` multiplies the learning rate of the operator's own parameters (they also get no weight
-    decay); the constructor's signature gives the parameters and their defaults.
+        @register("softmax", kind="global", formula="Σ softmax(x/τ)_i x_i", reference="...", learnable=True)
+        class SoftmaxPool(GlobalPool):
+            def __init__(self, tau: float = 1.0) -> None: ...
+
+    The constructor's signature gives the operator's config parameters, their defaults and (from its
+    annotations) their types. ``lr_mult`` multiplies the learning rate of the operator's own parameters
+    (they also get no weight decay); ``width`` documents F (e.g. ``"C"`` or ``"K·C"``).
     """
+    if name == CUSTOM:
+        raise RuntimeError(f"'{CUSTOM}' is reserved for pooling=custom pooling._target_=<class>")
 
     def wrap(cls: T) -> T:
         if name in _REGISTRY[kind]:
             raise RuntimeError(f"{kind} pooling '{name}' is registered twice")
+        defaults, kinds = _signature(cls, kind)
         _REGISTRY[kind][name] = PoolSpec(
-            name, kind, cls, formula, reference, learnable, width, _signature_params(cls, kind), lr_mult
+            name, kind, cls, formula, reference, learnable, width, defaults, lr_mult, kinds
         )
         return cls
 
     return wrap
 
 
-def _lookup(name: str, kind: Kind) -> PoolSpec:
-    from poolbench import pooling  # noqa: F401  (importing the package registers every operator)
+def _table(kind: Kind) -> dict[str, PoolSpec]:
+    from poolbench import plugins, pooling  # noqa: F401  (importing the package registers the built-ins)
 
-    table = _REGISTRY[kind]
+    plugins.load_process_plugins()
+    return _REGISTRY[kind]
+
+
+def _lookup(name: str, kind: Kind) -> PoolSpec:
+    table = _table(kind)
     if name not in table:
         raise ValueError(unknown_choice(f"{kind} pooling", name, table))
     return table[name]
@@ -135,9 +168,7 @@ def spec(name: str, kind: Kind = "global") -> PoolSpec:
 
 
 def specs(kind: Kind) -> list[PoolSpec]:
-    from poolbench import pooling  # noqa: F401
-
-    return list(_REGISTRY[kind].values())
+    return list(_table(kind).values())
 
 
 def create(name: str, **params: Any) -> GlobalPool:
@@ -160,6 +191,109 @@ def names() -> list[str]:
 
 def local_names() -> list[str]:
     return [s.name for s in specs("local")]
+
+
+# ------------------------------------------------------------------------------ config nodes → operators
+
+
+def _plain(node: Mapping[str, Any]) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    return dict(node)
+
+
+def _is_target(node: Mapping[str, Any]) -> bool:
+    return node.get("name", CUSTOM) == CUSTOM
+
+
+def label(node: Mapping[str, Any]) -> str:
+    """How runs, records and reports name the operator of a node: its registered name, or for a
+    ``_target_`` node the class name (``mypkg.pools.SoftmaxPool`` → ``SoftmaxPool``)."""
+    if _is_target(node):
+        return str(node.get("_target_") or CUSTOM).rsplit(".", 1)[-1]
+    return str(node["name"])
+
+
+def _checked(group: str, params: dict[str, Any], kinds: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``params`` type-checked against the constructor's annotations (the config schemas' rules), an
+    int passed as float to a float parameter and a list as tuple to a tuple parameter."""
+    from poolbench import schema
+
+    out = {}
+    for key, value in params.items():
+        kind = kinds.get(key, Any)
+        if kind is Any and defaults.get(key) is not None:  # unannotated: the default's type, as for other keys
+            kind = type(defaults[key])
+        schema.check_value(value, kind, f"{group}.{key}", defaults.get(key))
+        members = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        if isinstance(value, int) and not isinstance(value, bool) and float in members and int not in members:
+            value = float(value)
+        elif isinstance(value, list) and any(m is tuple or typing.get_origin(m) is tuple for m in members):
+            value = tuple(value)
+        out[key] = value
+    return out
+
+
+def target_class(path: Any, group: str = "pooling") -> type[nn.Module]:
+    """The nn.Module class at dotted ``path`` (Hydra's ``_target_``); ConfigError naming it otherwise."""
+    import pkgutil
+
+    from poolbench import plugins
+    from poolbench.plugins import first_line
+
+    if path in (None, "", "???"):
+        raise ConfigError(
+            f"{group}={CUSTOM} needs the operator class: add {group}._target_=<module>.<Class> "
+            f"(an nn.Module, e.g. {group}._target_=mypkg.pools.MyPool)"
+        )
+    plugins.cwd_importable()
+    try:
+        cls = pkgutil.resolve_name(str(path))  # what Hydra's get_class does, without its error log
+    except Exception as exc:
+        raise ConfigError(f"{group}._target_={path}: cannot import it ({first_line(exc)})") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"{group}._target_={path} is not an nn.Module class")
+    return cls
+
+
+def from_config(node: Mapping[str, Any], kind: Kind = "global", **geometry: Any) -> nn.Module:
+    """Build the operator a ``pooling`` (``kind="global"``) or ``local_pooling`` (``"local"``) node describes.
+
+    ``node["name"]`` is a registered operator, or ``custom`` (or absent) with ``node["_target_"]`` a
+    dotted nn.Module class path, Hydra-style. Every key but ``name``, ``lr_mult``, ``_target_`` and the
+    local geometry (``kernel_size``, ``stride``, ``padding``) is a constructor parameter, type-checked
+    against the constructor's annotations (an int is accepted, and passed as float, for a float
+    parameter). Local pools get ``kernel_size``/``stride``/``padding`` from ``geometry`` where given
+    (not None), else from the node where set there, else their constructor's defaults.
+    Any problem is one-line :class:`~poolbench.errors.ConfigError` naming the config key.
+    """
+    group = GROUP_OF[kind]
+    data = _plain(node)
+    params = {k: v for k, v in data.items() if k not in NODE_KEYS}
+    if _is_target(data):
+        cls = target_class(data.get("_target_"), group)
+        defaults, kinds = _signature(cls, kind)
+    else:
+        name = data.get("name")
+        if "_target_" in data:
+            raise ConfigError(f"{group}._target_ is read only with {group}={CUSTOM}, not with {group}={name}")
+        try:
+            s = _lookup(str(name), kind)
+            _check_params(s, params)
+        except ValueError as exc:
+            raise ConfigError(f"{group}={name}: {exc}") from None
+        cls, defaults, kinds = s.cls, s.params, s.types
+    checked = _checked(group, params, kinds, defaults)
+    if kind == "local":  # the contract of a local pool's constructor: LocalPool's geometry arguments
+        for key, default in LOCAL_DEFAULTS.items():
+            given = geometry.get(key)
+            checked[key] = given if given is not None else data.get(key) if data.get(key) is not None else default
+    try:
+        return cls(**checked)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{group}={label(data)}: {exc}") from None
 
 
 def learned_scalars(module: nn.Module) -> dict[str, float]:

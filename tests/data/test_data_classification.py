@@ -1,5 +1,5 @@
 """Classification loaders on tiny generated files: digits, fashion_mnist (IDX), cifar (pickles),
-imagefolder and clamm, with their error cases."""
+imagefolder and clamm, with their error cases and the hardening against untrusted files."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_cifar_reads_pickles(tmp_path: Path, name: str, train_size: int, classes
 
 
 def test_cifar_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="no folder configured"):
+    with pytest.raises(ConfigError, match="dataset.root is required"):
         build_dataset({"name": "cifar10"}, seed=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="cifar-10-batches-py/test_batch"):
@@ -167,7 +167,7 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     (tmp_path / "corrupt" / "a" / "1.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(DataError, match="cannot read image .*1.png"):
         build_dataset({"name": "imagefolder", "root": str(tmp_path / "corrupt")}, seed=0)
-    with pytest.raises(ConfigError, match="channels"):
+    with pytest.raises(ConfigError, match="unknown dataset.channels '2'"):
         build_dataset({"name": "imagefolder", "root": str(tmp_path), "channels": 2}, seed=0)
 
 
@@ -213,5 +213,123 @@ def test_clamm_errors(tmp_path: Path) -> None:
         build_dataset(clamm_cfg(tmp_path), seed=0)
     with pytest.raises(DataError, match="does not exist"):
         build_dataset(clamm_cfg(tmp_path / "nowhere"), seed=0)
-    with pytest.raises(ConfigError, match="option of dataset 'clamm'"):
+    with pytest.raises(ConfigError, match="unknown config key 'dataset.lable_column' for dataset=clamm"):
         build_dataset(clamm_cfg(tmp_path, lable_column=2), seed=0)
+
+
+def test_clamm_label_files_that_are_not_text(tmp_path: Path) -> None:
+    make_clamm(tmp_path / "train", [("a.tif", "Caroline"), ("b.tif", "Uncial")])
+    make_clamm(tmp_path / "test", [("d.tif", "Uncial")])
+    label_file = tmp_path / "test" / "@labels.csv"
+    label_file.write_bytes(b"FILENAME;SCRIPT\nd.tif;Unc\xe9ial\n")  # latin-1, not UTF-8
+    with pytest.raises(DataError, match="@labels.csv' is not UTF-8"):
+        build_dataset(clamm_cfg(tmp_path), seed=0)
+    label_file.write_bytes(b'd.tif;"Unc"ial\n')  # a broken quote
+    with pytest.raises(DataError, match="cannot read .*@labels.csv"):
+        build_dataset(clamm_cfg(tmp_path), seed=0)
+    label_file.write_text("FILENAME\n")  # a header with too few columns, then nothing
+    with pytest.raises(DataError, match="no rows"):
+        build_dataset(clamm_cfg(tmp_path), seed=0)
+
+
+def test_clamm_document_augment_crops_the_page(tmp_path: Path) -> None:
+    make_clamm(tmp_path / "train", [("a.tif", "Caroline"), ("b.tif", "Uncial")])
+    make_clamm(tmp_path / "test", [("d.tif", "Uncial")])
+    bundle = build_dataset(clamm_cfg(tmp_path), seed=0, augment={"name": "auto"})
+    assert bundle.train.transform is not None and bundle.test.transform is None
+    torch.manual_seed(0)
+    image, _ = bundle.train[0]
+    assert image.shape == (1, 32, 32)
+
+
+# --- untrusted files --------------------------------------------------------------------------------
+
+class Payload:
+    """Unpickling this would create ``target`` (a stand-in for arbitrary code)."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_crafted_cifar_batch_cannot_run_code(tmp_path: Path) -> None:
+    root = write_cifar(tmp_path / "cifar", "cifar10")
+    target = tmp_path / "pwned"
+    batch = {b"data": np.zeros((4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3], b"x": Payload(target)}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        path = root / "cifar-10-batches-py" / "data_batch_2"
+        path.write_bytes(pickle.dumps(batch, protocol=protocol))
+        with pytest.raises(DataError) as info:
+            build_dataset({"name": "cifar10", "root": str(root)}, seed=0)
+        assert "data_batch_2" in str(info.value) and "which a CIFAR batch never contains" in str(info.value)
+        assert "\n" not in str(info.value)
+        assert not target.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_in_every_pickle_protocol_are_read(tmp_path: Path, protocol: int) -> None:
+    root = tmp_path / "cifar"
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for file in ("train", "test"):
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"fine_labels": [0, 1, 2, 3],
+                 b"filenames": [b"a.png"] * 4, b"batch_label": "training batch", b"coarse": np.int64(3)}
+        (folder / file).write_bytes(pickle.dumps(batch, protocol=protocol))
+    bundle = build_dataset({"name": "cifar100", "root": str(root)}, seed=0)
+    assert len(bundle.train) == 4 and bundle.num_classes == 100
+
+
+def test_one_class_training_set_is_refused(tmp_path: Path) -> None:
+    for i in range(3):
+        write_image(tmp_path / "train" / "only" / f"{i}.png", i)
+        write_image(tmp_path / "test" / "only" / f"{i}.png", i)
+    with pytest.raises(DataError, match="single class"):
+        build_dataset({"name": "imagefolder", "root": str(tmp_path)}, seed=0)
+
+
+def test_decompression_bombs_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for cls in ("a", "b"):
+        for i in range(3):
+            write_image(tmp_path / cls / f"{i}.png", i, size=(12, 12))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 pixels: Pillow only warns (and decodes)
+    with pytest.raises(DataError, match="a/0.png' has more pixels than Pillow's decompression-bomb limit"):
+        build_dataset({"name": "imagefolder", "root": str(tmp_path)}, seed=0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # beyond twice the limit: Pillow raises
+    with pytest.raises(DataError, match="decompression-bomb limit"):
+        build_dataset({"name": "imagefolder", "root": str(tmp_path)}, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["broken", "loop"])
+def test_bad_symlinks_among_images_are_errors(tmp_path: Path, kind: str) -> None:
+    for cls in ("a", "b"):
+        for i in range(3):
+            write_image(tmp_path / cls / f"{i}.png", i)
+    link = tmp_path / "b" / "9.png"
+    if kind == "broken":
+        link.symlink_to(tmp_path / "nowhere.png")
+    else:
+        link.symlink_to(tmp_path / "b" / "8.png")
+        (tmp_path / "b" / "8.png").symlink_to(link)
+    with pytest.raises(DataError, match="[89].png' is a (broken symlink|symlink loop)"):
+        build_dataset({"name": "imagefolder", "root": str(tmp_path)}, seed=0)
+
+
+def test_non_utf8_file_names(tmp_path: Path) -> None:
+    import os
+
+    for cls in ("a", "b"):
+        for i in range(3):
+            write_image(tmp_path / cls / f"{i}.png", i)
+    odd = os.fsdecode(b"caf\xe9.png")  # latin-1 bytes: not a valid UTF-8 name
+    write_image(tmp_path / "a" / odd, 7)
+    bundle = build_dataset({"name": "imagefolder", "root": str(tmp_path), "test_fraction": 0.25}, seed=0)
+    assert len(bundle.train) + len(bundle.test) == 7
+    (tmp_path / "a" / odd).write_bytes(b"junk")
+    with pytest.raises(DataError) as info:
+        build_dataset({"name": "imagefolder", "root": str(tmp_path)}, seed=0)
+    message = str(info.value)
+    assert "caf\\xe9.png" in message
+    message.encode("utf-8")  # printable: no lone surrogates

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from poolbench.data.base import DataBundle
-from poolbench.engine import evaluate, measure_latency, time_fn
+from poolbench.engine import evaluate, measure_cost, measure_latency, time_fn
 from poolbench.models import build_model
 
 LATENCY_KEYS = {
@@ -17,6 +17,7 @@ LATENCY_KEYS = {
     "pool_fwdbwd_ms",
     "peak_mem_mb",
     "device_name",
+    "timing_warning",
 }
 
 
@@ -82,9 +83,8 @@ def test_measure_latency_keys_and_no_side_effects(
     )
     assert torch.equal(torch.rand(3), expected_next)  # global RNG untouched
     assert set(result) == LATENCY_KEYS
-    assert all(
-        result[k] > 0 for k in LATENCY_KEYS - {"device_name", "peak_mem_mb", "infer_batch_ms_iqr", "train_step_ms_iqr"}
-    )
+    not_positive = {"device_name", "timing_warning", "peak_mem_mb", "infer_batch_ms_iqr", "train_step_ms_iqr"}
+    assert all(result[k] > 0 for k in LATENCY_KEYS - not_positive)
     assert result["infer_image_ms"] == pytest.approx(result["infer_batch_ms"] / 8)
     assert result["peak_mem_mb"] >= 0 and "threads" in result["device_name"]
     assert model.training
@@ -97,3 +97,104 @@ def test_time_fn_counts_calls() -> None:
     assert len(calls) == 7 and stats.n == 5 and stats.median_ms >= 0 and stats.iqr_ms >= 0
     with pytest.raises(ValueError):
         time_fn(lambda: None, device=torch.device("cpu"), warmup=0, repeats=0)
+
+
+def test_interleaved_samples_time_every_function_each_round_in_shuffled_order() -> None:
+    from poolbench.engine.latency import interleaved_samples
+
+    calls: list[str] = []
+
+    def recorder(key: str) -> object:
+        return lambda: calls.append(key)
+
+    def broken() -> None:
+        raise RuntimeError("no kernel\nsecond line")
+
+    samples, errors = interleaved_samples(
+        {"a": recorder("a"), "b": recorder("b"), "c": recorder("c"), "x": broken}, warmup=1, rounds=6
+    )
+    assert errors == {"x": "RuntimeError: no kernel"} and samples["x"] == []
+    assert all(len(samples[k]) == 6 for k in "abc")
+    timed = calls[3:]  # after one warm-up call each
+    rounds = [timed[i : i + 3] for i in range(0, 18, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every function once per round
+    assert len({tuple(r) for r in rounds}) > 1  # and not always in the same order
+
+
+def test_interval_brackets_the_median_and_is_reproducible() -> None:
+    from poolbench.engine.latency import interval, median_iqr, paired_ratios
+
+    values = [1.0, 1.2, 0.9, 1.1, 5.0, 1.05, 0.95]
+    low, high = interval(values)
+    assert low <= median_iqr(values)[0] <= high and (low, high) == interval(values)
+    assert interval([2.0]) == (2.0, 2.0) and interval([3.0, 3.0]) == (3.0, 3.0)
+    ratio, ci = paired_ratios([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])  # per-round ratios, not ratio of medians
+    assert ratio == 2.0 and ci == (2.0, 2.0)
+
+
+def test_timing_warnings_name_the_load_and_thread_oversubscription(monkeypatch: pytest.MonkeyPatch) -> None:
+    from poolbench.engine import latency
+
+    monkeypatch.setattr(latency, "usable_cores", lambda: 2)
+    monkeypatch.setattr(latency.os, "getloadavg", lambda: (7.5, 1.0, 1.0))
+    monkeypatch.setattr(latency, "copy_bandwidth_gb_s", lambda threads: 10.0 / threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        warnings = latency.timing_warnings(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(previous)
+    assert warnings == [
+        "load average 7.5 > 2 usable cores",
+        "4 torch threads > 2 usable cores",
+        "copy bandwidth 2.5 GB/s with 4 threads vs 10 GB/s with 1",
+    ]
+    monkeypatch.setattr(latency.os, "getloadavg", lambda: (0.5, 1.0, 1.0))
+    monkeypatch.setattr(latency, "copy_bandwidth_gb_s", lambda threads: 10.0)
+    torch.set_num_threads(1)
+    try:
+        assert latency.timing_warnings(torch.device("cpu")) == []
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_count_flops_adds_analytic_counts_for_linear_algebra_and_elementwise_ops() -> None:
+    from poolbench.engine.latency import count_flops
+
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    assert count_flops(lambda: a @ b) == 2 * 3 * 5 * 7  # FlopCounterMode's own count
+    spd = torch.eye(6).expand(4, 6, 6).contiguous() * 2
+    assert count_flops(lambda: torch.linalg.cholesky_ex(spd)) == 4 * 6**3 // 3
+    rhs = torch.randn(4, 6, 2)
+    assert count_flops(lambda: torch.cholesky_solve(rhs, spd)) == 2 * 6**2 * 4 * 2
+    assert count_flops(lambda: torch.linalg.solve_triangular(spd, rhs, upper=False)) == 6**2 * 4 * 2
+    x = torch.randn(2, 3, 8, 8)
+    assert count_flops(lambda: x * 2) == x.numel()  # pointwise: one per output element
+    assert count_flops(lambda: x.sum((2, 3))) == x.numel()  # reduction: one per input element
+    assert count_flops(lambda: torch.nn.functional.avg_pool2d(x, 2)) == 2 * 3 * 4 * 4 * 4
+    assert count_flops(lambda: x.view(6, 64).clone()) == 0  # data movement
+    assert count_flops(lambda: torch.nn.functional.adaptive_max_pool2d(x, 2)) == x.numel()
+    rows = torch.randn(4, 8)
+    assert count_flops(lambda: rows.sort(dim=1)) == 4 * 8 * 3  # n log2 n per row
+    assert count_flops(lambda: rows.topk(4, dim=1)) == 4 * 8 * 2  # n log2 k per row
+
+
+def test_measure_cost_of_a_model_and_its_pool(tiny_classification: DataBundle) -> None:
+    from poolbench.engine.latency import count_flops
+
+    data = tiny_classification
+    model = model_for(data, "dgmp")
+    shape = (data.in_channels, data.input_size, data.input_size)
+    torch.manual_seed(5)
+    expected_next = torch.rand(2)
+    torch.manual_seed(5)
+    cost = measure_cost(model, shape)
+    assert torch.equal(torch.rand(2), expected_next) and model.training
+    assert cost["params"] == sum(p.numel() for p in model.parameters())
+    height, width = model.feature_map_size
+    fmap = torch.randn(1, model.feature_channels, height, width)
+    with torch.no_grad():
+        assert cost["pool_flops"] == count_flops(lambda: model.pool(fmap))  # the solve's size, not the data
+    assert 0 < cost["pool_flops"] < cost["flops_per_image"]
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert cost["flops_per_image"] > 2 * conv.weight.numel()  # at least the first convolution at one position

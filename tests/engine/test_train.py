@@ -41,12 +41,18 @@ def small_model(data: DataBundle, pooling: str = "avg", seed: int = 0) -> PoolNe
 
 
 def train(
-    data: DataBundle, run_dir: Path, progress: Callable[[str, int, int], None] | None = None, **overrides: object
+    data: DataBundle,
+    run_dir: Path,
+    progress: Callable[[str, int, int], None] | None = None,
+    resume: bool = False,
+    pooling: str = "avg",
+    **overrides: object,
 ) -> tuple[PoolNet, dict]:
-    model = small_model(data)
+    model = small_model(data, pooling)
     cfg = {**TRAINER, **overrides}
     summary = fit(
-        model, data, cfg, device=torch.device("cpu"), seed=0, run_dir=run_dir, pool_lr_mult=10.0, progress=progress
+        model, data, cfg, device=torch.device("cpu"), seed=0, run_dir=run_dir, pool_lr_mult=10.0, progress=progress,
+        resume=resume,
     )
     return model, summary
 

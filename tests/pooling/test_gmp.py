@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from poolbench.pooling import create, gmp, spec
+from poolbench.pooling import create, gmp, spec, specs
 from poolbench.pooling.gmp import generalized_max_pool
 
 DIRECT_SOLVERS = ("dual", "primal")
 ALL_SOLVERS = ("dual", "primal", "cg", "auto")
+NAMES = [s.name for s in specs("global") if s.cls.__module__ == gmp.__name__]  # gmp, dgmp
 
 
 def reference_gmp(x: Tensor, lam: float) -> np.ndarray:
@@ -149,7 +148,7 @@ def test_gmp_differs_from_sum_pooling_at_moderate_lambda() -> None:
 
 @pytest.mark.parametrize("solver", ("dual", "primal", "cg"))
 @pytest.mark.parametrize("shape", [(2, 5, 2, 3), (2, 3, 3, 3)])
-@pytest.mark.parametrize("name", ["gmp", "dgmp"])
+@pytest.mark.parametrize("name", NAMES)
 def test_gradcheck_input_and_lambda(random_map, name: str, solver: str, shape: tuple[int, ...]) -> None:
     x = random_map(*shape).requires_grad_()
     lam = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
@@ -179,7 +178,7 @@ def test_dgmp_lambda_is_learnable_and_stays_positive(random_map) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_shape_dtype_and_registry(random_map, dtype: torch.dtype) -> None:
     x = random_map(3, 7, 4, 5, dtype=dtype)
-    for name in ("gmp", "dgmp"):
+    for name in NAMES:
         pool = create(name)
         out = pool(x)
         assert out.shape == (3, pool.out_features(7)) == (3, 7)
@@ -199,7 +198,7 @@ def test_one_by_one_map_has_closed_form(random_map, solver: str) -> None:
 
 
 @pytest.mark.parametrize("solver", ALL_SOLVERS)
-@pytest.mark.parametrize("name", ["gmp", "dgmp"])
+@pytest.mark.parametrize("name", NAMES)
 def test_all_zero_maps_give_zero_and_finite_gradients(
     assert_finite_output_and_gradients, name: str, solver: str
 ) -> None:
@@ -208,7 +207,7 @@ def test_all_zero_maps_give_zero_and_finite_gradients(
 
 
 @pytest.mark.parametrize("solver", ALL_SOLVERS)
-@pytest.mark.parametrize("name", ["gmp", "dgmp"])
+@pytest.mark.parametrize("name", NAMES)
 def test_rank_deficient_maps(random_map, assert_finite_output_and_gradients, name: str, solver: str) -> None:
     # Every channel duplicated, one whole sample constant: Gram matrices of rank ≤ C/2 and 1.
     half = random_map(3, 4, 4, 4, dtype=torch.float32)
@@ -222,7 +221,7 @@ def test_rank_deficient_maps(random_map, assert_finite_output_and_gradients, nam
 @pytest.mark.parametrize("solver", ALL_SOLVERS)
 @pytest.mark.parametrize("lam", [1e-6, 1e-3, 1e8])
 @pytest.mark.parametrize("shape", [(2, 16, 3, 3), (2, 8, 4, 4)])  # N <= C and N > C
-@pytest.mark.parametrize("name", ["gmp", "dgmp"])
+@pytest.mark.parametrize("name", NAMES)
 def test_extreme_lambda_is_finite_and_accurate(
     random_map, assert_finite_output_and_gradients, name: str, shape: tuple[int, ...], lam: float, solver: str
 ) -> None:
@@ -238,7 +237,7 @@ def test_extreme_lambda_is_finite_and_accurate(
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["gmp", "dgmp"])
+@pytest.mark.parametrize("name", NAMES)
 def test_half_precision_inputs(random_map, assert_low_precision_close, name: str, dtype: torch.dtype) -> None:
     x = random_map(2, 16, 4, 4, dtype=torch.float32)
     assert_low_precision_close(create(name, lam=10.0), x, dtype, 1e-2)
@@ -306,7 +305,7 @@ def test_float32_cholesky_failure_is_handled_without_patching(monkeypatch: pytes
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_non_positive_lambda_is_rejected(bad: float) -> None:
-    for name in ("gmp", "dgmp"):
+    for name in NAMES:
         with pytest.raises(ValueError, match="lam must be a finite number > 0"):
             create(name, lam=bad)
     with pytest.raises(ValueError, match="lam"):
@@ -325,7 +324,7 @@ def test_unknown_solver_and_parameter_are_rejected() -> None:
 
 
 def test_configs_create_the_operators(load_pooling_config) -> None:
-    for name in ("gmp", "dgmp"):
+    for name in NAMES:
         config = load_pooling_config(name)
         assert config["name"] == name
         params = {k: v for k, v in config.items() if k not in ("name", "lr_mult")}
@@ -333,17 +332,10 @@ def test_configs_create_the_operators(load_pooling_config) -> None:
 
 
 @pytest.mark.slow
-def test_paper_clamm_shape_forward_backward_on_two_threads() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        x = relu_map(32, 2048, 24, 24).requires_grad_()
-        pool = create("dgmp", lam=5000.0)
-        start = time.perf_counter()
-        out = pool(x)
-        out.backward(torch.randn_like(out))
-        elapsed = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
+def test_paper_clamm_shape_forward_backward_is_finite() -> None:
+    # Its speed is measured by scripts/bench_dgmp_solvers.py (results/bench/README.md), not here.
+    x = relu_map(32, 2048, 24, 24).requires_grad_()
+    pool = create("dgmp", lam=5000.0)
+    out = pool(x)
+    out.backward(torch.randn_like(out))
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all() and torch.isfinite(pool.log_lam.grad)
-    assert elapsed < 30, f"B=32, C=2048, 24x24 forward+backward took {elapsed:.1f} s"

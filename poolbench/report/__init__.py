@@ -1,0 +1,46 @@
+"""``poolbench report``: aggregation and statistics (core, stats), tables, figures, HTML, atomic output."""
+
+from poolbench.report.core import (
+    DEFAULT_METRICS,
+    Design,
+    Report,
+    build,
+    choose_metrics,
+    compare,
+    context_label,
+    design,
+    environment_warnings,
+    group_keys,
+    label,
+    load,
+    metric_columns,
+    ranking_lines,
+    read_records,
+    safe_text,
+    summarize,
+    treatment_label,
+)
+from poolbench.report.html import write_html
+from poolbench.report.output import MANIFEST, check_destination, write_report
+from poolbench.report.plots import metric_label, write_plots
+from poolbench.report.tables import (
+    available_formats,
+    display_comparison,
+    display_ranking,
+    display_summary,
+    format_mean_std,
+    latex_escape,
+    parse_formats,
+    to_latex,
+    to_markdown,
+    write_tables,
+)
+
+__all__ = [
+    "DEFAULT_METRICS", "MANIFEST", "Design", "Report", "available_formats", "build", "check_destination",
+    "choose_metrics", "compare",
+    "context_label", "design", "display_comparison", "display_ranking", "display_summary", "environment_warnings",
+    "format_mean_std", "group_keys", "label", "latex_escape", "load", "metric_columns", "metric_label",
+    "parse_formats", "ranking_lines", "read_records", "safe_text", "summarize", "to_latex", "to_markdown",
+    "treatment_label", "write_html", "write_plots", "write_report", "write_tables",
+]  # fmt: skip

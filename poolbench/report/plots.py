@@ -1,0 +1,449 @@
+"""Figures of a report: Pareto front, bars, training curves and the critical-difference diagram.
+
+Conventions for every figure: human labels with units (:func:`metric_label`), operator names as
+given, one colour per operator across all figures (:func:`colours`), no empty panel, no panel for a
+metric whose operator means differ by less than the noise (:func:`varies`), 8-pt text on panels about
+3.3 inches wide (a paper's single column), PNG and PDF. Each file carries the report's provenance
+in its metadata, and a confounded report says so on the figure itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from poolbench.report import stats
+from poolbench.report.core import Report, _present, context_label, label, quality_metrics, safe_text, treatment_label
+
+PANEL_W, PANEL_H = 3.3, 2.3  # inches: one panel fits a paper's single column
+FONT = 8
+METRICS_FILE = "metrics.jsonl"
+# Human name (with unit) per record field; anything else is shown by its field name.
+METRIC_LABELS = {
+    "mAP": "mAP",
+    "top1": "top-1 retrieval accuracy",
+    "acc@1": "accuracy (top-1)",
+    "acc@5": "accuracy (top-5)",
+    "latency.infer_image_ms": "inference latency (ms / image)",
+    "latency.infer_batch_ms": "inference latency (ms / batch)",
+    "latency.train_step_ms": "training step (ms / batch)",
+    "latency.pool_fwd_ms": "pooling forward (ms)",
+    "latency.pool_fwdbwd_ms": "pooling forward + backward (ms)",
+    "latency.peak_mem_mb": "peak memory (MB)",
+    "wall_time_s": "wall time (s)",
+    "loss": "training loss",
+    "lr": "learning rate",
+    "seconds": "epoch time (s)",
+    "learned.lam": "learned λ (DGMP)",
+    "learned.p": "learned p (GeM)",
+    "learned.r": "learned r (LSE)",
+    "learned.a": "learned mixing a",
+    "cost.flops_per_image": "FLOPs / image",
+    "cost.params": "parameters",
+}
+NOISE_FLOOR = 0.01  # relative: differences below 1% of the value are not worth a panel
+
+
+def metric_label(metric: str) -> str:
+    """``latency.infer_image_ms`` → ``inference latency (ms / image)``; soft@k, hard@k and eval.* spelt out."""
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    if metric.startswith("eval."):
+        return f"held-out {metric_label(metric[5:])}"
+    if metric.startswith(("soft@", "hard@")):
+        return f"{metric[:4]} top-{metric[5:]}"
+    if metric.startswith("learned."):
+        return f"learned {metric[8:]}"
+    return metric
+
+
+def axis_label(metric: str) -> str:
+    return metric_label(metric) + ("" if stats.higher_is_better(metric) else ", lower is better")
+
+
+def colours(report: Report) -> dict[str, Any]:
+    """One colour per operator (treatment label), the same in every figure of the report."""
+    import matplotlib
+
+    operators = report.operators
+    cmap = matplotlib.colormaps["tab10" if len(operators) <= 10 else "tab20"]
+    return {op: cmap(i % cmap.N) for i, op in enumerate(operators)}
+
+
+def varies(means: Sequence[float], spreads: Sequence[float]) -> bool:
+    """Whether operator means differ by more than the noise: the typical seed std (or interval
+    half-width) of one operator, and at least 1% of the value."""
+    means_arr = np.asarray([m for m in means if _present(m)], dtype=float)
+    if len(means_arr) < 2:
+        return len(means_arr) == 1
+    spread_arr = np.asarray([s for s in spreads if _present(s)], dtype=float)
+    noise = max(float(np.median(spread_arr)) if len(spread_arr) else 0.0, NOISE_FLOOR * abs(means_arr.mean()))
+    return float(means_arr.max() - means_arr.min()) > noise
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(
+        {
+            "font.size": FONT,
+            "axes.titlesize": FONT,
+            "axes.labelsize": FONT,
+            "xtick.labelsize": FONT - 1,
+            "ytick.labelsize": FONT - 1,
+            "legend.fontsize": FONT - 1,
+            "pdf.fonttype": 42,  # embed TrueType: text stays text in the PDF
+        }
+    )
+    return plt
+
+
+def _save(fig: Any, report: Report, out_dir: Path, stem: str) -> list[Path]:
+    """PNG and PDF, with the provenance in their metadata and any confounding warning on the figure."""
+    header = [safe_text(line) for line in report.provenance()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
+    fig.savefig(png, dpi=200, metadata={"Software": "poolbench report", "Description": "\n".join(header)})
+    fig.savefig(pdf, metadata={"Creator": "poolbench report", "Subject": " | ".join(header)})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return [png, pdf]
+
+
+def _grid(plt: Any, panels: int, ncols: int) -> tuple[Any, list[Any]]:
+    ncols = max(1, min(ncols, panels))
+    nrows = math.ceil(panels / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(PANEL_W * ncols, PANEL_H * nrows + 0.5), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[panels:]:
+        ax.remove()  # fewer panels than grid cells: no empty frame
+    return fig, flat[:panels]
+
+
+def _legend(fig: Any, palette: dict[str, Any], operators: Sequence[str], kind: str = "o") -> None:
+    import matplotlib.lines as mlines
+    import matplotlib.patches as mpatches
+
+    handles = [
+        mpatches.Patch(color=palette[op], label=op)
+        if kind == "patch"
+        else mlines.Line2D([], [], color=palette[op], marker=kind, linestyle="-" if kind == "" else "", label=op)
+        for op in operators
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), frameon=False, bbox_to_anchor=(0.5, 1))
+
+
+def _finish(fig: Any, report: Report, caption: str, *, legend: bool = True) -> None:
+    """Caption under the panels, any confounding warning in red under it, legend room above; tight layout.
+
+    The figure grows by the height of the warning so that the panels keep their size.
+    """
+    # characters per line of (FONT - 1) pt text; DejaVu Sans averages ~0.6 em per character
+    width_chars = int(0.95 * fig.get_figwidth() * 72 / (0.6 * (FONT - 1)))
+    warning = [
+        line for w in report.warnings if w.startswith("CONFOUNDED") for line in textwrap.wrap(safe_text(w), width_chars)
+    ]
+    caption = "\n".join(line for part in caption.split("\n") for line in textwrap.wrap(part, width_chars - 8))
+    line_height = (FONT + 2) / 72
+    warning_height = line_height * len(warning) + (0.05 if warning else 0.0)
+    fig.set_figheight(fig.get_figheight() + warning_height)
+    height = fig.get_figheight()
+    if warning:
+        fig.text(0.01, 0.02 / height, "\n".join(warning), color="#b00000", fontsize=FONT - 1, va="bottom")
+    fig.text(0.5, (warning_height + 0.03) / height, caption, ha="center", va="bottom")
+    bottom = (warning_height + 0.1 + line_height * (caption.count("\n") + 1)) / height
+    fig.tight_layout(rect=(0, bottom, 1, 1 - (0.3 if legend else 0.0) / height))
+
+
+def _figure_contexts(report: Report) -> list[str]:
+    """The keys that split figures into panels: the comparison's context (confounded keys leave it when
+    confounded operators are compared anyway, and then each figure carries the warning)."""
+    confounded = report.design.confounded if report.design is not None and report.allow_confounded else {}
+    return [k for k in report.keys if not k.startswith(("choice.pooling", "cfg.pooling.")) and k not in confounded]
+
+
+def _single_context(report: Report) -> str:
+    """The title of a report's only context: its dataset and model."""
+    return " / ".join(str(report.runs[c].iloc[0]) for c in ("dataset", "model") if c in report.runs)
+
+
+def _context_parts(report: Report, summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    summary = summary.copy()
+    if "choice.pooling" not in summary.columns and "choice.pooling" in report.runs.columns:
+        summary["choice.pooling"] = report.runs["choice.pooling"].iloc[0]  # one operator: not a grouping key
+    context_keys = _figure_contexts(report)
+    summary["_context"] = [context_label(row, context_keys) for _, row in summary.iterrows()]
+    summary["_operator"] = [treatment_label(row, report.keys) for _, row in summary.iterrows()]
+    fallback = _single_context(report)
+    return [(name or fallback, part) for name, part in summary.groupby("_context", sort=True)]
+
+
+def _latency_metric(report: Report) -> str | None:
+    """The latency on the Pareto plot, whether or not it was chosen as a table metric."""
+    for metric in ("latency.infer_image_ms", *report.metrics):
+        if metric.startswith("latency.") and metric in report.runs and report.runs[metric].notna().any():
+            return metric
+    return None
+
+
+def _x_error(row: pd.Series, metric: str) -> Any:
+    """Side-by-side interval when there is one (asymmetric), else the seed std."""
+    low, high = row.get(f"{metric}.ci_low"), row.get(f"{metric}.ci_high")
+    if low is not None and _present(low) and _present(high):
+        return [[row[f"{metric}.mean"] - low], [high - row[f"{metric}.mean"]]]
+    return np.nan_to_num(row[f"{metric}.std"])
+
+
+def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Points not beaten by a faster-or-equal one with a higher-or-equal score (lower x, higher y better)."""
+    ordered = points.sort_values([x, y], ascending=[True, False])
+    best = ordered[y].cummax().shift(fill_value=-math.inf)
+    return ordered[ordered[y] > best]
+
+
+def plot_pareto(report: Report, out_dir: Path) -> list[Path]:
+    """Quality vs inference latency per context, mean ± std (or side-by-side interval), front drawn."""
+    latency = _latency_metric(report)
+    quality = quality_metrics(report.metrics)
+    if latency is None or not quality:
+        return []
+    metrics = [*quality, latency]
+    parts = []
+    for name, part in _context_parts(report, summarize_for(report, metrics)):
+        metric = next((m for m in quality if part[f"{m}.mean"].notna().any()), None)
+        part = part.dropna(subset=[f"{latency}.mean"] + ([f"{metric}.mean"] if metric else []))
+        if metric is not None and len(part):
+            parts.append((name, metric, part))
+    if not parts:
+        return []
+    plt = _pyplot()
+    palette = colours(report)
+    fig, axes = _grid(plt, len(parts), 2)
+    shown: list[str] = []
+    for ax, (name, metric, part) in zip(axes, parts, strict=True):
+        x, y = f"{latency}.mean", f"{metric}.mean"
+        front = pareto_front(part, x, y)
+        if len(front) > 1:
+            ax.step(front[x], front[y], where="post", color="black", linewidth=1.0, zorder=1, label="Pareto front")
+        for _, row in part.iterrows():
+            operator = row["_operator"]
+            shown.append(operator)
+            on_front = row.name in front.index
+            ax.errorbar(
+                row[x],
+                row[y],
+                xerr=_x_error(row, latency),
+                yerr=np.nan_to_num(row[f"{metric}.std"]),
+                fmt="o",
+                markersize=6 if on_front else 4,
+                markeredgecolor="black" if on_front else "none",
+                capsize=2,
+                color=palette[operator],
+                zorder=2,
+            )
+        ax.set_title(name)
+        ax.set_xlabel(axis_label(latency))
+        ax.set_ylabel(metric_label(metric))
+        ax.grid(alpha=0.3)
+        ax.margins(0.15)
+    _legend(fig, palette, sorted(set(shown)))
+    interval = (
+        "; latency bars: 95% interval of the side-by-side measurement where it exists"
+        if "side_by_side" in report.latency_source.get(latency, "")
+        else ""
+    )
+    _finish(fig, report, f"mean ± std over seeds{interval}; black line and outlined points: Pareto front")
+    return _save(fig, report, out_dir, "pareto")
+
+
+def summarize_for(report: Report, metrics: Sequence[str]) -> pd.DataFrame:
+    from poolbench.report.core import summarize
+
+    present = [m for m in dict.fromkeys(metrics) if m in report.runs.columns]
+    return summarize(report.runs, present, report.keys)
+
+
+def bar_panels(report: Report) -> tuple[list[tuple[str, str, pd.DataFrame]], list[str]]:
+    """The (metric, context, rows) panels worth drawing, and one note per panel left out."""
+    panels, omitted = [], []
+    for name, rows in _context_parts(report, report.summary):
+        for metric in report.metrics:
+            part = rows[rows[f"{metric}.mean"].notna()]
+            if part["_operator"].nunique() < 2:  # nothing to compare in this context
+                continue
+            spreads = part[f"{metric}.std"]
+            if f"{metric}.ci_low" in part.columns:  # side by side: its interval is the noise, not the (zero) std
+                half_widths = (part[f"{metric}.ci_high"] - part[f"{metric}.ci_low"]) / 2
+                spreads = half_widths.where(half_widths.notna(), spreads)
+            spreads = spreads.tolist()
+            if varies(part[f"{metric}.mean"].tolist(), spreads):
+                panels.append((metric, name, part))
+            else:
+                omitted.append(f"{metric_label(metric)} on {name}")
+    return panels, omitted
+
+
+def plot_bars(report: Report, out_dir: Path) -> list[Path]:
+    """One panel per (metric, context) whose operators differ beyond noise; one bar per operator."""
+    panels, omitted = bar_panels(report)
+    if omitted:
+        report.notes.append(f"bars.png leaves out (no difference beyond noise): {'; '.join(omitted)}")
+    if not panels:
+        return []
+    plt = _pyplot()
+    palette = colours(report)
+    contexts = len({name for _, name, _ in panels})
+    fig, axes = _grid(plt, len(panels), min(contexts, 2) if contexts > 1 else 2)
+    for ax, (metric, name, part) in zip(axes, panels, strict=True):
+        operators = list(part["_operator"])
+        means = part[f"{metric}.mean"].to_numpy(float)
+        std = np.nan_to_num(part[f"{metric}.std"].to_numpy(float))
+        below, above = std.copy(), std.copy()
+        if f"{metric}.ci_low" in part.columns:  # a side-by-side measurement: its interval, not a seed std
+            lows, highs = part[f"{metric}.ci_low"].to_numpy(float), part[f"{metric}.ci_high"].to_numpy(float)
+            has = ~np.isnan(lows) & ~np.isnan(highs)
+            below[has], above[has] = (means - lows)[has], (highs - means)[has]
+        ax.bar(range(len(operators)), means, yerr=[below, above], capsize=2, color=[palette[o] for o in operators])
+        low, high = float(np.min(means - below)), float(np.max(means + above))
+        if high > low:
+            margin = 0.25 * (high - low)
+            bottom = max(0.0, low - margin) if low >= 0 else low - margin
+            ax.set_ylim(bottom, high + margin)
+            if bottom > 0:  # a zoomed axis must say so
+                ax.text(0.01, 0.98, f"axis starts at {bottom:.3g}", transform=ax.transAxes, va="top", color="grey")
+        ax.set_xticks(range(len(operators)), operators, rotation=30, ha="right")
+        ax.set_ylabel(metric_label(metric))
+        ax.set_title(name + ("" if stats.higher_is_better(metric) else " (lower is better)"))
+        ax.grid(axis="y", alpha=0.3)
+    interval = any("side_by_side" in source for source in report.latency_source.values())
+    caption = "mean ± std over seeds" + ("; side-by-side latency: its 95% interval" if interval else "")
+    _finish(fig, report, caption, legend=False)
+    return _save(fig, report, out_dir, "bars")
+
+
+def read_curves(report: Report) -> pd.DataFrame:
+    """Per-epoch rows of every run's metrics.jsonl with its operator and context (malformed lines skipped)."""
+    context_keys = _figure_contexts(report)
+    rows = []
+    for _, run in report.runs.iterrows():
+        path = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"]))) / METRICS_FILE
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                continue
+            values = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            rows.append(
+                {
+                    **values,
+                    "_run": run["run_id"],
+                    "_operator": treatment_label(run, report.keys),
+                    "_context": context_label(run, context_keys),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def curve_quantities(curves: pd.DataFrame) -> list[str]:
+    """loss, lr, every learned.<name>, every eval.<metric> — those present."""
+    columns = set(curves.columns)
+    learned = sorted(c for c in columns if c.startswith("learned."))
+    held_out = sorted(c for c in columns if c.startswith("eval."))
+    return [c for c in ("loss", "lr") if c in columns] + learned + held_out
+
+
+def plot_curves(report: Report, out_dir: Path) -> list[Path]:
+    """Per-epoch loss, lr, learned pooling parameters and held-out metrics: mean ± std band over seeds."""
+    curves = read_curves(report)
+    if curves.empty:
+        report.notes.append(f"no {METRICS_FILE} found next to the records: no curves.png")
+        return []
+    panels = []
+    for quantity in curve_quantities(curves):
+        for context, part in curves.groupby("_context", sort=True):
+            part = part.dropna(subset=[quantity])
+            if not part.empty:
+                panels.append((quantity, context, part))
+    plt = _pyplot()
+    palette = colours(report)
+    contexts = curves["_context"].nunique()
+    fig, axes = _grid(plt, len(panels), contexts if 1 < contexts <= 3 else 2)
+    for ax, (quantity, context, part) in zip(axes, panels, strict=True):
+        per_operator = {op: runs_of.groupby("epoch")[quantity] for op, runs_of in part.groupby("_operator", sort=True)}
+        means = {op: g.mean() for op, g in per_operator.items()}
+        first = next(iter(means.values()))
+        if len(means) > 1 and all(m.index.equals(first.index) and np.allclose(m, first) for m in means.values()):
+            # the same for every operator (e.g. the schedule): one black line, not overdrawn colours
+            std = part.groupby("epoch")[quantity].std(ddof=1).fillna(0.0)
+            ax.plot(first.index, first.to_numpy(), marker="o", markersize=3, color="black")
+            ax.fill_between(first.index, (first - std).to_numpy(), (first + std).to_numpy(), color="black", alpha=0.1)
+            ax.text(0.98, 0.95, "same for all operators", transform=ax.transAxes, ha="right", va="top", color="grey")
+            per_operator = {}
+        for operator, by_epoch in per_operator.items():
+            mean, std = by_epoch.mean(), by_epoch.std(ddof=1).fillna(0.0)
+            colour = palette.get(operator, "black")
+            ax.plot(mean.index, mean.to_numpy(), marker="o", markersize=3, color=colour, label=operator)
+            ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(), color=colour, alpha=0.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric_label(quantity))
+        ax.set_title(context or _single_context(report))
+        ax.grid(alpha=0.3)
+        if curves["epoch"].max() <= 12:
+            ax.set_xticks(sorted(part["epoch"].unique()))
+    _legend(fig, palette, sorted(curves["_operator"].unique()), kind="")
+    _finish(fig, report, f"per epoch, from {METRICS_FILE}: mean ± std band over seeds")
+    return _save(fig, report, out_dir, "curves")
+
+
+def plot_cd_diagram(report: Report, out_dir: Path) -> list[Path]:
+    """Critical-difference diagram (Demšar 2006): average ranks, bars join operators the Nemenyi test
+    does not separate (α = 0.05). Needs ≥ 2 contexts and ≥ 3 operators."""
+    ranking = report.ranking
+    if ranking is None or ranking["nemenyi"] is None:
+        return []
+    import scikit_posthocs
+
+    plt = _pyplot()
+    operators = list(ranking["average_ranks"].index)
+    fig, ax = plt.subplots(figsize=(PANEL_W * 2, 1.4 + 0.3 * len(operators)))
+    palette = colours(report)
+    scikit_posthocs.critical_difference_diagram(
+        ranking["average_ranks"], ranking["nemenyi"], ax=ax, color_palette={op: palette[op] for op in operators}
+    )
+    metrics = ", ".join(f"{m} ({c})" for c, m in ranking["metric_of"].items())
+    _finish(
+        fig,
+        report,
+        f"average rank (1 = best) over {len(ranking['scores'])} contexts by {metrics}; Friedman p = "
+        f"{ranking['friedman_p']:.2g}\nhorizontal bars join operators the Nemenyi test does not separate (α = 0.05)",
+        legend=False,
+    )
+    return _save(fig, report, out_dir, "cd_diagram")
+
+
+PLOTS: tuple[Callable[[Report, Path], list[Path]], ...] = (plot_pareto, plot_bars, plot_curves, plot_cd_diagram)
+
+
+def write_plots(report: Report, out_dir: Path) -> list[Path]:
+    """Every figure the report's data supports, as PNG and PDF."""
+    return [path for plot in PLOTS for path in plot(report, out_dir)]
+
+
+__all__ = ["label", "metric_label", "write_plots"]

@@ -1,0 +1,229 @@
+"""The report's tables as text (console, Markdown, booktabs LaTeX) and as files (CSV, Parquet).
+
+Every exported table starts with the report's provenance (results folder, filters, metrics, grouping,
+warnings): ``# `` comment lines in CSV (read back with ``pandas.read_csv(path, comment="#")``; text
+cells are quoted so a ``#`` inside one is safe), plain lines above a Markdown table, ``%`` lines and
+the caption in LaTeX, and the Parquet file's metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from poolbench.errors import PoolbenchError, unknown_choice
+from poolbench.report.core import FORMATS, Report, _fmt_p, _present, label
+
+
+def format_mean_std(mean: float, std: float, n: int | None = None, *, latex: bool = False) -> str:
+    """``0.712 ± 0.013 (3)``; decimals follow the magnitude (3 below 10, 2 below 100, else 1)."""
+    if math.isnan(mean):
+        return "-"
+    decimals = _decimals(mean)
+    plus_minus = r" \pm " if latex else " ± "
+    text = f"{mean:.{decimals}f}" + ("" if math.isnan(std) else f"{plus_minus}{std:.{decimals}f}")
+    if latex:
+        text = f"${text}$"
+    return text + (f" ({n})" if n is not None else "")
+
+
+def _decimals(value: float) -> int:
+    magnitude = abs(value)
+    return 3 if magnitude < 10 else 2 if magnitude < 100 else 1
+
+
+def format_interval(mean: float, low: float, high: float) -> str:
+    """``0.657 [0.650, 0.664]``: a side-by-side measurement with its 95% interval."""
+    d = _decimals(mean)
+    return f"{mean:.{d}f} [{low:.{d}f}, {high:.{d}f}]"
+
+
+def display_summary(report: Report, *, latex: bool = False) -> pd.DataFrame:
+    """The summary with one ``mean ± std`` text cell per metric, as shown and exported to md/tex.
+
+    A latency taken from side_by_side.json shows its interval instead: ``value [low, high]``.
+    """
+    columns: dict[str, list[str]] = {label(k): [_cell(v) for v in report.summary[k]] for k in report.keys}
+    columns["n"] = [str(n) for n in report.summary["n"]]
+    for metric in report.metrics:
+        means, stds, counts = (report.summary[f"{metric}.{s}"] for s in ("mean", "std", "n"))
+        all_n = report.summary["n"]
+        cells = [
+            format_mean_std(m, s, None if c == n else int(c), latex=latex)
+            for m, s, c, n in zip(means, stds, counts, all_n, strict=True)
+        ]
+        if f"{metric}.ci_low" in report.summary.columns:
+            lows, highs = report.summary[f"{metric}.ci_low"], report.summary[f"{metric}.ci_high"]
+            cells = [
+                format_interval(m, lo, hi) if _present(lo) and _present(hi) and _present(m) else cell
+                for cell, m, lo, hi in zip(cells, means, lows, highs, strict=True)
+            ]
+        columns[metric] = cells
+    return pd.DataFrame(columns)
+
+
+def display_comparison(report: Report) -> pd.DataFrame:
+    rows = []
+    with_context = report.comparison["context"].astype(bool).any()
+    for row in report.comparison.to_dict("records"):
+        ci = "" if math.isnan(row["ci95"]) else f" ± {row['ci95']:.3g}"
+        boot = "" if math.isnan(row["boot_low"]) else f"[{row['boot_low']:+.3g}, {row['boot_high']:+.3g}]"
+        rows.append(
+            {
+                **({"context": row["context"]} if with_context else {}),
+                "pooling": row["pooling"],
+                "vs": row["baseline"],
+                "metric": row["metric"] + ("" if row["higher_is_better"] else " (lower is better)"),
+                "Δ mean ± 95% CI": f"{row['mean_delta']:+.3g}{ci}",
+                "bootstrap 95% CI": boot or "n/a",
+                "p (t-test)": _fmt_p(row["p_ttest"]),
+                "p Holm": _fmt_p(row["p_ttest_holm"]),
+                "p (Wilcoxon)": _fmt_p(row["p_wilcoxon"]),
+                "d_z": "n/a" if math.isnan(row["effect_dz"]) else f"{row['effect_dz']:+.2g}",
+                "P(better)": f"{row['p_improve']:.2f}",
+                "n": str(row["n"]),
+                **({"confounded by": row["confounded_by"]} if report.allow_confounded else {}),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def display_ranking(ranking: dict[str, Any]) -> pd.DataFrame:
+    """Operators by average rank, with their rank in each context."""
+    ranks = ranking["ranks"]
+    table = pd.DataFrame({"pooling": list(ranking["average_ranks"].index)})
+    table["average rank"] = [f"{r:.2f}" for r in ranking["average_ranks"]]
+    for context in ranks.index:
+        metric = ranking["metric_of"][context]
+        table[f"{context} ({metric})"] = [f"{ranks.loc[context, op]:.1f}" for op in table["pooling"]]
+    return table
+
+
+def _cell(value: Any) -> str:
+    return "-" if not _present(value) else str(value)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    def escape(cell: object) -> str:
+        return str(cell).replace("|", r"\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(escape(c) for c in table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}"}
+_LATEX_SPECIAL |= {"~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "$": r"\$", "Δ": r"$\Delta$", "±": r"$\pm$"}
+_LATEX_SPECIAL |= {"\n": " ", "\r": " "}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def to_latex(table: pd.DataFrame, caption: str, comments: Sequence[str] = ()) -> str:
+    """A booktabs table; cells already in math mode (``$...$``) are kept as they are."""
+
+    def math_cell(value: object) -> str:
+        text = str(value)
+        if text.startswith("$"):
+            math_part, _, rest = text[1:].partition("$")
+            return f"${math_part}$" + latex_escape(rest)
+        return latex_escape(text)
+
+    spec = "l" * len(table.columns)
+    lines = [f"% {latex_escape(line)}" for line in comments]
+    lines += [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{latex_escape(caption)}}}",
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(latex_escape(str(c)) for c in table.columns) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(math_cell(v) for v in row) + r" \\" for row in table.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def available_formats() -> list[str]:
+    return [f for f in FORMATS if f != "parquet" or importlib.util.find_spec("pyarrow") is not None]
+
+
+def parse_formats(text: str | Sequence[str] | None) -> list[str]:
+    """``"csv,md"`` → ``["csv", "md"]``; None → every available format."""
+    if text is None:
+        return available_formats()
+    items = [t.strip().lower() for part in ([text] if isinstance(text, str) else text) for t in part.split(",")]
+    for item in items:
+        if item not in FORMATS:
+            raise PoolbenchError(unknown_choice("report format", item, FORMATS))
+        if item not in available_formats():
+            raise PoolbenchError(f"format {item} needs pyarrow, which is not installed (pip install pyarrow)")
+    return list(dict.fromkeys(items))
+
+
+def _csv(frame: pd.DataFrame, path: Path, header: Sequence[str]) -> None:
+    text = "".join(f"# {line}\n" for line in header) + frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
+    path.write_text(text, encoding="utf-8")
+
+
+def _markdown(frame: pd.DataFrame, path: Path, header: Sequence[str], caption: str) -> None:
+    lines = [f"**{line}**" if line.startswith("WARNING") else line for line in header]
+    path.write_text("  \n".join(lines) + "\n\n" + caption + "\n\n" + to_markdown(frame), encoding="utf-8")
+
+
+def write_tables(report: Report, out_dir: Path, formats: Sequence[str]) -> list[Path]:
+    """summary.*, comparison.* (with a baseline), ranking.* (several contexts) and runs.csv / runs.parquet."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = report.provenance()
+    warned = "" if not report.warnings else " WARNING: " + " ".join(report.warnings)
+    written: list[Path] = []
+    tables: list[tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, str]] = [
+        (
+            "summary",
+            report.summary.rename(columns={k: label(k) for k in report.keys}),
+            display_summary(report),
+            display_summary(report, latex=True),
+            f"Mean ± std over seeds (n runs) of {', '.join(report.metrics)}",
+        )
+    ]
+    if not report.comparison.empty:
+        shown = display_comparison(report)
+        caption = (
+            f"Paired differences against {report.baseline} over matching seeds (mean ± 95% t-interval, paired "
+            f"bootstrap interval, paired t-test with Holm-adjusted p over {report.family_size} tests, Cohen's d_z, "
+            "share of seeds improved)"
+        )
+        tables.append(("comparison", report.comparison, shown, shown, caption))
+    if report.ranking is not None:
+        shown = display_ranking(report.ranking)
+        caption = "Rank of each operator per context (1 = best) and average rank"
+        tables.append(("ranking", shown, shown, shown, caption))
+    for name, raw, shown, shown_tex, caption in tables:
+        if "csv" in formats:
+            _csv(raw, out_dir / f"{name}.csv", header)
+            written.append(out_dir / f"{name}.csv")
+        if "md" in formats:
+            _markdown(shown, out_dir / f"{name}.md", header, caption)
+            written.append(out_dir / f"{name}.md")
+        if "tex" in formats:
+            (out_dir / f"{name}.tex").write_text(to_latex(shown_tex, caption + warned, header), encoding="utf-8")
+            written.append(out_dir / f"{name}.tex")
+    if "csv" in formats:
+        _csv(report.runs, out_dir / "runs.csv", header)
+        written.append(out_dir / "runs.csv")
+    if "parquet" in formats:
+        frame = report.runs.copy()
+        frame.attrs = {"poolbench_report": json.dumps(header)}
+        frame.to_parquet(out_dir / "runs.parquet", index=False)
+        written.append(out_dir / "runs.parquet")
+    return written

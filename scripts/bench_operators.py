@@ -1,0 +1,155 @@
+"""Every registered operator against the best known formulation of its maths, side by side in one process.
+
+For each operator: poolbench's module, its reference (``poolbench.pooling.reference.reference_for``:
+timm / cirtorch / the authors' formulations / native torch pools) and, for local operators, the
+native max pool (the ≤ 3× target for operators without a native twin). Each round runs every
+variant once in turn (interleaved), so load from other processes hits them alike; the table shows
+the median over rounds of the per-round ratio op / reference with its quartiles, for the forward
+(eval, no_grad) and forward+backward (train mode; gradients of the input and of the operator's
+parameters for a fixed random output gradient). Peak memory: live CPU tensor bytes allocated during
+one forward+backward (``poolbench.engine.latency.peak_memory_mb``), op / reference.
+
+    python scripts/bench_operators.py --kind local --shape 32x64x112x112 --threads 2 --rounds 5
+    python scripts/bench_operators.py --kind global --shape 32x2048x7x7 --threads 1 --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from poolbench import pooling
+from poolbench.engine.latency import peak_memory_mb
+from poolbench.pooling.reference import reference_for
+
+Fn = Callable[[Tensor], Tensor]
+
+
+def _forward(fn: Fn, x: Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return fn(x)
+
+    return run
+
+
+def _forward_backward(fn: Fn, x: Tensor, params: list[nn.Parameter]) -> Callable[[], object] | None:
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    if not out.requires_grad:
+        return None
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+
+    def run() -> object:
+        return torch.autograd.grad(fn(x), [x, *params], grad_out, allow_unused=True)
+
+    return run
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _make(kind: str, name: str, geometry: tuple[int, int, int]) -> nn.Module:
+    if kind == "global":
+        return pooling.create(name)
+    kernel, stride, padding = geometry
+    return pooling.create_local(name, kernel_size=kernel, stride=stride, padding=padding)
+
+
+def bench(kind: str, names: list[str], shape: tuple[int, ...], geometry: tuple[int, int, int], rounds: int) -> None:
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 0.5  # mostly positive, some negative
+    kernel, stride, padding = geometry
+    print(
+        f"| {kind} op | vs | fwd ratio [q1, q3] | fwd ms op / vs | fwd+bwd ratio [q1, q3] | fwd+bwd ms op / vs "
+        "| peak mem op / vs (MiB) |"
+    )
+    print("|---|---|--:|--:|--:|--:|--:|")
+    for name in names:
+        module = _make(kind, name, geometry)
+        with torch.no_grad():
+            module.eval()(x)  # materialises lazy parameters (netvlad)
+        params = [p for p in module.parameters() if p.requires_grad]
+        variants: dict[str, Fn] = {"op": module}
+        reference = reference_for(kind, name, module)
+        if reference is not None:
+            variants["reference"] = reference
+        if kind == "local" and name != "max":
+            variants["native max"] = lambda t: F.max_pool2d(t, kernel, stride, padding)
+        passes = {}
+        for key, fn in variants.items():
+            passes[key, "fwd"] = _forward(fn, x)
+            module.train()
+            passes[key, "fwdbwd"] = _forward_backward(fn, x, params)
+            module.eval()
+        times: dict[tuple[str, str], list[float]] = {key: [] for key, fn in passes.items() if fn is not None}
+        for run in (fn for fn in passes.values() if fn is not None):  # warm-up
+            run()
+        for _ in range(rounds):
+            for key in times:
+                module.train(key[1] == "fwdbwd")
+                times[key].append(_seconds(passes[key]))  # type: ignore[arg-type]
+        module.train()
+        memory = {
+            key: peak_memory_mb(passes[key, "fwdbwd"], torch.device("cpu"))  # type: ignore[arg-type]
+            for key in variants
+            if passes[key, "fwdbwd"] is not None
+        }
+        for other in variants:
+            if other == "op":
+                continue
+            cells = []
+            for mode in ("fwd", "fwdbwd"):
+                if ("op", mode) not in times or (other, mode) not in times:
+                    cells += ["–", "–"]
+                    continue
+                ratios = [a / b for a, b in zip(times["op", mode], times[other, mode], strict=True)]
+                q1, median, q3 = _quartiles(ratios)
+                ms_op = statistics.median(times["op", mode]) * 1e3
+                ms_other = statistics.median(times[other, mode]) * 1e3
+                cells += [f"{median:.2f} [{q1:.2f}, {q3:.2f}]", f"{ms_op:.1f} / {ms_other:.1f}"]
+            mem = f"{memory['op']:.0f} / {memory[other]:.0f}" if "op" in memory and other in memory else "–"
+            print(f"| {name} | {other} | {' | '.join(cells)} | {mem} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", choices=("global", "local"), default="local")
+    parser.add_argument("--shape", default=None, help="BxCxHxW (default 32x64x112x112 local, 32x2048x7x7 global)")
+    parser.add_argument("--geometry", default="3,2,1", help="local kernel,stride,padding (default 3,2,1)")
+    parser.add_argument("--ops", nargs="*", help="operator names (default: every registered one)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    default_shape = "32x64x112x112" if args.kind == "local" else "32x2048x7x7"
+    shape = tuple(int(v) for v in (args.shape or default_shape).lower().split("x"))
+    geometry = tuple(int(v) for v in args.geometry.split(","))
+    names = args.ops or (pooling.local_names() if args.kind == "local" else pooling.names())
+    cpu = platform.processor() or platform.machine()
+    geometry_text = f", k,s,p = {args.geometry}" if args.kind == "local" else ""
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu}, "
+        f"shape {'x'.join(map(str, shape))}{geometry_text}, {args.rounds} rounds"
+    )
+    bench(args.kind, names, shape, geometry, args.rounds)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
