@@ -142,6 +142,7 @@ def _import_schema_owners() -> None:
     """Import the modules that register config schemas (their import registers the options)."""
     import poolbench.data  # noqa: F401
     import poolbench.engine.settings  # noqa: F401
+    import poolbench.models  # noqa: F401
 
 
 def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConfig:

@@ -7,9 +7,14 @@ import torch
 import torchvision
 from torch import nn
 
-from poolbench import pooling
+from poolbench import config, pooling, schema
 from poolbench.errors import ConfigError
-from poolbench.models import PoolNet, build_model, model_names
+from poolbench.models import PoolNet, build_model, label
+
+# The architecture that stands for each option that needs `model.arch` (a new library option without
+# an entry here fails test_every_option rather than going untested).
+EXAMPLE_ARCH = {"torchvision": "resnet18", "timm": "resnet18d"}
+OPTIONS = sorted(schema.options("model"))
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +33,9 @@ def build(
     **model_opts: object,
 ) -> PoolNet:
     torch.manual_seed(0)
+    arch = {"arch": EXAMPLE_ARCH[name]} if name in EXAMPLE_ARCH and "arch" not in model_opts else {}
     return build_model(
-        {"name": name, "pretrained": False, "embedding_dim": 16, **model_opts},
+        {"name": name, "pretrained": False, "embedding_dim": 16, **arch, **model_opts},
         pool or {"name": "avg", "lr_mult": 1.0},
         local or {"name": "none"},
         in_channels=in_channels,
@@ -46,32 +52,39 @@ def forward_backward(model: PoolNet, in_channels: int, size: int) -> torch.Tenso
     return out
 
 
-def test_model_names() -> None:
-    assert model_names() == [
-        "smallcnn", "resnet18", "resnet34", "resnet50", "densenet121", "vgg16_bn", "mobilenet_v3_large",
-        "efficientnet_b0",
-    ]  # fmt: skip
+def test_options_include_the_generic_libraries_and_the_01_names() -> None:
+    assert {"smallcnn", "torchvision", "timm", "resnet18", "resnet34", "resnet50", "densenet121", "vgg16_bn",
+            "mobilenet_v3_large", "efficientnet_b0"} <= set(OPTIONS)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", model_names())
-def test_every_backbone_with_global_and_local_pooling(name: str) -> None:
-    # A stride-1 stem keeps the final map above 1×1 at 32² input.
-    model = build(name, {"name": "catavgmax"}, size=32, in_channels=3, cifar_stem=True, task="classification")
-    h, w = model.feature_map_size
+@pytest.mark.parametrize("name", OPTIONS)
+def test_every_option_composes_builds_and_trains(name: str) -> None:
+    if name == "timm":
+        pytest.importorskip("timm")
+    arch = [f"model.arch={EXAMPLE_ARCH[name]}"] if "arch" in schema.options("model")[name].node() else []
+    cfg = config.compose([f"model={name}", *arch, "model.cifar_stem=true", "pooling=catavgmax"])
+    assert label(cfg.model) == (EXAMPLE_ARCH[name] if arch else name)
+    torch.manual_seed(0)
+    model = build_model(
+        cfg.model, cfg.pooling, cfg.local_pooling, in_channels=3, input_size=32, num_classes=5, task="classification"
+    )
+    h, w = model.feature_map_size  # a stride-1 stem keeps the final map above 1x1 at 32² input
     assert h > 1 and w > 1
     assert model.pool_out_features == 2 * model.feature_channels  # catavgmax concatenates avg and max
     assert forward_backward(model, 3, 32).shape == (2, 5)
     assert model.features(torch.randn(1, 3, 32, 32)).shape[2:] == (h, w)
 
+    # local pooling replaces every max-pool of the trunk, or says there is none
+    plain = build(name, in_channels=3, **({"arch": EXAMPLE_ARCH[name]} if arch else {}))
+    max_pools = sum(isinstance(m, nn.MaxPool2d) for m in plain.features.modules())
     local = {"name": "avg", "kernel_size": None, "stride": None, "lr_mult": 1.0}
-    if name in ("mobilenet_v3_large", "efficientnet_b0"):  # strided convs only: nothing to replace
+    if not max_pools:
         with pytest.raises(ConfigError, match="no max-pool layer to replace"):
             build(name, local=local, in_channels=3)
         return
-    plain = build(name, in_channels=3)
     replaced = build(name, local=local, in_channels=3)
     assert not any(isinstance(m, nn.MaxPool2d) for m in replaced.features.modules())
-    assert any(isinstance(m, pooling.LocalPool) for m in replaced.features.modules())
+    assert sum(isinstance(m, pooling.LocalPool) for m in replaced.features.modules()) == max_pools
     assert replaced.feature_map_size == plain.feature_map_size  # inherited geometry keeps the map size
     out = forward_backward(replaced, 3, 64)
     assert torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)  # retrieval embedding is L2-normalised
@@ -101,14 +114,30 @@ def test_pool_width_sizes_the_head(name: str, pool: dict, width: int) -> None:
         ("resnet18", {}, (2, 2)),
         ("resnet18", {"cifar_stem": True}, (8, 8)),
         ("resnet18", {"last_stride": 1}, (4, 4)),
+        ("resnet18", {"last_stride": 2}, (2, 2)),
         ("resnet18", {"cifar_stem": True, "last_stride": 1}, (16, 16)),
         ("mobilenet_v3_large", {"last_stride": 1}, (4, 4)),
+        ("densenet121", {"last_stride": 1}, (4, 4)),
+        ("vgg16_bn", {"cifar_stem": True, "last_stride": 1}, (8, 8)),
     ],
 )
 def test_feature_map_size_options(name: str, options: dict, size: tuple[int, int]) -> None:
     model = build(name, size=64, **options)
     assert model.feature_map_size == size
     assert model.features(torch.randn(1, 1, 64, 64)).shape[2:] == size
+
+
+def test_01_names_keep_their_trunks() -> None:
+    """The aliases cut the same trunk modules as poolbench 0.1 built by hand (same state-dict keys)."""
+    reference = torchvision.models.resnet18().state_dict()
+    keys = {
+        k.removeprefix("features.") for k in build("resnet18", in_channels=3).state_dict() if k.startswith("features.")
+    }
+    assert keys == {k for k in reference if not k.startswith("fc.")}
+    densenet = build("densenet121", in_channels=3, size=32)
+    assert "features.features.conv0.weight" in densenet.state_dict()
+    mobilenet = build("mobilenet_v3_large", in_channels=3, size=32)
+    assert "features.0.0.weight" in mobilenet.state_dict()
 
 
 def test_pool_parameters_are_separated() -> None:
@@ -135,16 +164,37 @@ def test_classification_head_and_in_channels() -> None:
     ("model_opts", "pool", "message"),
     [
         ({"name": "resnet51"}, {"name": "avg"}, "unknown model 'resnet51'. Did you mean"),
-        ({"name": "smallcnn", "widht": 3}, {"name": "avg"}, "unknown key 'model.widht'"),
-        ({"name": "smallcnn", "last_stride": 3}, {"name": "avg"}, "last_stride must be"),
+        ({"name": "smallcnn", "widht": 3}, {"name": "avg"}, "unknown config key 'model.widht' for model=smallcnn"),
+        ({"name": "smallcnn", "last_stride": 3}, {"name": "avg"}, "model.last_stride '3'.*1, 2"),
+        ({"name": "smallcnn", "depth": 0}, {"name": "avg"}, "model.depth must be an integer >= 1"),
+        ({"name": "resnet18", "arch": "resnet34"}, {"name": "avg"}, "unknown config key 'model.arch' for model=resn"),
+        ({"name": "torchvision", "arch": None}, {"name": "avg"}, "model.arch is required: a torchvision"),
+        ({"name": "torchvision", "arch": "resnt18"}, {"name": "avg"}, "unknown torchvision model 'resnt18'.*resnet18"),
+        ({"name": "smallcnn", "cifar_stem": True, "depth": 1, "last_stride": 1}, {"name": "avg"},
+         "model.last_stride=1: smallcnn has no strided layer"),
         ({"name": "smallcnn"}, {"name": "gem", "p": -1.0}, "pooling=gem"),
         ({"name": "smallcnn"}, {"name": "avgg"}, "Did you mean 'avg'"),
         ({"name": "smallcnn", "pretrained": True}, {"name": "avg"}, "no pretrained weights"),
     ],
-)
+)  # fmt: skip
 def test_config_errors(model_opts: dict, pool: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         build_model(model_opts, pool, {"name": "none"}, in_channels=1, input_size=32, num_classes=3, task="retrieval")
+    assert "\n" not in str(info.value)
+
+
+def test_check_refuses_unknown_architectures_without_building() -> None:
+    from poolbench.models import check
+
+    check({"name": "torchvision", "arch": "regnet_y_400mf"})
+    with pytest.raises(ConfigError, match="unknown torchvision model 'regnet_y_400'.*regnet_y_400mf"):
+        check({"name": "torchvision", "arch": "regnet_y_400"})
+
+
+def test_label_names_the_backbone() -> None:
+    assert label({"name": "resnet18", "pretrained": False}) == "resnet18"
+    assert label({"name": "torchvision", "arch": "convnext_tiny"}) == "convnext_tiny"
+    assert label({"name": "timm", "arch": "hf-hub:timm/resnet18.a1_in1k"}) == "hf-hub:timm/resnet18.a1_in1k"
 
 
 def test_pretrained_needs_cached_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,7 +206,27 @@ def test_pretrained_needs_cached_weights(tmp_path: Path, monkeypatch: pytest.Mon
     expected.parent.mkdir()
     reference = torchvision.models.resnet18().state_dict()
     torch.save(reference, expected)
-    model = build("resnet18", pretrained=True, in_channels=1)
+    model = build("torchvision", arch="resnet18", pretrained=True, in_channels=1)
     assert torch.equal(model.features.layer1[0].conv1.weight, reference["layer1.0.conv1.weight"])
     # One input channel: the RGB stem filters are summed.
     assert torch.allclose(model.features.conv1.weight, reference["conv1.weight"].sum(dim=1, keepdim=True))
+
+
+def test_timm_pretrained_only_from_the_hugging_face_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    timm = pytest.importorskip("timm")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    arch, repo = "mobilenetv3_small_050.lamb_in1k", "timm/mobilenetv3_small_050.lamb_in1k"
+    with pytest.raises(ConfigError, match=f"expected repo {repo} .* under {tmp_path}"):
+        build("timm", arch=arch, pretrained=True, in_channels=3)
+    # A cache in the Hugging Face layout, holding a random state dict standing in for the weights.
+    folder, commit = tmp_path / f"models--{repo.replace('/', '--')}", "0" * 40
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    torch.manual_seed(1)
+    reference = timm.create_model("mobilenetv3_small_050").state_dict()
+    torch.save(reference, folder / "snapshots" / commit / "pytorch_model.bin")
+    model = build("timm", arch=arch, pretrained=True, in_channels=3)
+    assert torch.equal(model.features.model.conv_stem.weight, reference["conv_stem.weight"])

@@ -1,0 +1,203 @@
+"""Backbones whose global (and optionally local) pooling comes from the operator registry.
+
+:func:`build_model` returns a :class:`PoolNet`: ``features`` (the backbone trunk, → (B, C, h, w)),
+``pool`` (the configured global pool, → (B, F)) and ``head`` (classifier, or embedding + L2
+normalisation for retrieval). The libraries' own classifiers are dropped: every backbone gets a
+single linear layer sized from the pool's output width, so only the pooling differs between runs.
+
+Backbone options (``model=<name>``, each a schema registered with :func:`poolbench.schema.option`):
+``smallcnn``; ``torchvision`` with ``model.arch`` any torchvision classification model; ``timm`` with
+``model.arch`` any timm CNN; and poolbench 0.1's names (``resnet18``, ...) as torchvision aliases.
+``cifar_stem``, ``last_stride`` and ``local_pooling`` act on every backbone the same generic way
+(:mod:`poolbench.models.surgery`), or stop with a one-line error naming the architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from poolbench import pooling
+from poolbench.errors import ConfigError
+from poolbench.models import smallcnn, surgery
+from poolbench.models import timm as timm_backbones
+from poolbench.models import torchvision as torchvision_backbones
+from poolbench.models.settings import BackboneSettings, resolve
+
+__all__ = ["BackboneSettings", "PoolNet", "build_model", "build_trunk", "check", "label", "resolve"]
+
+
+class L2Normalize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1)
+
+
+class PoolNet(nn.Module):
+    """Backbone trunk → global pool → head.
+
+    ``forward`` returns logits (classification) or L2-normalised embeddings (retrieval).
+    """
+
+    def __init__(
+        self,
+        features: nn.Module,
+        pool: nn.Module,
+        head: nn.Module,
+        *,
+        feature_channels: int,
+        feature_map_size: tuple[int, int],
+        pool_out_features: int,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.pool = pool
+        self.head = head
+        self.feature_channels = feature_channels
+        self.feature_map_size = feature_map_size
+        self.pool_out_features = pool_out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+    def global_pool_parameters(self) -> list[nn.Parameter]:
+        return list(self.pool.parameters())
+
+    def local_pool_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.features.modules() if isinstance(m, pooling.LocalPool) for p in m.parameters()]
+
+    def pool_parameters(self) -> list[nn.Parameter]:
+        """The global and local pools' own parameters (their own optimiser groups, no weight decay)."""
+        return self.global_pool_parameters() + self.local_pool_parameters()
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is not a pool's: trunk and head."""
+        own = {id(p) for p in self.pool_parameters()}
+        return [p for p in self.parameters() if id(p) not in own]
+
+
+def _plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def _library_and_arch(node: Mapping[str, Any]) -> tuple[str, str]:
+    """Which builder makes a checked model node, and the architecture it builds."""
+    option, _ = resolve(node)
+    library = option.meta.get("library", option.name)
+    return library, str(option.meta.get("arch") or node.get("arch") or option.name)
+
+
+def label(model_node: DictConfig | Mapping[str, Any]) -> str:
+    """The backbone's name for run ids, records and reports: the option's name (``resnet18``,
+    ``smallcnn``), or ``model.arch`` for ``model=torchvision`` / ``model=timm`` (may hold ``/`` or ``.``)."""
+    arch = model_node.get("arch")
+    return str(arch) if arch else str(model_node["name"])
+
+
+def check(model_node: DictConfig | Mapping[str, Any]) -> None:
+    """ConfigError (one line) for a model node that cannot be built: the schema's checks, plus a
+    ``model.arch`` the library does not know (with close matches). Builds nothing."""
+    _, cfg = resolve(_plain(model_node))
+    library, arch = _library_and_arch(cfg)
+    if library == "torchvision":
+        torchvision_backbones.check_arch(arch)
+    elif library == "timm":
+        timm_backbones.check_arch(arch)
+
+
+def build_trunk(model_cfg: DictConfig | Mapping[str, Any], in_channels: int) -> nn.Module:
+    """The backbone trunk of a model node, → (B, C, h, w), with its input channels, small-input stem
+    and last stride as configured. Weights are initialised from torch's global RNG."""
+    option, cfg = resolve(_plain(model_cfg))
+    library, arch = _library_and_arch(cfg)
+    if library == "smallcnn":
+        trunk = smallcnn.build(in_channels, width=cfg["width"], depth=cfg["depth"], pretrained=cfg["pretrained"])
+        what = "smallcnn"
+    elif library == "torchvision":
+        trunk = torchvision_backbones.build(arch, cfg["pretrained"])
+        what = f"torchvision {arch}"
+    else:
+        trunk = timm_backbones.build(arch, cfg["pretrained"], in_channels)
+        what = f"timm {arch}"
+    surgery.adapt_stem(trunk, in_channels, cfg["cifar_stem"], what)
+    if cfg["last_stride"] == 1:
+        surgery.unstride_last(trunk, in_channels, what)
+    return trunk
+
+
+def _probe(
+    trunk: nn.Module, pool: nn.Module, pool_name: str, in_channels: int, input_size: int, what: str
+) -> tuple[torch.Size, int]:
+    """The real feature-map shape and pool width from one dummy forward, which also materialises lazy
+    parameters (netvlad); eval mode keeps the BatchNorm statistics untouched."""
+    probe = torch.randn(2, in_channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    trunk.eval()
+    pool.eval()
+    with torch.no_grad():
+        try:
+            fmap = trunk(probe)
+        except RuntimeError as exc:
+            raise ConfigError(f"model {what} cannot process {input_size}x{input_size} inputs: {exc}") from None
+        try:
+            pooled = pool(fmap)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(
+                f"pooling {pool_name} fails on the {fmap.shape[2]}x{fmap.shape[3]} feature map of {what}: {exc}"
+            ) from None
+    if pooled.ndim != 2 or pooled.shape[0] != 2:
+        raise ConfigError(f"pooling {pool_name} returned shape {tuple(pooled.shape)}, expected (B, F)")
+    return fmap.shape, int(pooled.shape[1])
+
+
+def _head(task: str, width: int, num_classes: int, embedding_dim: int | None) -> nn.Module:
+    if task == "classification":
+        return nn.Linear(width, num_classes)
+    if task != "retrieval":
+        raise ValueError(f"unknown task {task!r}: classification or retrieval")
+    # BatchNorm before the L2 normalisation: without it, batch-hard triplet training from scratch
+    # collapses every embedding onto one direction (loss stuck at the margin, measured on synthwriters).
+    embed = [nn.Linear(width, embedding_dim), nn.BatchNorm1d(embedding_dim)] if embedding_dim else [nn.Identity()]
+    return nn.Sequential(*embed, L2Normalize())
+
+
+def build_model(
+    model_cfg: DictConfig | Mapping[str, Any],
+    pooling_cfg: DictConfig | Mapping[str, Any],
+    local_pooling_cfg: DictConfig | Mapping[str, Any],
+    *,
+    in_channels: int,
+    input_size: int,
+    num_classes: int,
+    task: str,
+) -> PoolNet:
+    """The backbone of ``model_cfg`` (a ``model`` node, possibly partial: ``{"name": "resnet18"}``) with
+    the configured global/local pooling and a task head.
+
+    Weights are initialised from torch's global RNG: seed it before calling for reproducible runs.
+    """
+    mcfg, lcfg = resolve(_plain(model_cfg))[1], _plain(local_pooling_cfg)
+    what = label(mcfg)
+    trunk = build_trunk(mcfg, in_channels)
+    if lcfg.get("name", "none") != "none" and surgery.replace_max_pools(trunk, lcfg) == 0:
+        raise ConfigError(
+            f"local_pooling={lcfg['name']}: model {what} (with these options) has no max-pool layer to replace; "
+            "use local_pooling=none"
+        )
+    pcfg = _plain(pooling_cfg)
+    pool = pooling.from_config(pcfg, "global")
+    fmap, width = _probe(trunk, pool, pooling.label(pcfg), in_channels, input_size, what)
+    model = PoolNet(
+        trunk,
+        pool,
+        _head(task, width, num_classes, mcfg["embedding_dim"]),
+        feature_channels=int(fmap[1]),
+        feature_map_size=(int(fmap[2]), int(fmap[3])),
+        pool_out_features=width,
+    )
+    return model.train()
