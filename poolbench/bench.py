@@ -378,15 +378,10 @@ def pooling_config(name: str) -> dict[str, Any]:
 
 
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
+    """The complete node of the model option ``name`` with ``overrides``, checked against its schema."""
+    from poolbench.models import resolve
 
-    from poolbench.config import conf_dir, group_options
-
-    options = group_options("model")
-    if name not in options:
-        raise ConfigError(unknown_choice("model", name, options))
-    node = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"), resolve=True)
-    return {**node, **overrides}  # type: ignore[dict-item]
+    return resolve({"name": name, **overrides})[1]
 
 
 def local_pooling_config(name: str) -> dict[str, Any]:

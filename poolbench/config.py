@@ -410,6 +410,7 @@ def validate_config(cfg: DictConfig, reference: DictConfig) -> None:
         if fixed is not None and root[group].get("name") != fixed:  # type: ignore[index]
             raise ConfigError(f"{group}.name is set by the option; choose another option with {group}=<name>")
     _validate_against_reference(cfg, reference, skip=checked)
+    _validate_model(cfg)
     _validate_pooling(cfg)
 
 
@@ -426,6 +427,13 @@ def _validate_against_reference(cfg: DictConfig, reference: DictConfig, skip: Se
         if not _same_kind(value, default):
             kind = type(default).__name__
             raise ConfigError(f"{key} must be of type {kind} (like the default {default!r}), got {value!r}")
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    """An architecture the backbone library does not know (``model.arch``), found without building."""
+    from poolbench import models
+
+    models.check(cfg.model)
 
 
 def _validate_pooling(cfg: DictConfig) -> None:
@@ -459,9 +467,9 @@ def config_hash(cfg: DictConfig) -> str:
 def run_id(cfg: DictConfig) -> str:
     """Readable, deterministic and collision-free run id: same config, same id. Every part is reduced
     to letters, digits, '.', '_' and '+', so no value can make it a path."""
-    from poolbench import pooling
+    from poolbench import models, pooling
 
-    parts = (pooling.label(cfg.pooling), cfg.model.name, cfg.dataset.name, f"s{cfg.seed}")
+    parts = (pooling.label(cfg.pooling), models.label(cfg.model), cfg.dataset.name, f"s{cfg.seed}")
     return "-".join(_path_safe(str(p)) for p in parts) + "-" + config_hash(cfg)
 
 

@@ -50,13 +50,14 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def _identity_fields(cfg: DictConfig) -> dict[str, Any]:
+    from poolbench.models import label as model_label
     from poolbench.pooling import label
 
     return {
         "run_id": run_id(cfg),
         "config_hash": config_hash(cfg),
         "dataset": cfg.dataset.name,
-        "model": cfg.model.name,
+        "model": model_label(cfg.model),
         "pooling": label(cfg.pooling),
         "local_pooling": label(cfg.local_pooling),
         "seed": cfg.seed,

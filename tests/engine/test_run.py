@@ -30,7 +30,7 @@ def config(tmp_path: Path, *extra: str):  # noqa: ANN201
 
 
 @pytest.mark.parametrize(
-    "bad", [["model.name=nosuchmodel"], ["dataset=icdar17", "dataset.root=/nonexistent/icdar17"]]
+    "bad", [["model=torchvision", "model.arch=nosuchmodel"], ["dataset=icdar17", "dataset.root=/nonexistent/icdar17"]]
 )
 def test_errors_found_while_building_write_nothing(tmp_path: Path, bad: list[str]) -> None:
     cfg = config(tmp_path, *bad)
