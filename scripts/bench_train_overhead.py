@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from poolbench import run
 from poolbench.config import compose
-from poolbench.data import build_dataset
 from poolbench.engine import fit
 from poolbench.engine.losses import batch_hard_triplet_loss
-from poolbench.models import PoolNet, build_model
+from poolbench.models import PoolNet
 
 TARGET = 0.95
 
@@ -78,19 +78,11 @@ def main() -> None:
     overrides = [f"pooling={args.pooling}", "trainer.epochs=1", f"trainer.steps_per_epoch={args.steps}", "device=cpu"]
     cfg = compose(overrides)
     device = torch.device("cpu")
-    data = build_dataset(cfg.dataset, seed=int(cfg.dataset.get("seed", 0) or 0))
+    # The dataset and a model exactly as `poolbench train` builds them (seeded by cfg.seed).
+    data = run._build(cfg, None).data
 
     def fresh_model() -> PoolNet:
-        torch.manual_seed(int(cfg.seed))
-        return build_model(
-            cfg.model,
-            cfg.pooling,
-            cfg.local_pooling,
-            in_channels=data.in_channels,
-            input_size=data.input_size,
-            num_classes=data.num_classes,
-            task=data.task,
-        )
+        return run._build(cfg, None).model
 
     bare_model, framework_model = fresh_model(), fresh_model()
     print(
