@@ -375,3 +375,13 @@ def test_fast_planner_composes_exactly_what_compose_does() -> None:
         compose_many([["trainer.lr=0.1,0.2"]])
     with pytest.raises(ConfigError, match="Overrides look like"):
         compose_many([["trainer.lr=(("]])
+
+
+@pytest.mark.slow
+def test_a_local_sweep_ends_with_side_by_side_latency(run_cli: Callable[..., int], tmp_path: Path) -> None:
+    grid = ["pooling=avg,max", "dataset=digits", "trainer.epochs=1", "trainer.steps_per_epoch=2"]
+    assert run_cli("sweep", *grid, "trainer.latency.enabled=false", f"results_dir={tmp_path}") == 0
+    timed = json.loads((tmp_path / "side_by_side.json").read_text())
+    assert timed["baseline"] == "avg" and {row["pooling"] for row in timed["rows"]} == {"avg", "max"}
+    assert run_cli("sweep", *grid[1:], "pooling=gem", f"results_dir={tmp_path / 'b'}", "--no-side-by-side") == 0
+    assert not (tmp_path / "b" / "side_by_side.json").exists()

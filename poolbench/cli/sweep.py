@@ -6,6 +6,7 @@ import signal
 import time
 from collections import Counter
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -152,6 +153,12 @@ def sweep(
     slurm_param: list[str] = typer.Option(
         None, "--slurm-param", help="Any other submitit parameter, e.g. slurm_account=proj (repeatable)."
     ),
+    side_by_side: bool = typer.Option(
+        True,
+        "--side-by-side/--no-side-by-side",
+        help="After a sweep on this machine, time its configurations side by side in one process "
+        "(side_by_side.json, used by poolbench report); on SLURM run `poolbench bench --runs` on a compute node.",
+    ),
 ) -> None:
     """Run a grid of train runs; re-running skips completed runs and resumes interrupted ones."""
     from poolbench import sweep as sweeping
@@ -221,11 +228,40 @@ def sweep(
     if not console.is_terminal:  # rich leaves a non-terminal's last line open
         console.line()
     console.print(_summary(state))
+    if side_by_side and executor.value == "local":
+        _time_side_by_side(planned)
     if state.failed:
         console_err.print(f"[red]{len(state.failed)} run(s) failed[/] (their result.json says why):")
         for outcome in state.failed:
             console_err.print(f"  {outcome.run_id}: {outcome.error}", highlight=False, markup=False)
         raise typer.Exit(1)
+
+
+def _time_side_by_side(planned: list[PlannedRun]) -> None:
+    """Latency of the sweep's configurations measured interleaved in one process, so the report's cost
+    columns do not depend on when each run happened to finish (``poolbench bench --runs`` does the same)."""
+    from poolbench import records
+    from poolbench.bench import side_by_side
+
+    by_folder: dict[Path, list[str]] = {}
+    poolings: dict[Path, set[str]] = {}
+    for run in planned:
+        try:
+            record = records.read_record(run.run_dir)
+        except ValueError:
+            continue
+        if record and record.get("status") == "completed":
+            by_folder.setdefault(run.run_dir.parent, []).append(run.run_id)
+            poolings.setdefault(run.run_dir.parent, set()).add(str(record.get("pooling")))
+    for folder, run_ids in by_folder.items():
+        baseline = "avg" if "avg" in poolings[folder] else None
+        try:
+            with console_err.status("timing the sweep's configurations side by side…"):
+                path = side_by_side(folder, run_ids, baseline=baseline)
+        except PoolbenchError as exc:
+            console_err.print(f"side-by-side latency skipped: {escape(str(exc))}", highlight=False)
+            continue
+        console.print(f"side-by-side latency of {len(run_ids)} runs: {escape(str(path))}", highlight=False)
 
 
 def _print_outcome(outcome: Outcome) -> None:
