@@ -407,6 +407,30 @@ def _column_key(value: Any) -> Any:
     return "<unset>" if not _present(value) else value
 
 
+def _implied_by_context(frame: pd.DataFrame, column: str) -> bool:
+    """A key that a context choice sets for another group, at exactly the value that choice gives:
+    ``augment=auto`` picks the dataset's recipe (``choice.augment`` follows ``choice.dataset``), and
+    ``trainer.steps_per_epoch`` follows the dataset's own epoch unless set by hand."""
+    if column == POOLING_KEY or not column.startswith(("choice.", "cfg.")):
+        return False
+    key = f"choices.{column[7:]}" if column.startswith("choice.") else column[4:]
+    for owner in ("dataset", "model"):
+        owner_column = f"choice.{owner}"
+        if owner_column == column or owner_column not in frame.columns or key.startswith(f"{owner}."):
+            continue
+        if frame.groupby(owner_column, dropna=False)[column].nunique(dropna=False).max() > 1:
+            continue
+        implied = True
+        for option, part in frame.groupby(owner_column, dropna=False):
+            values = _option_values(owner, str(option)) if isinstance(option, str) else None
+            if values is None or key not in values or not _same_value(values[key], part[column].iloc[0]):
+                implied = False
+                break
+        if implied:
+            return True
+    return False
+
+
 def design(frame: pd.DataFrame, baseline: str | None = None) -> Design:
     """Which varying config keys group the runs, which are hidden, and which are confounded.
 
@@ -423,8 +447,8 @@ def design(frame: pd.DataFrame, baseline: str | None = None) -> Design:
     candidates += [c for c in frame.columns if c.startswith("choice.") and c not in candidates]
     candidates += sorted(c for c in frame.columns if c.startswith("cfg."))
     varying = [c for c in candidates if _is_identity_column(c) and frame[c].nunique(dropna=False) > 1]
-    hidden = []
-    for column in varying:
+    hidden = [c for c in varying if _implied_by_context(frame, c)]
+    for column in [c for c in varying if c not in hidden]:
         group = column[4:].partition(".")[0] if column.startswith("cfg.") else ""
         choice = f"choice.{group}"
         if group not in GROUPS or choice not in frame.columns:

@@ -30,13 +30,22 @@ def config(tmp_path: Path, *extra: str):  # noqa: ANN201
 
 
 @pytest.mark.parametrize(
-    "bad", [["model=torchvision", "model.arch=nosuchmodel"], ["dataset=icdar17", "dataset.root=/nonexistent/icdar17"]]
+    "bad",
+    [
+        ["model=resnet18", "pooling=spp", "pooling.levels=[8]"],  # the pool cannot cut the 1x1 map into 8x8 cells
+        ["dataset=icdar17", "dataset.root=/nonexistent/icdar17"],
+    ],
 )
 def test_errors_found_while_building_write_nothing(tmp_path: Path, bad: list[str]) -> None:
     cfg = config(tmp_path, *bad)
     with pytest.raises(PoolbenchError):
         run.execute(cfg)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_architecture_is_refused_when_composing(tmp_path: Path) -> None:
+    with pytest.raises(PoolbenchError, match="unknown torchvision model 'nosuchmodel'"):
+        config(tmp_path, "model=torchvision", "model.arch=nosuchmodel")
 
 
 def test_record_fields_learned_resume_and_model(tmp_path: Path) -> None:
