@@ -123,13 +123,13 @@ def test_preset_runs_end_to_end(
     assert len(planned) >= 2  # the preset's operator grid, one seed
     assert run_cli("sweep", *overrides) == 0, capsys.readouterr()
 
-    records = [records.read_record(p.run_dir) for p in planned]
-    assert all(r is not None and r["status"] == "completed" for r in records), records
-    assert {r["experiment"] for r in records if r} == {preset}
-    assert {r["dataset"] for r in records if r} == {dataset}
+    found = [records.read_record(p.run_dir) for p in planned]
+    assert all(r is not None and r["status"] == "completed" for r in found), found
+    assert {r["experiment"] for r in found if r} == {preset}
+    assert {r["dataset"] for r in found if r} == {dataset}
     metric = "mAP" if cfg.dataset.task == "retrieval" else "acc@1"
-    assert all(0.0 <= r[metric] <= 1.0 for r in records if r)
-    assert all(r["latency.infer_image_ms"] > 0 for r in records if r)
+    assert all(0.0 <= r[metric] <= 1.0 for r in found if r)
+    assert all(r["latency.infer_image_ms"] > 0 for r in found if r)
 
     capsys.readouterr()
     assert run_cli("report", str(results), "--baseline", "avg", "--metric", metric, "--no-plots") == 0
@@ -137,4 +137,4 @@ def test_preset_runs_end_to_end(
     assert {p.name for p in report_dir.iterdir()} >= {"runs.csv"}
     summary = (report_dir / "runs.csv").read_text()
     assert all(p.run_id in summary for p in planned)
-    json.dumps(records)  # records are plain JSON values
+    json.dumps(found)  # records are plain JSON values

@@ -144,6 +144,7 @@ def test_interrupted_task_is_requeued_and_ends_with_the_metrics_of_an_uninterrup
 
     record = records.read_record(run_dir)
     assert record is not None and record["resumed"] is True and record["train.resumed_from_epoch"] >= 2
+    assert record["resume_count"] >= 1
     assert _result(run_dir) == _result(reference_dir)
 
 
@@ -153,8 +154,8 @@ def test_scancel_of_the_sweep_then_same_command_skips_completed_and_resumes_the_
     proc = _sweep(*command, "--name", name)
 
     def one_done_one_checkpointed() -> bool:
-        records = {d.name: records.read_record(d) for d in tmp_path.iterdir() if (d / records.RECORD).is_file()}
-        done = [k for k, r in records.items() if r and r["status"] == "completed"]
+        found = {d.name: records.read_record(d) for d in tmp_path.iterdir() if (d / records.RECORD).is_file()}
+        done = [k for k, r in found.items() if r and r["status"] == "completed"]
         partial = [d for d in tmp_path.iterdir() if d.name not in done and _epochs_done(d) >= 1]
         return len(done) == 1 and len(partial) == 1
 
