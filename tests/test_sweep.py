@@ -355,7 +355,7 @@ def test_fast_planner_composes_exactly_what_compose_does() -> None:
     override_sets += [  # the paths that work on a copy, presets, bundles, adds and interpolated values
         ["pooling=gem", "trainer.latency={enabled: false, batch_size: 8, warmup: 1, repeats: 2}"],
         ["pooling=avg", "++trainer.lr=0.5", "seed=3"],
-        ["experiment=dgmp_paper_clamm", "pooling=dgmp", "pooling.lam=5000", "seed=2"],
+        ["experiment=dgmp_paper_clamm", "dataset.train_images=/d/tr", "dataset.test_images=/d/te", "pooling=dgmp"],
         ["experiment=quick", "pooling=lse", "trainer.eval_batch_size=${trainer.batch_size}"],
         ["pooling=dgmp", "trainer.epochs=2", "trainer.epochs=3"],  # the last of a repeated key wins
     ]
