@@ -130,7 +130,6 @@ def _store_generated_nodes() -> None:
         store.store(group=group, name=pooling.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
     store.store(group="augment", name=AUTO_AUGMENT, node={"name": AUTO_AUGMENT})
-    store.store(group="augment", name="none", node={"name": "none"})
     _import_schema_owners()
     for group in schema.groups():
         for name, opt in schema.options(group).items():
@@ -155,7 +154,7 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConf
     _reject_sweeps(overrides)
     cfg = _compose_raw(overrides)
     if validate:
-        validate_config(cfg, _reference(tuple(o for o in overrides if _is_group_override(o))))
+        validate_config(cfg)
     plugins.record(cfg)
     return cfg
 
@@ -171,7 +170,7 @@ def iter_composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig
     Hydra's compose (search path, defaults list, merges) is paid once per distinct combination of
     group choices (``pooling=dgmp model=resnet50``): each run's value overrides (``trainer.lr=0.1``)
     are applied by Hydra's own override code to that combination's config, which is validated
-    against the combination's defaults exactly as ``compose`` does. Plain ``key=value`` overrides
+    exactly as ``compose`` validates. Plain ``key=value`` overrides
     of existing values are applied in place and undone after the yield (copying a config costs more
     than composing the rest of a run's plan); anything else (``+key``, ``~key``, dict or list values)
     works on a copy; what Hydra would route elsewhere (``hydra.*``, package overrides) takes the full
@@ -179,7 +178,7 @@ def iter_composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig
     """
     parser = OverridesParser.create()
     parsed: dict[str, Override] = {}  # the same override strings recur across a grid: parse each once
-    # group choices → (their defaults, as validation's reference; a working copy that runs are edited on)
+    # group choices → (their composed defaults, never edited; a working copy that runs are edited on)
     bases: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
     for overrides in override_sets:
         _reject_foreign(list(overrides))
@@ -206,7 +205,7 @@ def iter_composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig
         cfg = working if undo is not None else copy.deepcopy(reference)
         try:
             ConfigLoaderImpl._apply_overrides_to_config(value_overrides, cfg)
-            validate_config(cfg, reference)
+            validate_config(cfg)
             yield cfg
         except HydraException as exc:
             raise ConfigError(_composition_message(exc)) from None
@@ -236,9 +235,9 @@ def _undo_list(cfg: DictConfig, overrides: Sequence[Override]) -> list[tuple[Any
 
 @functools.lru_cache(maxsize=256)
 def _reference(group_overrides: tuple[str, ...]) -> DictConfig:
-    """The composed defaults of these group choices: the types and keys a config is checked against.
+    """The composed defaults of these group choices, the base a sweep's value overrides are applied to.
 
-    Cached because a sweep validates many configs that share their group choices.
+    Cached because a sweep composes many configs that share their group choices; never edited.
     """
     return _compose_raw(list(group_overrides))
 
@@ -373,20 +372,9 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
     return _leaves(OmegaConf.to_container(cfg, resolve=True))
 
 
-def _same_kind(value: Any, default: Any) -> bool:
-    if default is None or value is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(default, bool)
-    if isinstance(default, float):
-        return isinstance(value, int | float)
-    return isinstance(value, type(default))
-
-
-def validate_config(cfg: DictConfig, reference: DictConfig) -> None:
-    """Check a composed config: the root keys and every schema group against their schemas (types,
-    ranges, choices, unknown and removed keys), other groups against their composed defaults, and the
-    operators by constructing them."""
+def validate_config(cfg: DictConfig) -> None:
+    """Check a composed config: the root keys and every group against its schema (types, ranges,
+    choices, unknown and removed keys), the model's architecture, and the operators by constructing them."""
     try:
         root = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:
@@ -398,35 +386,17 @@ def validate_config(cfg: DictConfig, reference: DictConfig) -> None:
         raise ConfigError("results_dir must not be empty (the folder that holds the run directories)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:<index>, got {cfg.device!r}")
-    checked = []
     for group in SCHEMA_GROUPS:
         choice = cfg.choices.get(group)
         opt = schema.options(group).get(choice)
         if opt is None:
             continue
-        checked.append(group)
         schema.check(root[group], opt.schema, group, label=f"{group}={choice}")  # type: ignore[index]
         fixed = opt.node().get("name")
         if fixed is not None and root[group].get("name") != fixed:  # type: ignore[index]
             raise ConfigError(f"{group}.name is set by the option; choose another option with {group}=<name>")
-    _validate_against_reference(cfg, reference, skip=checked)
     _validate_model(cfg)
     _validate_pooling(cfg)
-
-
-def _validate_against_reference(cfg: DictConfig, reference: DictConfig, skip: Sequence[str]) -> None:
-    """Groups without a schema: keys and value types must match the option's composed defaults."""
-    actual, expected = flatten(cfg), flatten(reference)
-    skipped = tuple(f"{g}." for g in skip) + ("choices.",) + tuple(f"{g}." for g in OPEN_GROUPS)
-    for key, default in expected.items():
-        if key.startswith(skipped) or "." not in key:
-            continue
-        if key not in actual:
-            raise ConfigError(f"config key '{key}' is required and cannot be removed")
-        value = actual[key]
-        if not _same_kind(value, default):
-            kind = type(default).__name__
-            raise ConfigError(f"{key} must be of type {kind} (like the default {default!r}), got {value!r}")
 
 
 def _validate_model(cfg: DictConfig) -> None:
