@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from poolbench import files, records
-from poolbench.config import config_hash, flatten, run_dir, run_id
+from poolbench.config import config_hash, flatten, run_id
+from poolbench.config import run_dir as run_dir_of
 from poolbench.engine.checkpoint import CHECKPOINT
 from poolbench.engine.policies import should_resume
 from poolbench.environment import capture_env
@@ -43,10 +44,6 @@ class DiskFullError(PoolbenchError):
 
 def _quiet(_: str) -> None:
     return None
-
-
-def run_dir_of(cfg: DictConfig) -> Path:
-    return run_dir(cfg)
 
 
 def _identity_fields(cfg: DictConfig) -> dict[str, Any]:

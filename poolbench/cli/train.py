@@ -59,7 +59,8 @@ def train(
     from omegaconf import OmegaConf
 
     from poolbench.config import compose
-    from poolbench.run import execute, run_dir_of
+    from poolbench.config import run_dir as run_dir_of
+    from poolbench.run import execute
 
     config = compose(overrides or [])
     if cfg:

@@ -14,6 +14,7 @@ import torch
 
 from poolbench import files, records, run
 from poolbench.config import compose
+from poolbench.config import run_dir as config_run_dir
 from poolbench.errors import PoolbenchError
 
 TINY = [
@@ -86,7 +87,7 @@ def test_disk_full_mid_run_fails_in_one_line_and_keeps_the_last_checkpoint(
     with pytest.raises(run.DiskFullError) as info:
         run.execute(cfg)
     assert "\n" not in str(info.value) and "trainer.resume=true" in str(info.value)
-    run_dir = run.run_dir_of(cfg)
+    run_dir = config_run_dir(cfg)
     record = records.read_record(run_dir)
     assert record is not None and record["status"] == "failed" and "disk full" in record["error"]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the last good one
