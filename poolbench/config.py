@@ -382,8 +382,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"cannot resolve {key or 'the config'}: {str(exc).splitlines()[0]}") from None
     own = {k: v for k, v in root.items() if k not in (*GROUPS, "choices", *PRESET_KEYS)}  # type: ignore[union-attr]
     schema.check(own, RunSettings, "")
-    if not str(cfg.results_dir).strip():
-        raise ConfigError("results_dir must not be empty (the folder that holds the run directories)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:<index>, got {cfg.device!r}")
     for group in SCHEMA_GROUPS:

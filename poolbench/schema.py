@@ -158,6 +158,8 @@ def check_value(value: Any, annotation: Any, dotted: str, default: Any = None) -
     nested dataclasses)."""
     base, metadata = _unwrap(annotation)
     required = next((m for m in metadata if isinstance(m, Required)), None)
+    if required is not None and isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{dotted} must not be empty ({required.hint})")
     if value is None:
         if required is not None:
             raise ConfigError(f"{dotted} is required: {required.hint}")

@@ -110,6 +110,7 @@ def test_override_grammar_add_and_delete() -> None:
         (["hydra.run.dir=/tmp/x"], "does not use Hydra's own settings"),
         (["+hydra.foo=1"], "does not use Hydra's own settings"),
         (["results_dir="], "results_dir must not be empty"),
+        (["model=timm", "model.arch=''"], "model.arch must not be empty"),  # any Required value, not only one key
         # A command-line flag that reached the overrides (e.g. `poolbench train --plugin x`).
         (["--plugin"], "unknown option '--plugin'"),
     ],
