@@ -339,3 +339,24 @@ def test_paper_clamm_shape_forward_backward_is_finite() -> None:
     out = pool(x)
     out.backward(torch.randn_like(out))
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all() and torch.isfinite(pool.log_lam.grad)
+
+
+@pytest.mark.parametrize(
+    "size", [gmp.GRAM_BLOCK * 2 - 1, gmp.GRAM_BLOCK * 2, 577, gmp.GRAM_BLOCK * gmp.GRAM_MAX_BLOCKS * 2 + 5]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_row_gram_equals_the_full_product(size: int, dtype: torch.dtype) -> None:
+    # The symmetric block-row product computes each entry as the same dot product as one bmm.
+    a = torch.randn(3, 40, size, generator=torch.Generator().manual_seed(size), dtype=dtype).relu()
+    gram = gmp._gram(a)
+    torch.testing.assert_close(gram, a.mT @ a, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    if size >= 2 * gmp.GRAM_BLOCK:  # block rows are mirrored: exactly symmetric (one bmm need not be)
+        assert torch.equal(gram, gram.mT)
+
+
+def test_dual_with_block_gram_agrees_with_primal_in_float64(random_map) -> None:
+    # N = 400 positions, more than two Gram blocks; C = 500 channels so both forms are well posed.
+    x = random_map(2, 500, 20, 20)
+    dual = generalized_max_pool(x, 10.0, "dual", normalize=True)
+    primal = generalized_max_pool(x, 10.0, "primal", normalize=True)
+    torch.testing.assert_close(dual, primal, rtol=1e-9, atol=1e-12)
