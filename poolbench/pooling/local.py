@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from poolbench.pooling import sort_select
 from poolbench.pooling.registry import LocalPool, register
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -225,17 +226,11 @@ def softpool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tens
     return _softpool_windows(x, kernel_size, stride, padding)
 
 
-@_float32_for_half
-def sort_pool(x: Tensor, kernel_size: int, stride: int, padding: int, logits: Tensor) -> Tensor:
-    """Σ_j softmax(w)_j·x_(j) over the k = len(w) largest window values, x_(1) >= x_(2) >= ...
-
-    Where a border window has fewer than k in-map values, the softmax is renormalised over those.
-    Ranking needs the windows themselves (k²/s² times the input's memory); k = 1 is max pooling,
-    computed on the native kernel.
-    """
+def sort_pool_topk(x: Tensor, kernel_size: int, stride: int, padding: int, logits: Tensor) -> Tensor:
+    """:func:`sort_pool` on cut-out windows and ``topk``: the straightforward formulation (k²/s² times the
+    input's memory, topk on millions of short rows). Used where the selection network is not (CUDA,
+    windows larger than 4×4) and as the tests' reference."""
     k = logits.numel()
-    if k == 1:  # the single weight is exactly 1; multiplying keeps the logit in the graph (gradient 0)
-        return max_pool(x, kernel_size, stride, padding) * torch.softmax(logits.to(x.dtype), dim=0)
     windows, valid = unfold_windows(x, kernel_size, stride, padding, -math.inf)
     top = windows.topk(k, dim=-1).values
     weights = torch.softmax(logits.to(top.dtype), dim=0).expand_as(top)
@@ -245,6 +240,29 @@ def sort_pool(x: Tensor, kernel_size: int, stride: int, padding: int, logits: Te
         weights = weights / weights.sum(-1, keepdim=True)
         top = top.masked_fill(~ranked_valid, 0.0)
     return (weights * top).sum(-1)
+
+
+@_float32_for_half
+def sort_pool(x: Tensor, kernel_size: int, stride: int, padding: int, logits: Tensor) -> Tensor:
+    """Σ_j softmax(w)_j·x_(j) over the k = len(w) largest window values, x_(1) >= x_(2) >= ...
+    (sorted pooling, Singla et al.).
+
+    Where a border window has fewer than k in-map values, the softmax is renormalised over those.
+    k = 1 is max pooling, computed on the native kernel. On CPU, windows up to 4×4 are ranked by a
+    selection network of elementwise max/min over strided views with a hand-written backward
+    (:mod:`poolbench.pooling.sort_select`: no window copies, chunked); otherwise, or where that
+    meets a non-finite input, the windows are cut out and ranked by ``topk`` (:func:`sort_pool_topk`).
+    """
+    k = logits.numel()
+    if k == 1:  # the single weight is exactly 1; multiplying keeps the logit in the graph (gradient 0)
+        return max_pool(x, kernel_size, stride, padding) * torch.softmax(logits.to(x.dtype), dim=0)
+    _check_fits(x, kernel_size, padding)
+    if sort_select.supported(x, kernel_size, k):
+        out = sort_select.sort_pool_network(x, kernel_size, stride, padding, logits)
+        # ±inf inputs turn into NaN keys (label bits in an infinity); NaN inputs fall back alike.
+        if not bool(out.isnan().any()):
+            return out
+    return sort_pool_topk(x, kernel_size, stride, padding, logits)
 
 
 @_float32_for_half
