@@ -40,13 +40,18 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 _HALF = (torch.float16, torch.bfloat16)
-# Elements of the input per chunk. Small chunks keep the temporaries in cache, but every op over a
-# chunk is one parallel region: with the cores shared with other processes each region can wait
-# for a descheduled thread, so fewer, larger chunks are the robust choice. 2^21 (8 MiB of float32)
-# measured as fast as 2^17–2^19 on an idle 2-core CPU and much faster under load; each chunk-sized
-# temporary stays under a tenth of a 32×64×112×112 input. Accelerators: few kernel launches.
+# Elements of the input per chunk: at most CHUNK_ELEMENTS_*, and at most 1/CHUNKS_AT_LEAST of the
+# input so that the two or three chunk-sized temporaries stay a small fraction of it (peak memory
+# within 1.2× native max pooling's at any size), but not below CHUNK_MIN_* elements. Small chunks
+# keep the temporaries in cache, but every op over a chunk is one parallel region: with the cores
+# shared with other processes each region can wait for a descheduled thread, so fewer, larger
+# chunks are the robust choice. 2^21 (8 MiB of float32) measured as fast as 2^17–2^19 on an idle
+# 2-core CPU and much faster under load. Accelerators: few kernel launches.
 CHUNK_ELEMENTS_CPU = 1 << 21
 CHUNK_ELEMENTS_DEVICE = 1 << 24
+CHUNK_MIN_CPU = 1 << 15
+CHUNK_MIN_DEVICE = 1 << 20
+CHUNKS_AT_LEAST = 16
 _PLANE_DIMS = (-2, -1)
 
 
@@ -78,7 +83,10 @@ def _as_planes(x: Tensor) -> Tensor:
 
 
 def _step(planes: Tensor) -> int:
-    budget = CHUNK_ELEMENTS_CPU if planes.device.type == "cpu" else CHUNK_ELEMENTS_DEVICE
+    """Planes per chunk."""
+    cpu = planes.device.type == "cpu"
+    least = CHUNK_MIN_CPU if cpu else CHUNK_MIN_DEVICE
+    budget = min(CHUNK_ELEMENTS_CPU if cpu else CHUNK_ELEMENTS_DEVICE, max(least, planes.numel() // CHUNKS_AT_LEAST))
     return max(1, budget // max(1, planes.shape[-2] * planes.shape[-1]))
 
 
@@ -88,10 +96,10 @@ def _spans(planes: Tensor) -> Iterator[slice]:
         yield slice(start, min(start + step, count))
 
 
-def _row_chunks(planes: Tensor, flagged: Tensor) -> Iterator[Tensor]:
-    """The indices of the planes where ``flagged`` (N,) holds, in chunks; nothing when none does."""
-    if bool(flagged.any()):
-        yield from flagged.nonzero().flatten().split(_step(planes))
+def _row_chunks(planes: Tensor, flagged: Callable[[], Tensor]) -> Iterator[Tensor]:
+    """The indices of the planes where ``flagged()`` (N,) holds, in chunks; nothing when none does.
+    Only called after a one-pass test over the output found something."""
+    yield from flagged().nonzero().flatten().split(_step(planes))
 
 
 @dataclass(frozen=True)
@@ -214,12 +222,14 @@ class PowerMean(torch.autograd.Function):
         else:
             for span in _spans(planes):
                 direct(span)
-            # x^p overflowed: rescale those planes (not where the input itself is inf or NaN)
-            for rows in _row_chunks(planes, ~out.isfinite().all(dim=_PLANE_DIMS).flatten()):
-                rows = rows[planes[rows].isfinite().all(dim=_PLANE_DIMS)]
-                if rows.numel():
-                    rescale(rows)
-                    rescaled = True
+            # x^p overflowed (a total is inf; amax propagates NaN): rescale those planes, not where
+            # the input itself is inf or NaN
+            if totals.numel() and not bool(totals.amax().isfinite()):
+                for rows in _row_chunks(planes, lambda: ~totals.isfinite().all(dim=_PLANE_DIMS)):
+                    rows = rows[planes[rows].isfinite().all(dim=_PLANE_DIMS)]
+                    if rows.numel():
+                        rescale(rows)
+                        rescaled = True
         ctx.save_for_backward(x, totals, scale if rescaled else None)
         ctx.setup = (window, p, eps)  # type: ignore[attr-defined]
         return _shaped(x, out)
@@ -300,8 +310,9 @@ class SoftPool(torch.autograd.Function):
         offsets.sub_(1.0)  # y − m − 1, what the backward needs
         # Below this the largest term of a window is subnormal: float rounding is no longer relative.
         smallest = torch.finfo(work).tiny * window.kernel_size**2 / torch.finfo(work).eps
-        flagged = ~(masses >= smallest).all(dim=_PLANE_DIMS).flatten()
-        fallback_rows = list(_row_chunks(planes, flagged))
+        fallback_rows = []
+        if masses.numel() and not bool(masses.amin() >= smallest):  # NaN too (amin propagates it)
+            fallback_rows = list(_row_chunks(planes, lambda: ~(masses >= smallest).all(dim=_PLANE_DIMS)))
         for rows in fallback_rows:
             out[rows] = fallback(planes[rows].to(work)).to(x.dtype)
         ctx.save_for_backward(x, peaks, masses, offsets)
@@ -369,7 +380,9 @@ class StochasticMean(torch.autograd.Function):
             window_sums(span)
         out = (sums / masses).to(x.dtype)
         # no positive value in some window (S = 0, or NaN from a NaN input): the in-map mean there
-        empty_rows = list(_row_chunks(planes, ~(masses > 0).all(dim=_PLANE_DIMS)))
+        empty_rows = []
+        if masses.numel() and not bool(masses.amin() > 0):
+            empty_rows = list(_row_chunks(planes, lambda: ~(masses > 0).all(dim=_PLANE_DIMS)))
         for rows in empty_rows:
             has_mass = masses[rows] > 0
             out[rows] = torch.where(has_mass, out[rows], window.mean(planes[rows].to(work)).to(x.dtype))

@@ -264,6 +264,15 @@ def test_non_contiguous_input_and_repeated_backward(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_empty_batch(case: str) -> None:
+    new, _, params = CASES[case]
+    x = torch.zeros(0, 3, 8, 8, requires_grad=True)
+    out = new(x, 3, 2, 1, **params)
+    out.sum().backward()
+    assert out.shape == (0, 3, 4, 4) and x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_second_order_gradients_are_refused(case: str) -> None:
     new, _, params = CASES[case]
     x = _map((1, 2, 6, 6)).requires_grad_()
