@@ -94,8 +94,8 @@ def _gram(a: Tensor) -> Tensor:
     per block row against the columns to its right) and mirrors them: (b + 1)/(2b) of the
     multiply-adds for b blocks, the saving of BLAS's syrk, which torch does not expose. Measured
     (torch 2.14, 2 threads, Φ 32×2048×576): 195–200 ms against 280–336 ms for one bmm; the
-    entries are the same dot products over K (equal to one bmm's up to summation order). Off CPU one large bmm is left as it is (not
-    measured here).
+    entries are the same dot products over K (equal to one bmm's up to summation order). Off CPU
+    one large bmm is left as it is (not measured here).
     """
     size = a.shape[-1]
     if a.device.type != "cpu" or size < 2 * GRAM_BLOCK:

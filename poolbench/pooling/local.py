@@ -2,8 +2,12 @@
 
 The maths lives in plain functions built on PyTorch's native pooling kernels (``F.max_pool2d``,
 ``F.avg_pool2d`` as a mean or, with ``divisor_override=1``, as a window sum); the modules only hold
-hyper-parameters and learnable weights. Only ranking (``sort``) and SoftPool on extreme value
-spreads cut the windows out with :func:`unfold_windows`. Output size is ``nn.MaxPool2d``'s floor formula
+hyper-parameters and learnable weights. Operators over x^p or e^x (power, lpnorm, l2, softpool,
+stochastic) run as autograd Functions in :mod:`poolbench.pooling.chunked` (forward chunk by chunk
+without a graph, analytic backward on the native kernels' backward ops: no input-sized
+temporaries); ``sort`` ranks with a selection network of max/min in :mod:`poolbench.pooling.sort_select`.
+Only what those cannot express (larger sort windows, CUDA sort, SoftPool on extreme value spreads)
+cuts the windows out with :func:`unfold_windows`. Output size is ``nn.MaxPool2d``'s floor formula
 H' = (H + 2·padding − k) // stride + 1 for every operator except ``fractional``.
 
 Padding has one meaning everywhere: a window may hang ``padding`` pixels over the border and the
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poolbench.pooling import sort_select
+from poolbench.pooling.chunked import PowerMean, SoftPool, StochasticDraw, StochasticMean, Window
 from poolbench.pooling.registry import LocalPool, register
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -124,32 +129,29 @@ def nonnegative_power(magnitude: Tensor, p: float) -> Tensor:
     return torch.where(nonzero, torch.where(nonzero, magnitude, 1.0) ** p, 0.0)
 
 
-def _power_mean(magnitude: Tensor, p: float, pool: Callable[[Tensor], Tensor], floor: float = 0.0) -> Tensor:
-    """pool(a^p)^(1/p) for a >= ``floor`` >= 0 and a window pool that is a (weighted) sum: 1-homogeneous in a.
-
-    a^p overflows for large activations or large p (1e4³ is fine in float32, 1e4¹⁰ is not), and
-    floor^p underflows to 0 for large p (an infinite gradient of the root): then each channel is
-    divided by its detached max m, exact since m·pool((a/m)^p)^(1/p) equals the result for any
-    constant m > 0. The common case costs no extra pass over the input. What still rounds to 0 is
-    a window whose values are all below the dtype's smallest normal number to the power 1/p (2e-13
-    for p = 3 in float32; with the rescaling: that far below its channel's max), as in nn.LPPool2d.
-    """
-    if floor == 0.0 or floor**p >= torch.finfo(magnitude.dtype).tiny:
-        total = pool(nonnegative_power(magnitude, p))
-        # With floor^p a normal number every total is > 0: the root needs no guard.
-        pooled = total.pow(1.0 / p) if floor > 0 else safe_root(total, p)
-        if bool(pooled.isfinite().all()) or not bool(magnitude.isfinite().all()):
-            return pooled
-    peak = magnitude.detach().amax(dim=(-2, -1), keepdim=True)
-    peak = torch.where(peak > 0, peak, 1.0)
-    return peak * safe_root(pool(nonnegative_power(magnitude / peak, p)), p)
+def _window(x: Tensor, kernel_size: int, stride: int, padding: int) -> Window:
+    _check_fits(x, kernel_size, padding)
+    return Window(kernel_size, stride, padding)
 
 
-@_float32_for_half
+# The power means, SoftPool and stochastic pooling below run as autograd Functions of
+# poolbench.pooling.chunked: forward over chunks of planes without a graph, analytic backward on the
+# native window-sum transposes. Formulated with autograd (x^p, e^x, ... kept for the backward) they
+# took about three times native max pooling's memory and time. They compute half-precision inputs in
+# float32 themselves, chunk by chunk.
+
+
 def lpnorm_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, p: float = 3.0) -> Tensor:
-    """(Σ |x|^p)^(1/p) over the window; unlike ``nn.LPPool2d`` it takes |x| (no NaN for x < 0)."""
-    magnitude = x if p == 2.0 else x.abs()  # x² needs no |x|
-    return _power_mean(magnitude, p, lambda t: window_sum(t, kernel_size, stride, padding))
+    """(Σ |x|^p)^(1/p) over the window; unlike ``nn.LPPool2d`` it takes |x| (no NaN for x < 0).
+
+    a^p overflows for large activations or large p (1e4³ is fine in float32, 1e4¹⁰ is not): then
+    each channel where it did (and whose input is finite) is divided by its max m, exact since
+    m·(Σ (a/m)^p)^(1/p) equals the result for any constant m > 0; the common case costs no extra
+    pass over the input. What still rounds to 0 is a
+    window whose values are all below the dtype's smallest normal number to the power 1/p (2e-13 for
+    p = 3 in float32; with the rescaling: that far below its channel's max), as in nn.LPPool2d.
+    """
+    return PowerMean.apply(x, _window(x, kernel_size, stride, padding), float(p), None)
 
 
 def l2_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
@@ -157,18 +159,16 @@ def l2_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tenso
     return lpnorm_pool(x, kernel_size, stride, padding, p=2.0)
 
 
-@_float32_for_half
 def power_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, p: float = 3.0, eps: float = 1e-6) -> Tensor:
-    """(mean max(x, eps)^p)^(1/p) over the in-map positions of the window (power average)."""
-    return _power_mean(x.clamp_min(eps), p, lambda t: avg_pool(t, kernel_size, stride, padding), floor=eps)
+    """(mean max(x, eps)^p)^(1/p) over the in-map positions of the window (power average).
+
+    Overflow of max(x, eps)^p is rescaled as in :func:`lpnorm_pool`; so is eps^p underflowing to 0
+    for large p (an infinite slope of the root), which takes the rescaled path directly. The
+    gradient is 0 where x < eps (the clamp's).
+    """
+    return PowerMean.apply(x, _window(x, kernel_size, stride, padding), float(p), float(eps))
 
 
-def _draw_index(keys: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
-    """Per window, the flat (H·W) index of its largest key (padding never wins: it is −inf)."""
-    return F.max_pool2d(keys, kernel_size, stride, padding, return_indices=True)[1]
-
-
-@_float32_for_half
 def stochastic_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, *, sample: bool = False) -> Tensor:
     """Stochastic pooling (Zeiler & Fergus 2013), probabilities π = max(x, 0)/Σ max(x, 0).
 
@@ -179,26 +179,13 @@ def stochastic_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, 
 
     The draw is an exponential race on the native max-pool kernel: with one E_i = −log U_i ~ Exp(1)
     per position, argmax_i x⁺_i / E_i picks i with probability π_i (the window's Σ x⁺ cancels), and
-    argmax_i U_i is uniform. Each window's draw has exactly these probabilities; overlapping
-    windows share their positions' E_i, so their draws are not independent of each other.
+    argmax_i U_i is uniform; one race does both, on the keys x_i/E_i where x_i > 0 and −E_i elsewhere
+    (a positive value always wins over the others). Each window's draw has exactly these
+    probabilities; overlapping windows share their positions' E_i, so their draws are not
+    independent of each other.
     """
-    _check_fits(x, kernel_size, padding)
-    if not sample:
-        positive = x.clamp_min(0.0)
-        mass = window_sum(positive, kernel_size, stride, padding)
-        has_mass = mass > 0
-        weighted = window_sum(positive * x, kernel_size, stride, padding) / torch.where(has_mass, mass, 1.0)
-        return torch.where(has_mass, weighted, avg_pool(x, kernel_size, stride, padding))
-    with torch.no_grad():
-        uniform = torch.rand_like(x)  # 4× cheaper than exponential_(), which draws E = −log U itself
-        # U = 0 gives E = inf: key 0, that position cannot win (probability 2⁻²⁴ per draw in float32).
-        race = uniform.log().neg_()
-        # E = 0 cannot occur (U < 1), so x⁺ / E is never 0/0.
-        keys, index = F.max_pool2d(x.clamp_min(0.0) / race, kernel_size, stride, padding, return_indices=True)
-        no_mass = keys <= 0
-        if bool(no_mass.any()):  # argmax 1/E = argmax U: uniform over the window's in-map positions
-            index = torch.where(no_mass, _draw_index(uniform, kernel_size, stride, padding), index)
-    return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+    window = _window(x, kernel_size, stride, padding)
+    return (StochasticDraw if sample else StochasticMean).apply(x, window)
 
 
 def _softpool_windows(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
@@ -208,22 +195,21 @@ def _softpool_windows(x: Tensor, kernel_size: int, stride: int, padding: int) ->
     return (weights * windows).sum(-1)
 
 
-@_float32_for_half
 def softpool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
     """Σ softmax(x)_i·x_i over the window (Stergiou et al. 2021) = Σ e^(x−m)·x / Σ e^(x−m).
 
-    Two window sums on the native kernel with m the detached per-channel max (any constant per
-    window cancels; padding adds 0 to both sums). Where a window's values lie so far below its
-    channel's max that its denominator leaves the dtype's full-precision range (a spread of about 69
-    in float32), the windows are cut out and each gets its own max (exact, k²/s² times the memory).
+    Two window sums on the native kernel with m the per-channel max (any constant per window
+    cancels; padding adds 0 to both sums). Where a window's values lie so far below its channel's
+    max that its denominator leaves the dtype's full-precision range (a spread of about 69 in
+    float32), that channel's windows are cut out and each gets its own max (exact, k²/s² times
+    the memory of those channels).
     """
-    weights = (x - x.detach().amax(dim=(-2, -1), keepdim=True)).exp()
-    mass = window_sum(weights, kernel_size, stride, padding)
-    # Below this the largest term of the window is subnormal: float rounding is no longer relative.
-    smallest = torch.finfo(x.dtype).tiny * kernel_size**2 / torch.finfo(x.dtype).eps
-    if bool((mass >= smallest).all()):
-        return window_sum(weights * x, kernel_size, stride, padding) / mass
-    return _softpool_windows(x, kernel_size, stride, padding)
+    window = _window(x, kernel_size, stride, padding)
+
+    def per_window_shift(planes: Tensor) -> Tensor:  # (N, H, W) chunks of planes
+        return _softpool_windows(planes.unsqueeze(1), kernel_size, stride, padding).squeeze(1)
+
+    return SoftPool.apply(x, window, per_window_shift)
 
 
 def sort_pool_topk(x: Tensor, kernel_size: int, stride: int, padding: int, logits: Tensor) -> Tensor:
