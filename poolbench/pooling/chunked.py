@@ -68,7 +68,7 @@ def _first_order(backward: Backward) -> Backward:
     def wrapper(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "poolbench's power/lpnorm/l2/softpool/stochastic pools have no second-order gradients "
+                "poolbench's local min/mixed/power/lpnorm/l2/softpool/stochastic pools have no second-order gradients "
                 "(backward with create_graph=True)"
             )
         return backward(ctx, *grads)
@@ -495,3 +495,70 @@ class StochasticDraw(torch.autograd.Function):
             else:  # summed in float32, as the module computes halves
                 grad[span] = torch.ops.aten.max_pool2d_with_indices_backward(*args)
         return grad.view(x.shape), None
+
+
+# ------------------------------------------------------------------------------- min and mixed
+
+
+class MinPool(torch.autograd.Function):
+    """min over the window as −max(−x) on the native max-pool kernel, values bit for bit.
+
+    Through autograd, −max(−x) keeps −x's max-pool indices and walks two negations of the gradient
+    (an input-sized tensor each). Here the negated copy lives only during the forward, and the
+    backward is the native max-pool backward with those indices: the two signs cancel, so the
+    window's argmin gets g. Same memory as native max pooling.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, window: Window) -> Tensor:  # type: ignore[override]
+        k, s, p = window._args()
+        out, indices = torch.ops.aten.max_pool2d_with_indices(x.neg(), k, s, p)
+        ctx.save_for_backward(x, indices)
+        ctx.window = window  # type: ignore[attr-defined]
+        return out.neg_()
+
+    @staticmethod
+    @_first_order
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        x, indices = ctx.saved_tensors
+        k, s, p = ctx.window._args()
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, k, s, p, [1, 1], False, indices), None
+
+
+class MixedPool(torch.autograd.Function):
+    """y = a·max + (1−a)·mean per window (mean over the in-map positions), a a 0-dim tensor.
+
+    ∂L/∂x = a·S^T g + (1−a)·P^T g, S^T the native max-pool backward (argmax scatter) and P^T the
+    mean's transpose, added chunk by chunk into the same gradient; ∂L/∂a = Σ g·(max − mean), with
+    max gathered at the saved indices and the mean recomputed (output-sized). Only the max-pool
+    indices are saved: the peak memory is max pooling's, not two input-sized gradients summed.
+    float32/float64 (halves keep the autograd formulation, see ``poolbench.pooling.local``).
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, a: Tensor, window: Window) -> Tensor:  # type: ignore[override]
+        x = x.contiguous()  # the backward adds chunks of planes into the max-pool gradient in place
+        k, s, p = window._args()
+        peak, indices = torch.ops.aten.max_pool2d_with_indices(x, k, s, p)
+        ctx.save_for_backward(x, a, indices)
+        ctx.window = window  # type: ignore[attr-defined]
+        mean = window.mean(x)
+        return mean.add_(peak.sub_(mean).mul_(a))  # mean + a·(max − mean)
+
+    @staticmethod
+    @_first_order
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, a, indices = ctx.saved_tensors
+        window: Window = ctx.window
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[1]:  # first: its output-sized temporaries are gone before grad_x exists
+            peak = x.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
+            grad_a = peak.sub_(window.mean(x)).mul_(grad_out).sum().reshape(a.shape)
+        if ctx.needs_input_grad[0]:
+            k, s, p = window._args()
+            grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, k, s, p, [1, 1], False, indices)
+            grad_x.mul_(a)
+            planes, grads, inputs = _as_planes(grad_x), _as_planes(grad_out), _as_planes(x)
+            for span in _spans(planes):
+                planes[span].addcmul_(window.transpose(grads[span], inputs[span], mean=True), 1 - a)
+        return grad_x, grad_a, None

@@ -2,10 +2,10 @@
 
 The maths lives in plain functions built on PyTorch's native pooling kernels (``F.max_pool2d``,
 ``F.avg_pool2d`` as a mean or, with ``divisor_override=1``, as a window sum); the modules only hold
-hyper-parameters and learnable weights. Operators over x^p or e^x (power, lpnorm, l2, softpool,
-stochastic) run as autograd Functions in :mod:`poolbench.pooling.chunked` (forward chunk by chunk
-without a graph, analytic backward on the native kernels' backward ops: no input-sized
-temporaries); ``sort`` ranks with a selection network of max/min in :mod:`poolbench.pooling.sort_select`.
+hyper-parameters and learnable weights. min, mixed and the operators over x^p or e^x (power,
+lpnorm, l2, softpool, stochastic) run as autograd Functions in :mod:`poolbench.pooling.chunked`
+(forward chunk by chunk without a graph, analytic backward on the native kernels' backward ops:
+no input-sized temporaries); ``sort`` ranks with a selection network of max/min in :mod:`poolbench.pooling.sort_select`.
 Only what those cannot express (larger sort windows, CUDA sort, SoftPool on extreme value spreads)
 cuts the windows out with :func:`unfold_windows`. Output size is ``nn.MaxPool2d``'s floor formula
 H' = (H + 2·padding − k) // stride + 1 for every operator except ``fractional``.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poolbench.pooling import sort_select
-from poolbench.pooling.chunked import PowerMean, SoftPool, StochasticDraw, StochasticMean, Window
+from poolbench.pooling.chunked import MinPool, MixedPool, PowerMean, SoftPool, StochasticDraw, StochasticMean, Window
 from poolbench.pooling.registry import LocalPool, register
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -96,8 +96,10 @@ def max_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tens
 
 
 def min_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
-    """min over the window: −max(−x), exact."""
-    return -max_pool(-x, kernel_size, stride, padding)
+    """min over the window: −max(−x), exact (:class:`~poolbench.pooling.chunked.MinPool`: native
+    max-pool kernels forward and backward, max pooling's memory)."""
+    _check_fits(x, kernel_size, padding)
+    return MinPool.apply(x, Window(kernel_size, stride, padding))
 
 
 @_float32_for_half
@@ -272,6 +274,18 @@ def fractional_max_pool(
     if samples is not None:
         samples = samples.to(x.dtype).expand(x.shape[0], x.shape[1], 2)
     return F.fractional_max_pool2d(x, kernel_size, output_size=size, _random_samples=samples)
+
+
+def mixed_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, a: Tensor | float = 0.5) -> Tensor:
+    """a·max + (1−a)·mean over the window (mixed pooling, Lee, Gallagher & Tu, AISTATS 2016); ``a``
+    a float or a 0-dim tensor (gradients flow to it). float32/float64 run as
+    :class:`~poolbench.pooling.chunked.MixedPool` (max pooling's memory); half precision keeps the
+    max exact in its dtype and the mean summed in float32."""
+    if x.dtype in _HALF:
+        return a * max_pool(x, kernel_size, stride, padding) + (1 - a) * avg_pool(x, kernel_size, stride, padding)
+    a = a.to(device=x.device, dtype=x.dtype) if isinstance(a, Tensor) else x.new_tensor(a)
+    _check_fits(x, kernel_size, padding)
+    return MixedPool.apply(x, a, Window(kernel_size, stride, padding))
 
 
 def _positive(name: str, value: float) -> float:
@@ -484,9 +498,7 @@ class MixedLocal(LocalPool):
         self.logit = nn.Parameter(torch.tensor(math.log(a / (1 - a))))
 
     def forward(self, x: Tensor) -> Tensor:
-        a = torch.sigmoid(self.logit).to(x.dtype)
-        geometry = (self.kernel_size, self.stride, self.padding)
-        return a * max_pool(x, *geometry) + (1 - a) * avg_pool(x, *geometry)
+        return mixed_pool(x, self.kernel_size, self.stride, self.padding, torch.sigmoid(self.logit))
 
     def learned_values(self) -> dict[str, float]:
         return {"a": float(torch.sigmoid(self.logit.detach()))}

@@ -23,6 +23,9 @@ from poolbench.pooling.local import (
     _float32_for_half,
     avg_pool,
     lpnorm_pool,
+    max_pool,
+    min_pool,
+    mixed_pool,
     nonnegative_power,
     power_pool,
     safe_root,
@@ -93,6 +96,14 @@ def old_softpool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> 
     return _old_softpool_windows(x, kernel_size, stride, padding)
 
 
+def old_min(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
+    return -max_pool(-x, kernel_size, stride, padding)
+
+
+def old_mixed(x: Tensor, kernel_size: int, stride: int, padding: int = 0, a: Tensor | float = 0.5) -> Tensor:
+    return a * max_pool(x, kernel_size, stride, padding) + (1 - a) * avg_pool(x, kernel_size, stride, padding)
+
+
 # ------------------------------------------------------------------------------------------ cases
 
 Pool = Callable[..., Tensor]
@@ -111,6 +122,8 @@ CASES: dict[str, tuple[Pool, Pool, dict[str, object]]] = {
     "softpool": (softpool, old_softpool, {}),
     "stochastic-eval": (stochastic_pool, old_stochastic, {}),
     "stochastic-draw": (stochastic_pool, old_stochastic, {"sample": True}),
+    "min": (min_pool, old_min, {}),
+    "mixed": (mixed_pool, old_mixed, {"a": 0.3}),
 }
 # (height, width, kernel, stride, padding)
 GEOMETRIES = [(7, 5, 3, 2, 1), (9, 8, 3, 2, 1), (6, 6, 3, 1, 1), (5, 6, 2, 1, 1), (5, 5, 3, 3, 0), (1, 1, 1, 1, 0)]
@@ -280,7 +293,7 @@ def test_second_order_gradients_are_refused(case: str) -> None:
         torch.autograd.grad(new(x, 3, 2, 1, **params).sum(), x, create_graph=True)
 
 
-@pytest.mark.parametrize("name", ["power", "lpnorm", "l2", "softpool", "stochastic"])
+@pytest.mark.parametrize("name", ["power", "lpnorm", "l2", "softpool", "stochastic", "min", "mixed"])
 @pytest.mark.parametrize("train", [True, False])
 def test_peak_memory_is_close_to_native_max_pooling(
     name: str, train: bool, monkeypatch: pytest.MonkeyPatch
@@ -296,3 +309,29 @@ def test_peak_memory_is_close_to_native_max_pooling(
         return peak_memory_mb(lambda: torch.autograd.grad(fn(x), x, cotangent), torch.device("cpu"))
 
     assert peak(pool) <= 1.2 * peak(lambda t: F.max_pool2d(t, 3, 2, 1))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_mixed_weight_gradient_matches_the_autograd_formulation(geometry: tuple[int, int, int, int, int]) -> None:
+    height, width, *window = geometry
+    x = _map((2, 3, height, width))
+    cotangent = torch.randn(2, 3, *chunked.Window(*window).out_size(height, width), dtype=torch.float64)
+    grads = []
+    for fn in (mixed_pool, old_mixed):
+        a = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        grads.append(torch.autograd.grad(fn(x, *window, a=a), a, cotangent)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    a = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp, w: mixed_pool(inp, *window, a=w), (x.requires_grad_(), a))
+
+
+def test_min_is_minus_max_of_minus_x_bit_for_bit_with_ties() -> None:
+    x = torch.randint(-2, 3, (2, 3, 9, 8)).float()  # many ties: the same argmin as the native kernel
+    x.requires_grad_()
+    new = min_pool(x, 3, 2, 1)
+    cotangent = torch.randn_like(new)
+    (grad,) = torch.autograd.grad(new, x, cotangent)
+    ref_x = x.detach().clone().requires_grad_()
+    old = old_min(ref_x, 3, 2, 1)
+    (ref_grad,) = torch.autograd.grad(old, ref_x, cotangent)
+    assert torch.equal(new, old) and torch.equal(grad, ref_grad)
