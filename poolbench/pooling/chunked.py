@@ -85,12 +85,23 @@ def _as_planes(x: Tensor) -> Tensor:
     return x.contiguous().view(-1, *x.shape[-2:])
 
 
+def planes_per_chunk(count: int, plane_elements: int, most: int, least: int) -> int:
+    """Planes per chunk of ``count`` planes of ``plane_elements`` each: at most ``most`` elements and
+    at most 1/CHUNKS_AT_LEAST of the whole, but not below ``least`` (see CHUNK_ELEMENTS_CPU); at
+    least one plane. The one chunk-size policy, also used by :mod:`poolbench.pooling.sort_select`."""
+    budget = min(most, max(least, count * plane_elements // CHUNKS_AT_LEAST))
+    return max(1, budget // max(1, plane_elements))
+
+
 def _step(planes: Tensor) -> int:
     """Planes per chunk."""
     cpu = planes.device.type == "cpu"
-    least = CHUNK_MIN_CPU if cpu else CHUNK_MIN_DEVICE
-    budget = min(CHUNK_ELEMENTS_CPU if cpu else CHUNK_ELEMENTS_DEVICE, max(least, planes.numel() // CHUNKS_AT_LEAST))
-    return max(1, budget // max(1, planes.shape[-2] * planes.shape[-1]))
+    return planes_per_chunk(
+        planes.shape[0],
+        planes.shape[-2] * planes.shape[-1],
+        CHUNK_ELEMENTS_CPU if cpu else CHUNK_ELEMENTS_DEVICE,
+        CHUNK_MIN_CPU if cpu else CHUNK_MIN_DEVICE,
+    )
 
 
 def _spans(planes: Tensor) -> Iterator[slice]:

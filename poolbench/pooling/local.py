@@ -58,6 +58,11 @@ def _check_fits(x: Tensor, kernel_size: int, padding: int) -> None:
         )
 
 
+def _window(x: Tensor, kernel_size: int, stride: int, padding: int) -> Window:
+    _check_fits(x, kernel_size, padding)
+    return Window(kernel_size, stride, padding)
+
+
 def unfold_windows(
     x: Tensor, kernel_size: int, stride: int, padding: int = 0, fill: float = 0.0
 ) -> tuple[Tensor, Tensor | None]:
@@ -98,8 +103,7 @@ def max_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tens
 def min_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
     """min over the window: −max(−x), exact (:class:`~poolbench.pooling.chunked.MinPool`: native
     max-pool kernels forward and backward, max pooling's memory)."""
-    _check_fits(x, kernel_size, padding)
-    return MinPool.apply(x, Window(kernel_size, stride, padding))
+    return MinPool.apply(x, _window(x, kernel_size, stride, padding))
 
 
 @_float32_for_half
@@ -129,11 +133,6 @@ def nonnegative_power(magnitude: Tensor, p: float) -> Tensor:
         return magnitude.pow(p)
     nonzero = magnitude > 0
     return torch.where(nonzero, torch.where(nonzero, magnitude, 1.0) ** p, 0.0)
-
-
-def _window(x: Tensor, kernel_size: int, stride: int, padding: int) -> Window:
-    _check_fits(x, kernel_size, padding)
-    return Window(kernel_size, stride, padding)
 
 
 # The power means, SoftPool and stochastic pooling below run as autograd Functions of
@@ -284,8 +283,7 @@ def mixed_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, a: Te
     if x.dtype in _HALF:
         return a * max_pool(x, kernel_size, stride, padding) + (1 - a) * avg_pool(x, kernel_size, stride, padding)
     a = a.to(device=x.device, dtype=x.dtype) if isinstance(a, Tensor) else x.new_tensor(a)
-    _check_fits(x, kernel_size, padding)
-    return MixedPool.apply(x, a, Window(kernel_size, stride, padding))
+    return MixedPool.apply(x, a, _window(x, kernel_size, stride, padding))
 
 
 def _positive(name: str, value: float) -> float:

@@ -33,18 +33,17 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from poolbench.pooling.chunked import CHUNK_MIN_CPU, Window, planes_per_chunk
+
 # Windows up to this size take the network; larger ones (a 5×5 network has hundreds of comparators)
 # keep unfold + topk. Labels must also fit in the 8 bits written into the mantissa.
 MAX_KERNEL = 4
 LABEL_BITS = 8
-# Padded-map elements per chunk: at most 2¹⁹ (4 MiB of float64 keys, within L3) and at most 1/CHUNK_SHARE
-# of the whole, since the temporaries are ~32 bytes per chunk element against native max's ~7 bytes per
-# input element (gradient, output, int64 indices): a chunk of 1/16 keeps the peak within 1.2× of it.
-# At least 2¹⁵: smaller chunks were slower when measured, each op's output falling under ATen's
-# parallel grain size (32768) and running on one thread with its per-call overhead.
+# Padded-map elements per chunk: at most 2¹⁹ (4 MiB of float64 keys, within L3), smaller than the
+# window-sum pools' chunks because the temporaries are ~32 bytes per chunk element against native
+# max's ~7 bytes per input element; the share of the whole and the floor are the common policy of
+# chunked.planes_per_chunk (a chunk of 1/16 keeps the peak within 1.2× of native max).
 CHUNK_ELEMENTS = 1 << 19
-MIN_CHUNK_ELEMENTS = 1 << 15
-CHUNK_SHARE = 16
 
 Wire = int  # index into a program's wire list
 Op = tuple[str, Wire, Wire, Wire, Wire]  # ("cx" | "max" | "min", a, b, hi_out, lo_out); -1 = not needed
@@ -148,8 +147,7 @@ class _Geometry:
 
     def __init__(self, height: int, width: int, kernel_size: int, stride: int, padding: int, k: int) -> None:
         self.kernel_size, self.stride, self.padding, self.k = kernel_size, stride, padding, k
-        self.out_h = (height + 2 * padding - kernel_size) // stride + 1
-        self.out_w = (width + 2 * padding - kernel_size) // stride + 1
+        self.out_h, self.out_w = Window(kernel_size, stride, padding).out_size(height, width)
         # The padded rows/columns any window reaches (floor mode drops the rest) and the map part of them.
         self.rows = stride * (self.out_h - 1) + kernel_size
         self.cols = stride * (self.out_w - 1) + kernel_size
@@ -192,9 +190,7 @@ def geometry(height: int, width: int, kernel_size: int, stride: int, padding: in
 
 
 def _chunks(planes: int, g: _Geometry) -> list[slice]:
-    total = planes * g.rows * g.cols
-    elements = min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, total // CHUNK_SHARE))
-    size = max(1, elements // (g.rows * g.cols))
+    size = planes_per_chunk(planes, g.rows * g.cols, CHUNK_ELEMENTS, CHUNK_MIN_CPU)
     return [slice(start, min(start + size, planes)) for start in range(0, planes, size)]
 
 
@@ -229,9 +225,10 @@ def _pair_view(t: tuple[Tensor, Tensor], index: tuple[slice, ...]) -> tuple[Tens
     return t[0][index], t[1][index]
 
 
-def _weighted_sum(top: list[Tensor], g: _Geometry, w: Tensor, w_list: list[float], out: Tensor) -> None:
+def _weighted_sum(top: list[Tensor], g: _Geometry, w: Tensor, out: Tensor) -> None:
     """out = Σ_j ω_j·x_(j) (ω renormalised per window where needed); ``top`` in any float dtype."""
-    if not g.renormalise:
+    if not g.renormalise:  # one weight per rank: Python scalars
+        w_list = w.flatten(1)[:, 0].tolist()
         torch.mul(top[0], w_list[0], out=out)
         for t, wj in zip(top[1:], w_list[1:], strict=True):
             out.add_(t, alpha=wj)
@@ -246,10 +243,9 @@ def _forward_values(x: Tensor, g: _Geometry, logits: Tensor) -> Tensor:
     planes = x.flatten(0, 1)
     out = x.new_empty(planes.shape[0], g.out_h, g.out_w)
     w = g.weights(logits.detach(), x.dtype)
-    w_list = w.flatten(1)[:, 0].tolist() if not g.renormalise else []
     for chunk in _chunks(planes.shape[0], g):
         top = _select(_padded(planes[chunk], g, x.dtype), g, _cx_values, _tensor_view)
-        _weighted_sum(top, g, w, w_list, out[chunk])  # type: ignore[arg-type]
+        _weighted_sum(top, g, w, out[chunk])  # type: ignore[arg-type]
     return out.view(*x.shape[:2], g.out_h, g.out_w)
 
 
@@ -262,7 +258,7 @@ def _keys(x: Tensor, g: _Geometry) -> Tensor:
     return buf
 
 
-def _forward_labels(x: Tensor, g: _Geometry, w: Tensor, w_list: list[float]) -> tuple[Tensor, Tensor]:
+def _forward_labels(x: Tensor, g: _Geometry, w: Tensor) -> tuple[Tensor, Tensor]:
     """Forward that also returns each rank's label, (B·C, k, H', W') uint8."""
     planes = x.flatten(0, 1)
     out = x.new_empty(planes.shape[0], g.out_h, g.out_w)
@@ -280,7 +276,7 @@ def _forward_labels(x: Tensor, g: _Geometry, w: Tensor, w_list: list[float]) -> 
             top = [value for value, _ in selected]  # type: ignore[misc]
             for j, (_, label) in enumerate(selected):  # type: ignore[misc]
                 labels[chunk, j] = label
-        _weighted_sum(top, g, w, w_list, out[chunk])
+        _weighted_sum(top, g, w, out[chunk])
     return out.view(*x.shape[:2], g.out_h, g.out_w), labels
 
 
@@ -288,8 +284,7 @@ class _SortPoolFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, logits: Tensor, g: _Geometry) -> Tensor:  # type: ignore[override]
         w = g.weights(logits, x.dtype)
-        w_list = w.flatten(1)[:, 0].tolist() if not g.renormalise else []
-        out, labels = _forward_labels(x, g, w, w_list)
+        out, labels = _forward_labels(x, g, w)
         ctx.save_for_backward(x, labels, out, w)
         ctx.geometry = g  # type: ignore[attr-defined]
         ctx.logits_dtype = logits.dtype  # type: ignore[attr-defined]
