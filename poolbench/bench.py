@@ -677,20 +677,21 @@ def _rebuild(run_dir: Path, record: dict[str, Any]) -> tuple[Any, nn.Module, tup
     from poolbench.models import build_model
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    plugins.load(cfg.get("plugins") or [])  # a plugin's operator exists only once its module is imported
     state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["model"]
     in_channels, input_size, num_classes = _geometry(record, cfg, state)
     task = str(record.get("task", ""))
     torch.manual_seed(0)
-    net = build_model(
-        cfg.model,
-        cfg.pooling,
-        cfg.local_pooling,
-        in_channels=in_channels,
-        input_size=input_size,
-        num_classes=num_classes,
-        task=task,
-    )
+    with plugins.rebuilding():  # the folder's plugins and `_target_` code only if named by the user
+        plugins.load_recorded(cfg)
+        net = build_model(
+            cfg.model,
+            cfg.pooling,
+            cfg.local_pooling,
+            in_channels=in_channels,
+            input_size=input_size,
+            num_classes=num_classes,
+            task=task,
+        )
     net.load_state_dict(state)
     expected = (record.get("feature_map_h"), record.get("feature_map_w"))
     if tuple(net.feature_map_size) != expected:

@@ -201,6 +201,9 @@ def iter_composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig
             reference = _reference(groups)  # cached by config: never edited here
             bases[groups] = reference, copy.deepcopy(reference)
         reference, working = bases[groups]
+        if _names_target(reference, value_overrides):  # a `_target_`'s source hash joins the identity
+            yield compose(list(overrides))
+            continue
         undo = _undo_list(working, value_overrides)
         cfg = working if undo is not None else copy.deepcopy(reference)
         try:
@@ -212,6 +215,13 @@ def iter_composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig
         finally:
             for parent, leaf, raw in reversed(undo or []):
                 parent[leaf] = raw
+
+
+def _names_target(reference: DictConfig, overrides: Sequence[Override]) -> bool:
+    """Whether a config names a class by ``_target_`` (its composed defaults or a value override)."""
+    if any(o.key_or_group.endswith("._target_") for o in overrides):
+        return True
+    return any(reference[g].get("_target_") not in (None, "???") for g in plugins.TARGET_GROUPS if g in reference)
 
 
 def _undo_list(cfg: DictConfig, overrides: Sequence[Override]) -> list[tuple[Any, str, Any]] | None:
@@ -389,7 +399,10 @@ def validate_config(cfg: DictConfig) -> None:
         opt = schema.options(group).get(choice)
         if opt is None:
             continue
-        schema.check(root[group], opt.schema, group, label=f"{group}={choice}")  # type: ignore[index]
+        node = root[group] if not opt.meta.get("open") else {  # type: ignore[index]
+            k: v for k, v in root[group].items() if k in schema.defaults(opt.schema)  # type: ignore[index]
+        }  # an open option's other keys are its factory's arguments (models.custom)
+        schema.check(node, opt.schema, group, label=f"{group}={choice}")
         fixed = opt.node().get("name")
         if fixed is not None and root[group].get("name") != fixed:  # type: ignore[index]
             raise ConfigError(f"{group}.name is set by the option; choose another option with {group}=<name>")

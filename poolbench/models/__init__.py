@@ -7,7 +7,9 @@ single linear layer sized from the pool's output width, so only the pooling diff
 
 Backbone options (``model=<name>``, each a schema registered with :func:`poolbench.schema.option`):
 ``smallcnn``; ``torchvision`` with ``model.arch`` any torchvision classification model; ``timm`` with
-``model.arch`` any timm CNN; and poolbench 0.1's names (``resnet18``, ...) as torchvision aliases.
+``model.arch`` any timm CNN; ``custom`` with ``model._target_`` your own nn.Module class or factory
+(:mod:`poolbench.models.custom`, also names plugins register); and poolbench 0.1's names
+(``resnet18``, ...) as torchvision aliases.
 ``cifar_stem``, ``last_stride`` and ``local_pooling`` act on every backbone the same generic way
 (:mod:`poolbench.models.surgery`), or stop with a one-line error naming the architecture.
 """
@@ -24,7 +26,7 @@ from torch import nn
 
 from poolbench import pooling
 from poolbench.errors import ConfigError
-from poolbench.models import smallcnn, surgery
+from poolbench.models import custom, smallcnn, surgery
 from poolbench.models import timm as timm_backbones
 from poolbench.models import torchvision as torchvision_backbones
 from poolbench.models.settings import BackboneSettings, resolve
@@ -95,20 +97,28 @@ def _library_and_arch(node: Mapping[str, Any]) -> tuple[str, str]:
 
 def label(model_node: DictConfig | Mapping[str, Any]) -> str:
     """The backbone's name for run ids, records and reports: the option's name (``resnet18``,
-    ``smallcnn``), or ``model.arch`` for ``model=torchvision`` / ``model=timm`` (may hold ``/`` or ``.``)."""
+    ``smallcnn``), ``model.arch`` for ``model=torchvision`` / ``model=timm`` (may hold ``/`` or ``.``), or
+    the factory's name for ``model=custom`` (``my_backbone.TinyRes`` → ``TinyRes``)."""
     arch = model_node.get("arch")
-    return str(arch) if arch else str(model_node["name"])
+    if arch:
+        return str(arch)
+    target = model_node.get("_target_")
+    if model_node.get("name") == "custom" and target not in (None, "", "???"):
+        return str(target).replace(":", ".").rsplit(".", 1)[-1]
+    return str(model_node["name"])
 
 
 def check(model_node: DictConfig | Mapping[str, Any]) -> None:
     """ConfigError (one line) for a model node that cannot be built: the schema's checks, plus a
     ``model.arch`` the library does not know (with close matches). Builds nothing."""
-    _, cfg = resolve(_plain(model_node))
+    option, cfg = resolve(_plain(model_node))
     library, arch = _library_and_arch(cfg)
     if library == "torchvision":
         torchvision_backbones.check_arch(arch)
     elif library == "timm":
         timm_backbones.check_arch(arch)
+    elif library == custom.LIBRARY:
+        custom.factory_of(cfg, option.meta)
 
 
 def build_trunk(model_cfg: DictConfig | Mapping[str, Any], in_channels: int) -> nn.Module:
@@ -122,10 +132,14 @@ def build_trunk(model_cfg: DictConfig | Mapping[str, Any], in_channels: int) -> 
     elif library == "torchvision":
         trunk = torchvision_backbones.build(arch, cfg["pretrained"])
         what = f"torchvision {arch}"
+    elif library == custom.LIBRARY:
+        trunk = custom.build(cfg, option.meta, in_channels)
+        what = f"model {label(cfg)}"
     else:
         trunk = timm_backbones.build(arch, cfg["pretrained"], in_channels)
         what = f"timm {arch}"
-    surgery.adapt_stem(trunk, in_channels, cfg["cifar_stem"], what)
+    if library != custom.LIBRARY or cfg["cifar_stem"] or surgery.has_conv(trunk):
+        surgery.adapt_stem(trunk, in_channels, cfg["cifar_stem"], what)  # your module: only where it has a stem
     if cfg["last_stride"] == 1:
         surgery.unstride_last(trunk, in_channels, what)
     return trunk
@@ -144,6 +158,9 @@ def _probe(
             fmap = trunk(probe)
         except RuntimeError as exc:
             raise ConfigError(f"model {what} cannot process {input_size}x{input_size} inputs: {exc}") from None
+        if not isinstance(fmap, torch.Tensor) or fmap.ndim != 4:
+            shape = tuple(fmap.shape) if isinstance(fmap, torch.Tensor) else type(fmap).__name__
+            raise ConfigError(f"model {what} returns {shape}, not a (B, C, h, w) feature map")
         try:
             pooled = pool(fmap)
         except (RuntimeError, ValueError) as exc:

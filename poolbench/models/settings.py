@@ -40,5 +40,14 @@ def resolve(node: DictConfig | Mapping[str, Any]) -> tuple[schema.Option, dict[s
         raise ConfigError(unknown_choice("model", name, options))
     option = options[name]
     merged = {**option.node(), **plain}
-    schema.check(merged, option.schema, "model", label=f"model={name}")
+    schema.check(checked_part(merged, option), option.schema, "model", label=f"model={name}")
     return option, merged
+
+
+def checked_part(node: Mapping[str, Any], option: schema.Option) -> Mapping[str, Any]:
+    """The keys of ``node`` its schema checks: all of them, except for an option whose extra keys are
+    its factory's arguments (``model=custom +model.width=32``, checked when the factory is called)."""
+    if not option.meta.get("open"):
+        return node
+    fields = schema.defaults(option.schema)
+    return {k: v for k, v in node.items() if k in fields}

@@ -64,6 +64,10 @@ def adapt_conv(
     return new
 
 
+def has_conv(trunk: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in trunk.modules())
+
+
 def adapt_stem(trunk: nn.Module, in_channels: int, cifar_stem: bool, what: str) -> None:
     """Give the stem conv (the trunk's first ``nn.Conv2d``) ``in_channels`` inputs and, with
     ``cifar_stem``, stride 1 (a kernel larger than 3 becomes a fresh 3x3) and no max-pool right after

@@ -27,7 +27,7 @@ LOCAL_GEOMETRY = ("kernel_size", "stride", "padding")
 LOCAL_DEFAULTS = {"kernel_size": 2, "stride": None, "padding": 0}  # LocalPool's: stride None = kernel_size
 # Keys of a pooling/local_pooling config node that are not constructor parameters of the operator
 # (local pools take the geometry too, but from models.py's choice, not as an operator parameter).
-NODE_KEYS = ("name", "lr_mult", "_target_", *LOCAL_GEOMETRY)
+NODE_KEYS = ("name", "lr_mult", "_target_", "_source_sha256", *LOCAL_GEOMETRY)  # plugins.SOURCE_KEY
 # The config option that instantiates any nn.Module class given as ``_target_`` (Hydra's convention).
 CUSTOM = "custom"
 GROUP_OF: dict[Kind, str] = {"global": "pooling", "local": "local_pooling"}
@@ -131,6 +131,8 @@ def register(
         raise RuntimeError(f"'{CUSTOM}' is reserved for pooling=custom pooling._target_=<class>")
 
     def wrap(cls: T) -> T:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"register({name!r}) decorates an nn.Module class, not {cls!r}")
         if name in _REGISTRY[kind]:
             raise RuntimeError(f"{kind} pooling '{name}' is registered twice")
         defaults, kinds = _signature(cls, kind)
@@ -238,21 +240,14 @@ def _checked(group: str, params: dict[str, Any], kinds: dict[str, Any], defaults
 
 def target_class(path: Any, group: str = "pooling") -> type[nn.Module]:
     """The nn.Module class at dotted ``path`` (Hydra's ``_target_``); ConfigError naming it otherwise."""
-    import pkgutil
-
     from poolbench import plugins
-    from poolbench.plugins import first_line
 
     if path in (None, "", "???"):
         raise ConfigError(
             f"{group}={CUSTOM} needs the operator class: add {group}._target_=<module>.<Class> "
             f"(an nn.Module, e.g. {group}._target_=mypkg.pools.MyPool)"
         )
-    plugins.cwd_importable()
-    try:
-        cls = pkgutil.resolve_name(str(path))  # what Hydra's get_class does, without its error log
-    except Exception as exc:
-        raise ConfigError(f"{group}._target_={path}: cannot import it ({first_line(exc)})") from None
+    cls = plugins.import_target(str(path), group)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ConfigError(f"{group}._target_={path} is not an nn.Module class")
     return cls
@@ -292,8 +287,14 @@ def from_config(node: Mapping[str, Any], kind: Kind = "global", **geometry: Any)
             checked[key] = given if given is not None else data.get(key) if data.get(key) is not None else default
     try:
         return cls(**checked)
+    except KeyboardInterrupt:
+        raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{group}={label(data)}: {exc}") from None
+    except BaseException as exc:  # a user's constructor asserting (or exiting): one line naming it
+        from poolbench.plugins import first_line
+
+        raise ConfigError(f"{group}={label(data)}: constructing it failed: {first_line(exc)}") from None
 
 
 def learned_scalars(module: nn.Module) -> dict[str, float]:
