@@ -155,7 +155,7 @@ def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConf
     cfg = _compose_raw(overrides)
     if validate:
         validate_config(cfg)
-    plugins.record(cfg)
+    plugins.record(cfg, fingerprint=validate)  # unvalidated (a report's defaults): no `_target_` is imported
     return cfg
 
 

@@ -214,13 +214,14 @@ def source_sha256(spec: str) -> str:
     return digest.hexdigest()
 
 
-def display_name(module_name: str) -> str:
-    """How ``poolbench list`` names where an operator comes from: a plugin file's name as given
-    (``./my_pools.py``), else the top-level package (``poolbench_tempsoft``)."""
+def display_name(module_name: str, *, whole: bool = False) -> str:
+    """How ``poolbench list`` and records name where a part comes from: a plugin file's name
+    (``my_pools.py``), else the top-level package (``poolbench_tempsoft``; the whole dotted module
+    with ``whole``, for a ``_target_``)."""
     for spec, module in _loaded.items():
         if module.__name__ == module_name and _is_path(spec):
             return Path(spec).name
-    return module_name.split(".")[0]
+    return module_name if whole else module_name.split(".")[0]
 
 
 def class_source(cls: type) -> Path | None:
@@ -254,14 +255,15 @@ def fingerprint_targets(cfg: Any) -> None:
             node[SOURCE_KEY] = class_sha256(cls, f"{group}._target_={node['_target_']}")
 
 
-def record(cfg: Any) -> None:
+def record(cfg: Any, *, fingerprint: bool = True) -> None:
     """Write the run's plugins into its composed config: ``plugins`` (environment's, then the config's)
     and ``plugins_sha256.<spec>``; nothing changes for a run without plugins (its id stays)."""
     from omegaconf import open_dict
 
     specs = list(dict.fromkeys(from_env() + [str(s) for s in cfg.get(CONFIG_KEY) or []]))
     load(specs)
-    fingerprint_targets(cfg)
+    if fingerprint:
+        fingerprint_targets(cfg)
     if not specs:
         return
     with open_dict(cfg):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from poolbench import files, records
+from poolbench import files, provenance, records
 from poolbench.config import config_hash, flatten, run_id
 from poolbench.config import run_dir as run_dir_of
 from poolbench.engine.checkpoint import CHECKPOINT
@@ -62,6 +62,7 @@ def _identity_fields(cfg: DictConfig) -> dict[str, Any]:
         "sweep_name": cfg.get("sweep_name"),
         **{f"choice.{k}": v for k, v in cfg.choices.items() if v is not None},
         **{f"cfg.{k}": v for k, v in flatten(cfg).items() if not k.startswith("choices.")},
+        **provenance.record_fields(cfg),  # what reports need of its parts without importing their code
     }
 
 

@@ -17,6 +17,31 @@ console = Console()
 console_err = Console(stderr=True)
 OVERRIDES_HELP = "Hydra overrides, e.g. pooling=dgmp model=resnet18 trainer.epochs=5 (see `poolbench train --cfg`)."
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+PLUGINS_HELP = (
+    "Plugins: modules or .py files registering operators or backbones, comma-separated or repeated "
+    "(--plugins ./my_pools.py). Every command takes it; in train/sweep/check it is plugins=[...]. Code a "
+    "results folder names is imported only when given here, with the recorded sha256 (bench --runs)."
+)
+
+
+def plugins_option() -> typer.models.OptionInfo:
+    """The ``--plugins`` option every command takes."""
+    return typer.Option(None, "--plugins", help=PLUGINS_HELP, show_default=False)
+
+
+def use_plugins(values: list[str] | None, overrides: list[str] | None = None) -> list[str]:
+    """Import the plugins named by ``--plugins`` (as named by the user: trusted to rebuild runs) and,
+    for the commands that compose configs, fold them into the overrides as one ``plugins=[...]``."""
+    from poolbench import plugins
+
+    specs = plugins.parse_cli(values)
+    given = plugins.requested(overrides or [])
+    plugins.name([*given, *specs])  # plugins=[...] on a command line is named by the user too
+    if overrides is None or not specs:
+        return list(overrides or [])
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != plugins.CONFIG_KEY]
+    merged = list(dict.fromkeys([*given, *specs]))
+    return [*kept, f"{plugins.CONFIG_KEY}=[{','.join(merged)}]"]
 
 
 def _version(value: bool) -> None:

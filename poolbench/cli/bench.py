@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from poolbench.cli.app import app, console, console_err
+from poolbench.cli.app import app, console, console_err, plugins_option, use_plugins
 
 
 def _format(value: object) -> str:
@@ -140,6 +140,7 @@ def bench(
     baseline: str = typer.Option(None, "--baseline", help="Side-by-side mode: pooling the ratios refer to, e.g. avg."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for the CSV and JSON results."),
     save: bool = typer.Option(True, "--save/--no-save", help="Write CSV + JSON."),
+    plugin_specs: list[str] = plugins_option(),
 ) -> None:
     """Time pooling operators (forward, forward+backward), whole models (inference, train step), or
     the configurations of finished runs side by side (--runs).
@@ -156,6 +157,7 @@ def bench(
     def note(message: str) -> None:
         console_err.print(f"[dim]{escape(message)}[/]", highlight=False)
 
+    use_plugins(plugin_specs)  # the only plugin code --runs may import (with the recorded sha256)
     if runs is not None:
         if threads is not None:
             lib.BenchSettings.make(device="cpu", threads=threads)

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from poolbench.cli.app import EXTRA_ARGS, app, console
+from poolbench.cli.app import EXTRA_ARGS, app, console, plugins_option, use_plugins
 
 STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "skip": "[yellow]skip[/]"}
 
@@ -38,6 +38,7 @@ def check(
         None, help="Operator parameters key=value, and plugins=[mod,./file.py] to load.", show_default=False
     ),
     local: bool = typer.Option(False, "--local", help="Check the local pool of that name (default: auto-detect)."),
+    plugin_specs: list[str] = plugins_option(),
 ) -> None:
     """Check that a pooling operator honours the contract every built-in passes (exit 1 when one fails).
 
@@ -53,7 +54,7 @@ def check(
     values = _params(params or [])
     extra = values.pop("plugins", None) or []
     plugins.load_process_plugins()
-    plugins.load(str(spec) for spec in (extra if isinstance(extra, list) else [extra]))
+    use_plugins([*(plugin_specs or []), *(str(spec) for spec in (extra if isinstance(extra, list) else [extra]))])
     started = time.perf_counter()
     node, kind = operator_node(operator, values, "local" if local else None)
     results = run_checks(operator, values, kind=kind)

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from poolbench.cli.app import app, console
+from poolbench.cli.app import app, console, plugins_option, use_plugins
 
 
 class What(str, Enum):
@@ -25,8 +25,10 @@ def _format_params(params: dict[str, object]) -> str:
 @app.command("list")
 def list_(
     what: What = typer.Argument(What.pooling, help="pooling (global and local operators) or groups (config options)."),
+    plugin_specs: list[str] = plugins_option(),
 ) -> None:
     """List pooling operators with formulas, parameters and references, or every config group's options."""
+    use_plugins(plugin_specs)
     if what == What.groups:
         from poolbench.config import GROUPS, group_options
 
@@ -37,6 +39,7 @@ def list_(
             table.add_row(group, ", ".join(group_options(group)) or "-")
         console.print(table)
         return
+    from poolbench import plugins
     from poolbench.pooling import specs
 
     kinds = ("global", "local") if what == What.pooling else ("local",)
@@ -54,8 +57,8 @@ def list_(
             width = (spec.width,) if kind == "global" else ()
             learnable = "yes" if spec.learnable else "no"
             name = escape(spec.name)
-            if not spec.cls.__module__.startswith("poolbench."):  # a plugin's: say where it comes from
-                name += f"\n[dim]{escape(spec.cls.__module__)}[/]"
+            if not spec.cls.__module__.startswith("poolbench."):  # a plugin's: its file or package
+                name += f"\n[dim]{escape(plugins.display_name(spec.cls.__module__))}[/]"
             texts = (spec.formula, _format_params(spec.params), *width, learnable, spec.reference)
             table.add_row(name, *(escape(t) for t in texts))
         console.print(table)

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from poolbench.cli.app import app, console, console_err
+from poolbench.cli.app import app, console, console_err, plugins_option, use_plugins
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,10 +43,12 @@ def report(
     allow_confounded: bool = typer.Option(
         False, "--allow-confounded", help="Compare operators even when another key differs with them (warned)."
     ),
+    plugin_specs: list[str] = plugins_option(),
 ) -> None:
     """Mean ± std over seeds per configuration, paired tests against a baseline, ranks, files, plots, HTML."""
     from poolbench import report as reporting
 
+    use_plugins(plugin_specs)  # not needed for records that keep their parts (part.*), only for older ones
     chosen_formats = reporting.parse_formats(formats)
     destination = out or results_dir.parent / "report"
     reporting.check_destination(destination)  # before anything is printed or computed

@@ -17,7 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
+from poolbench.cli.app import EXTRA_ARGS, app, console, console_err, plugins_option, use_plugins
 from poolbench.errors import PoolbenchError, Terminated
 
 if TYPE_CHECKING:
@@ -159,11 +159,12 @@ def sweep(
         help="After a sweep on this machine, time its configurations side by side in one process "
         "(side_by_side.json, used by poolbench report); on SLURM run `poolbench bench --runs` on a compute node.",
     ),
+    plugin_specs: list[str] = plugins_option(),
 ) -> None:
     """Run a grid of train runs; re-running skips completed runs and resumes interrupted ones."""
     from poolbench import sweep as sweeping
 
-    arguments = overrides or []
+    arguments = use_plugins(plugin_specs, overrides or [])
     experiments = [o.split("=", 1)[1] for o in arguments if o.lstrip("+").startswith("experiment=")]
     sweep_name = name or (experiments[0] if len(experiments) == 1 and "," not in experiments[0] else None)
     with console_err.status("composing the grid's configs…"):

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from poolbench.cli.app import EXTRA_ARGS, OVERRIDES_HELP, app, console, console_err
+from poolbench.cli.app import EXTRA_ARGS, OVERRIDES_HELP, app, console, console_err, plugins_option, use_plugins
 from poolbench.cli.progress import ProgressBars
 from poolbench.errors import Terminated
 
@@ -54,6 +54,7 @@ def train(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     cfg: bool = typer.Option(False, "--cfg", help="Print the resolved config and the run id, then exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, only the summary."),
+    plugin_specs: list[str] = plugins_option(),
 ) -> None:
     """Train one CNN with the configured pooling, evaluate it, time it, and write its run record."""
     from omegaconf import OmegaConf
@@ -62,7 +63,7 @@ def train(
     from poolbench.config import run_dir as run_dir_of
     from poolbench.run import execute
 
-    config = compose(overrides or [])
+    config = compose(use_plugins(plugin_specs, overrides or []))
     if cfg:
         console.print(OmegaConf.to_yaml(config, resolve=True), highlight=False, markup=False, end="")
         console.print(f"# run directory: {run_dir_of(config)}", style="dim", highlight=False, markup=False)

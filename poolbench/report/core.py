@@ -204,7 +204,7 @@ def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         if problem:
             skipped.append(f"{safe_text(str(folder / records.RECORD))}: {problem}")
             continue
-        for group in ("pooling", "local_pooling"):  # a `_target_` operator is compared under its class name
+        for group in ("model", "pooling", "local_pooling"):  # a `_target_` part is compared under its class name
             if record.get(f"choice.{group}") == CUSTOM and record.get(group):
                 record[f"choice.{group}"] = record[group]
         usable.append({**{k: safe_text(v) for k, v in record.items()}, RAW_RUN_DIR: folder})
@@ -393,6 +393,22 @@ def _option_values(group: str, option: str, target: Any = None) -> dict[str, Any
         return None
 
 
+def _defined_values(part: pd.DataFrame, group: str, option: Any, target: Any = None) -> dict[str, Any] | None:
+    """What ``group=option`` defines, from the records themselves when they keep it (``part.<group>.defaults``,
+    written while the run's code was loaded: plugins and ``_target_`` classes need not be importable
+    now), else composed with this poolbench (:func:`_option_values`)."""
+    column = f"part.{group}.defaults"
+    recorded = part[column].dropna().unique() if column in part else []
+    if len(recorded) == 1 and isinstance(recorded[0], str):
+        try:
+            node = json.loads(recorded[0])
+        except ValueError:
+            node = None
+        if isinstance(node, dict):
+            return {f"{group}.{key}": value for key, value in node.items()}
+    return _option_values(group, str(option), target) if isinstance(option, str) else None
+
+
 def _same_value(defined: Any, recorded: Any) -> bool:
     if not _present(recorded):
         return defined is None
@@ -459,7 +475,7 @@ def design(frame: pd.DataFrame, baseline: str | None = None) -> Design:
         target_column = f"cfg.{group}._target_"
         for option, part in frame.groupby(choice, dropna=False):
             target = part[target_column].iloc[0] if target_column in part else None
-            values = _option_values(group, str(option), target) if isinstance(option, str) else None
+            values = _defined_values(part, group, option, target)
             recorded = part[column].iloc[0]
             if values is None or not _same_value(values.get(column[4:]), recorded):
                 defined = False

@@ -63,9 +63,29 @@ def _defaults(choices: tuple[str, ...]) -> dict[str, Any] | None:
         return None
 
 
+def recorded_command(run: pd.Series, seeds: list[Any]) -> str | None:
+    """The run's own ``rerun`` overrides (written while its plugins were loaded, so exact without
+    importing them), shell-quoted, with the seeds; None for a record without them."""
+    import shlex
+
+    from poolbench.provenance import RERUN
+
+    try:
+        overrides = json.loads(run[RERUN]) if isinstance(run.get(RERUN), str) else None
+    except ValueError:
+        return None
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        return None
+    words = [*overrides, f"seed={','.join(str(s) for s in seeds)}"]
+    return "poolbench sweep " + " ".join(shlex.quote(w) for w in words)
+
+
 def reproduce_command(run: pd.Series, seeds: list[Any]) -> str:
     """``poolbench sweep pooling=dgmp dataset=digits trainer.epochs=3 seed=0,1,2``: the group choices plus
     every identity key that differs from what those choices compose to."""
+    recorded = recorded_command(run, seeds)
+    if recorded is not None:
+        return recorded
     choices = tuple(
         f"{g}={run[f'choice.{g}']}"
         for g in GROUPS
