@@ -244,13 +244,11 @@ def fingerprint_targets(cfg: Any) -> None:
     the defining module's file), so an edited class is a new run, as an edited plugin file is."""
     from omegaconf import open_dict
 
-    from poolbench.pooling.registry import target_class
-
     for group in TARGET_GROUPS:
         node = cfg.get(group)
         if node is None or node.get("_target_") in (None, "", "???"):
             continue
-        cls = target_class(node["_target_"], group)
+        cls = import_target(str(node["_target_"]), group)  # a class, or a backbone's factory function
         with open_dict(cfg):
             node[SOURCE_KEY] = class_sha256(cls, f"{group}._target_={node['_target_']}")
 

@@ -34,8 +34,8 @@ _RESERVED = {"true", "false", "null", "nan", "inf", "-inf"}
 def _option_node(cfg: DictConfig, group: str) -> tuple[dict[str, Any], dict[str, str]]:
     """(the chosen option's node at its defaults, facts for the record) of one part of ``cfg``."""
     from poolbench import pooling, schema
-    from poolbench.models import label as model_label
     from poolbench.models import custom
+    from poolbench.models import label as model_label
 
     node = cfg[group]
     facts: dict[str, str] = {}

@@ -167,8 +167,14 @@ def _probe(
             raise ConfigError(
                 f"pooling {pool_name} fails on the {fmap.shape[2]}x{fmap.shape[3]} feature map of {what}: {exc}"
             ) from None
-    if pooled.ndim != 2 or pooled.shape[0] != 2:
-        raise ConfigError(f"pooling {pool_name} returned shape {tuple(pooled.shape)}, expected (B, F)")
+    if not isinstance(pooled, torch.Tensor) or pooled.ndim != 2 or pooled.shape[0] != 2:
+        shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+        raise ConfigError(f"pooling {pool_name} returned {shape} for a (2, C, h, w) map, expected (B, F)")
+    if pooled.dtype != fmap.dtype:  # the head (and AMP) would fail later on mixed dtypes
+        raise ConfigError(
+            f"pooling {pool_name} returned {str(pooled.dtype).removeprefix('torch.')} from a "
+            f"{str(fmap.dtype).removeprefix('torch.')} map; an operator must keep its input's dtype"
+        )
     return fmap.shape, int(pooled.shape[1])
 
 
