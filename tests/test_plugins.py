@@ -8,9 +8,11 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,10 +58,12 @@ def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for kind, table in saved.items():
         registry._REGISTRY[kind].clear()
         registry._REGISTRY[kind].update(table)
-    for name in set(sys.modules) - modules:
-        del sys.modules[name]
+    for name in set(sys.modules) - modules:  # the tests' own plugin modules, never torch's lazy imports
+        if str(getattr(sys.modules[name], "__file__", None) or "").startswith(tempfile.gettempdir()):
+            del sys.modules[name]
     plugins._loaded.clear()
     plugins._loaded.update(loaded)
+    plugins._named.clear()
 
 
 def test_file_plugin_is_loaded_recorded_and_in_the_identity(tmp_path: Path, isolated: None) -> None:
@@ -100,6 +104,12 @@ def test_environment_plugins_module_from_cwd_and_file(
     [
         ("raise ZeroDivisionError('boom')", "failed to import: ZeroDivisionError: boom"),
         ("import not_a_module_anywhere", "ModuleNotFoundError: No module named 'not_a_module_anywhere'"),
+        ("import sys\nsys.exit(0)", "failed to import: SystemExit: 0"),  # never a silent exit 0
+        (
+            "from poolbench.pooling import register\n"
+            "@register('fn', kind='global', formula='f', reference='r')\ndef fn(x):\n    return x",
+            "TypeError: register('fn') decorates an nn.Module class",
+        ),
     ],
 )
 def test_failing_plugin_is_one_line_exit_2_nothing_written(
@@ -252,3 +262,67 @@ def test_check_loads_plugins_given_as_a_parameter(
     path.write_text(plugin_source("checkedmax"))
     assert run_cli("check", "checkedmax", f"plugins=[{path}]", "scale=2") == 0
     assert "0 failed" in capsys.readouterr().out
+
+
+def test_plugin_file_deleted_after_planning_is_one_line(tmp_path: Path, isolated: None) -> None:
+    path = tmp_path / "gone_pools.py"
+    path.write_text(plugin_source("gonemax"))
+    compose([f"plugins=[{path}]", "pooling=gonemax"])  # planned: imported and hashed
+    path.unlink()
+    with pytest.raises(ConfigError, match=r"^plugin '.*gone_pools.py': cannot read its source .*FileNotFoundError"):
+        compose([f"plugins=[{path}]", "pooling=gonemax"])
+
+
+def test_every_command_takes_plugins_and_list_names_the_file(
+    tmp_path: Path, isolated: None, run_cli: Callable[..., int], capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "listed_pools.py"
+    path.write_text(plugin_source("listedmax"))
+    assert run_cli("list", "--plugins", str(path)) == 0
+    out = capsys.readouterr().out
+    assert "listedmax" in out and "listed_pools.py" in out and "poolbench_plugin_" not in out
+    assert run_cli("check", "listedmax", "--plugins", str(path)) == 0
+    cfg_out = run_cli("train", "--cfg", "pooling=listedmax", "--plugins", str(path))
+    assert cfg_out == 0 and f"- {path}" in capsys.readouterr().out  # folded into plugins=[...]
+
+
+def _records(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(results.glob("*/result.json"))]
+
+
+@pytest.mark.slow
+def test_plugin_sweep_report_needs_no_plugin_and_its_commands_rerun_the_same_runs(
+    tmp_path: Path, isolated: None, run_cli: Callable[..., int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from poolbench import report as reporting
+    from poolbench.report.html import commands
+
+    monkeypatch.chdir(tmp_path)
+    Path("my_pools.py").write_text(
+        plugin_source("mymax").replace("scale: float = 1.0", "scale: float = 1.0, eps: float = 1e-6")
+    )
+    results = tmp_path / "runs"
+    assert run_cli(
+        "sweep", "plugins=[./my_pools.py]", "pooling=avg,mymax", "seed=0,1", *TINY, "results_dir=runs",
+        "--no-side-by-side",
+    ) == 0
+    records = _records(results)
+    assert {r["part.pooling.formula"] for r in records} == {"mean_i x_i", "max"}
+    with_plugin = reporting.build(results, baseline="avg")
+    # the plugin gone (deleted, unregistered): the report reads the same from the records alone
+    Path("my_pools.py").rename("elsewhere.py")
+    registry._REGISTRY["global"].pop("mymax")
+    del sys.modules[plugins._loaded.pop("./my_pools.py").__name__]
+    reporting.core._option_values.cache_clear()
+    without = reporting.build(results, baseline="avg")
+    assert with_plugin.keys == without.keys == ["choice.pooling"]
+    assert with_plugin.summary.equals(without.summary)
+    lines = commands(without)
+    assert all("'plugins=[./my_pools.py]'" in line and "plugins_sha256" not in line for line in lines), lines
+    Path("elsewhere.py").rename("my_pools.py")
+    ids = {r["run_id"] for r in records}
+    for line in lines:
+        words = shlex.split(line)[2:]
+        seeds = next(w for w in words if w.startswith("seed=")).split("=")[1].split(",")
+        kept = [w for w in words if not w.startswith("seed=")]
+        assert {run_id(compose([*kept, f"seed={seed}"])) for seed in seeds} <= ids
