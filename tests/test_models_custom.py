@@ -90,7 +90,7 @@ def test_custom_backbone_trains_with_surgery_and_is_in_the_record(
     assert (plain["feature_map_h"], plain["feature_map_w"]) == (4, 4)  # 32 → stem /2 → pool /2 → last /2
     defaults = json.loads(plain["part.model.defaults"])
     assert defaults["_target_"] == "netmod.Net" and defaults["width"] == 8  # the factory's own default
-    # cifar_stem: stride-1 stem and no stem max-pool; last_stride=1: the last conv at stride 1; local pools replace max-pools
+    # cifar_stem: stride-1 stem, no stem max-pool; last_stride=1: the last conv at stride 1
     edited = execute(compose([*overrides, "model.cifar_stem=true", "model.last_stride=1"]))
     assert (edited["feature_map_h"], edited["feature_map_w"]) == (32, 32)
     local = execute(compose([*overrides, "local_pooling=avg"]))
@@ -107,8 +107,12 @@ def test_custom_backbone_trains_with_surgery_and_is_in_the_record(
         (["model=custom", "model._target_=netmod.Net", "+model.width=-1"], "constructing it failed: RuntimeError"),
         (["model=custom", "model._target_=netmod.Net", "model.pretrained=true"], "load its weights in its factory"),
         (
-            ["pooling=custom", "pooling._target_=torch.nn.MultiheadAttention", "+pooling.embed_dim=5",
-             "+pooling.num_heads=2"],
+            [
+                "pooling=custom",
+                "pooling._target_=torch.nn.MultiheadAttention",
+                "+pooling.embed_dim=5",
+                "+pooling.num_heads=2",
+            ],
             "pooling=MultiheadAttention: constructing it failed: AssertionError",
         ),
         (["pooling=custom", "pooling._target_=netmod.DoublePool"], "returned float64 from a float32 map"),
@@ -141,8 +145,9 @@ def test_custom_parts_fail_in_one_line(
 def test_edited_target_class_is_a_new_run_and_other_ids_stay(
     tmp_path: Path, isolated: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "tgt.py").write_text("from torch import nn\nclass P(nn.Module):\n    def forward(self, x):\n"
-                                      "        return x.mean((2, 3))\n")
+    (tmp_path / "tgt.py").write_text(
+        "from torch import nn\nclass P(nn.Module):\n    def forward(self, x):\n        return x.mean((2, 3))\n"
+    )
     monkeypatch.chdir(tmp_path)
     overrides = ["pooling=custom", "pooling._target_=tgt.P"]
     first = compose(overrides)
@@ -160,8 +165,17 @@ def test_plugin_backbone_option_and_readme_example(
     monkeypatch.syspath_prepend(str(ROOT))
     results = tmp_path / "r"
     assert run_cli("train", *README_BACKBONE, *TINY, f"results_dir={results}") == 0
-    assert run_cli("train", "plugins=[examples/my_backbone.py]", "model=tinyres", "model.width=8", *TINY,
-                   f"results_dir={results}") == 0
+    assert (
+        run_cli(
+            "train",
+            "plugins=[examples/my_backbone.py]",
+            "model=tinyres",
+            "model.width=8",
+            *TINY,
+            f"results_dir={results}",
+        )
+        == 0
+    )
     records = {r["model"]: r for r in (json.loads(p.read_text()) for p in results.glob("*/result.json"))}
     assert set(records) == {"TinyRes", "tinyres"}
     assert records["tinyres"]["part.model.source"] == "my_backbone.py"

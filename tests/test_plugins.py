@@ -302,10 +302,18 @@ def test_plugin_sweep_report_needs_no_plugin_and_its_commands_rerun_the_same_run
         plugin_source("mymax").replace("scale: float = 1.0", "scale: float = 1.0, eps: float = 1e-6")
     )
     results = tmp_path / "runs"
-    assert run_cli(
-        "sweep", "plugins=[./my_pools.py]", "pooling=avg,mymax", "seed=0,1", *TINY, "results_dir=runs",
-        "--no-side-by-side",
-    ) == 0
+    assert (
+        run_cli(
+            "sweep",
+            "plugins=[./my_pools.py]",
+            "pooling=avg,mymax",
+            "seed=0,1",
+            *TINY,
+            "results_dir=runs",
+            "--no-side-by-side",
+        )
+        == 0
+    )
     records = _records(results)
     assert {r["part.pooling.formula"] for r in records} == {"mean_i x_i", "max"}
     with_plugin = reporting.build(results, baseline="avg")
