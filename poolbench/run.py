@@ -11,7 +11,6 @@ import contextlib
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -282,13 +281,10 @@ def _train_and_measure(
     from poolbench.engine.tracking import learned_fields
 
     device, data, model = built.device, built.data, built.model
-    height, width = model.feature_map_size
-    if height * width <= 4:
-        message = (
-            f"the final feature map is {height}x{width}: global pools barely differ on it; "
-            "use a larger input, model.cifar_stem=true or model.last_stride=1"
-        )
-        warnings.warn(message, stacklevel=1)
+    from poolbench.models import small_map_warning
+
+    message = small_map_warning(cfg.model, model.feature_map_size, cfg.dataset)
+    if message:  # once, through the command's console (a Python warning would print it a second time)
         log(f"warning: {message}")
     summary = fit(
         model,

@@ -216,3 +216,19 @@ def test_custom_backbone_sweeps_reports_reruns_and_is_benchmarked(
     assert run_cli("bench", "--runs", str(results), "--repeats", "1", "--warmup", "0", "--plugins", "./netmod.py") == 0
     timed = json.loads((results / "side_by_side.json").read_text())
     assert {row["pooling"] for row in timed["rows"]} == {"avg", "gem"} and not timed["skipped"]
+
+
+def test_small_map_warning_fits_the_config_and_is_printed_once(
+    tmp_path: Path, run_cli: Callable[..., int], capsys: pytest.CaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    from poolbench.models import small_map_warning
+
+    message = small_map_warning({"cifar_stem": True, "last_stride": None}, (2, 2), {"image_size": 32})
+    assert message and "dataset.image_size" in message and "cifar_stem" not in message
+    assert "model.cifar_stem=true" in small_map_warning({"cifar_stem": False}, (1, 1))
+    assert small_map_warning({"cifar_stem": False}, (3, 3)) is None
+    overrides = ["model=torchvision", "model.arch=mobilenet_v3_small", "model.cifar_stem=true", *TINY]
+    assert run_cli("train", *overrides, f"results_dir={tmp_path}") == 0
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("global pools barely differ") == 1
+    assert not [w for w in recwarn if "barely differ" in str(w.message)]

@@ -31,7 +31,18 @@ from poolbench.models import timm as timm_backbones
 from poolbench.models import torchvision as torchvision_backbones
 from poolbench.models.settings import BackboneSettings, resolve
 
-__all__ = ["BackboneSettings", "PoolNet", "build_model", "build_trunk", "check", "label", "resolve"]
+__all__ = [
+    "BackboneSettings",
+    "PoolNet",
+    "build_model",
+    "build_trunk",
+    "check",
+    "label",
+    "resolve",
+    "small_map_warning",
+]
+# A final map with at most this many positions leaves global pools little to differ on.
+SMALL_MAP_POSITIONS = 4
 
 
 class L2Normalize(nn.Module):
@@ -143,6 +154,28 @@ def build_trunk(model_cfg: DictConfig | Mapping[str, Any], in_channels: int) -> 
     if cfg["last_stride"] == 1:
         surgery.unstride_last(trunk, in_channels, what)
     return trunk
+
+
+def small_map_warning(
+    model_cfg: DictConfig | Mapping[str, Any],
+    feature_map: tuple[int, int],
+    dataset_cfg: DictConfig | Mapping[str, Any] | None = None,
+) -> str | None:
+    """The warning for a final feature map too small to compare global pools on, with only the remedies
+    the config does not use yet (never ``model.cifar_stem=true`` when it is set); None for a large map."""
+    height, width = feature_map
+    if height * width > SMALL_MAP_POSITIONS:
+        return None
+    node, data = _plain(model_cfg), _plain(dataset_cfg or {})
+    size_key = next((f"dataset.{k}" for k in ("image_size", "input_size") if k in data), None)
+    remedies = [f"a larger {size_key}" if size_key else "a larger input"]
+    if not node.get("cifar_stem"):
+        remedies.append("model.cifar_stem=true")
+    if node.get("last_stride") != 1:
+        remedies.append("model.last_stride=1")
+    return f"the final feature map is {height}x{width}: global pools barely differ on it; use " + " or ".join(
+        remedies
+    )
 
 
 def _probe(
