@@ -196,6 +196,15 @@ class _Contract:
 
         count = x.numel() + sum(v.numel() for v in values)
         what = f"input{' + ' + ', '.join(names) if names else ''} ({count} values, float64)"
+        with torch.no_grad():
+            out_dtype = fn(x, *values).dtype
+        if out_dtype != torch.float64:  # gradcheck's own message ("not of double precision") hides the cause
+            return CheckResult(
+                "gradcheck",
+                "fail",
+                f"{what}: the output is {str(out_dtype).removeprefix('torch.')} for a float64 input; the operator "
+                "downcasts (a .float()/.half(), a tensor created without dtype=x.dtype), so no float64 gradient",
+            )
         try:
             torch.autograd.gradcheck(fn, (x, *values), eps=1e-6, atol=1e-5, rtol=1e-3)
         except GradcheckError as exc:

@@ -168,3 +168,8 @@ def test_kind_is_detected_or_chosen() -> None:
     assert check.operator_node("max", kind="local")[1] == "local"
     assert check.operator_node("fractional")[1] == "local"
     assert check.operator_node("poolbench.pooling.local.MaxLocal")[1] == "local"
+
+
+def test_gradcheck_names_a_downcast_as_its_cause() -> None:
+    detail = _failed(check.check_module(Float32Out, "global"))["gradcheck"]
+    assert "output is float32 for a float64 input" in detail and "downcasts" in detail
