@@ -58,6 +58,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Pools that read every input value once and do almost no arithmetic: their speed is memory bandwidth.
 MEMORY_BOUND = ("avg", "max", "sum")
 BASELINE = "avg"
+# The `copy` row of operator mode: what it is for.
+COPY_NOTE = "a plain tensor copy of the input: the memory-bandwidth ceiling that GB/s (% copy) refers to"
 # A variant keeps being sampled until it has MIN_SAMPLES samples and has used its time budget.
 MIN_SAMPLES = 3
 NOT_DIFFERENTIABLE = "output has no gradient: backward skipped"
@@ -122,7 +124,8 @@ class BenchRow:
     iqr_ms: float | None = None
     samples: int = 0
     images_per_s: float | None = None
-    ratio_to_avg: float | None = None
+    ratio_to_avg: float | None = None  # median per-round time ratio to avg of the same kind (interleaved)
+    ratio_to_avg_ci: tuple[float, float] | None = None  # its 95% interval over the rounds
     ratio_to_reference: float | None = None  # median per-round time ratio to the reference formulation
     peak_mem_mb: float | None = None
     bandwidth_gb_s: float | None = None  # (bytes read + bytes written) / median time
@@ -269,6 +272,7 @@ def _bench_shape(
     backward_fns: dict[tuple, Callable[[], Any]] = {}
     notes: dict[tuple, str] = {}
     out_numel: dict[tuple, int] = {("baseline", "copy"): x.numel()}
+    notes[("baseline", "copy")] = COPY_NOTE
     cost: dict[tuple, tuple[int | None, int | None]] = {}
     setup_errors: dict[tuple, str] = {}
     built: list[nn.Module] = []
@@ -326,8 +330,9 @@ def _bench_shape(
                 row.median_ms, row.iqr_ms = median_iqr(samples[key])
                 row.samples = len(samples[key])
                 row.images_per_s = shape[0] / row.median_ms * 1e3
-                if baseline.get(section):
-                    row.ratio_to_avg = row.median_ms / baseline[section]
+                avg_samples = samples.get((section, BASELINE))
+                if baseline.get(section) and avg_samples:  # per-round ratios: a load spike hits both alike
+                    row.ratio_to_avg, row.ratio_to_avg_ci = paired_ratios(samples[key], avg_samples)
                 reference = samples.get(("reference", section, name))
                 if reference:
                     row.ratio_to_reference = paired_ratios(samples[key], reference)[0]

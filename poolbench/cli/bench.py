@@ -35,7 +35,10 @@ def results_tables(rows: Sequence[dict[str, object]], caption: str) -> list[Tabl
     tables = []
     for title, group in groups.items():
         table = Table(title=escape(f"{title} · {caption}"), title_justify="left")
-        labels = ("op", "pass", "median ± IQR ms", "n", "images/s", "× avg", "× reference", "peak MiB", "GB/s (% copy)")
+        labels = (
+            *("op", "pass", "median ± IQR ms", "n", "images/s", "× avg [95% CI]"),
+            *("× reference", "peak MiB", "GB/s (% copy)"),
+        )
         for label in (*labels, "GFLOP", "params", "note"):
             numeric = label not in ("op", "pass", "note")
             table.add_column(label, justify="right" if numeric else "left", overflow="fold")
@@ -54,7 +57,7 @@ def results_tables(rows: Sequence[dict[str, object]], caption: str) -> list[Tabl
                 timing,
                 str(row["samples"]),
                 _format(row["images_per_s"]),
-                _format(row["ratio_to_avg"]),
+                _ratio(row["ratio_to_avg"], row.get("ratio_to_avg_ci")),
                 _format(row["ratio_to_reference"]),
                 _format(row["peak_mem_mb"]),
                 bandwidth_text,
@@ -65,6 +68,13 @@ def results_tables(rows: Sequence[dict[str, object]], caption: str) -> list[Tabl
             table.add_row(*(escape(cell) for cell in cells))  # notes carry exception text, names come from users
         tables.append(table)
     return tables
+
+
+def _ratio(value: object, ci: object) -> str:
+    """``1.31 [1.22–1.40]``: the median per-round ratio and its 95% interval over interleaved rounds."""
+    if not isinstance(ci, list | tuple) or len(ci) != 2 or not all(isinstance(v, float) for v in ci):
+        return _format(value)
+    return f"{_format(value)} [{_format(ci[0])}–{_format(ci[1])}]"
 
 
 def side_by_side_table(document: dict[str, object]) -> Table:
