@@ -15,6 +15,7 @@ plugin may be gone). So every record carries, computed while the run's code is l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from poolbench import plugins
+from poolbench.errors import ConfigError
 
 PART_GROUPS = ("model", "pooling", "local_pooling")
 RERUN = "rerun"
@@ -75,11 +77,17 @@ def _option_node(cfg: DictConfig, group: str) -> tuple[dict[str, Any], dict[str,
 def record_fields(cfg: DictConfig) -> dict[str, Any]:
     """The ``part.*`` and ``rerun`` fields of a run record (see the module docstring)."""
     fields: dict[str, Any] = {}
+    # Bookkeeping must never fail a run: a part that cannot be described leaves its fields out, and
+    # the report falls back to composing that option with the poolbench at hand.
     for group in PART_GROUPS:
-        defaults, facts = _option_node(cfg, group)
+        try:
+            defaults, facts = _option_node(cfg, group)
+        except (ConfigError, KeyError, TypeError, ValueError, AttributeError):
+            continue
         fields.update({f"part.{group}.{k}": v for k, v in facts.items()})
         fields[f"part.{group}.defaults"] = json.dumps(defaults, sort_keys=True, default=str)
-    fields[RERUN] = json.dumps(rerun_overrides(cfg))
+    with contextlib.suppress(ConfigError, KeyError, TypeError, ValueError, AttributeError):
+        fields[RERUN] = json.dumps(rerun_overrides(cfg))
     return fields
 
 

@@ -334,3 +334,26 @@ def test_plugin_sweep_report_needs_no_plugin_and_its_commands_rerun_the_same_run
         seeds = next(w for w in words if w.startswith("seed=")).split("=")[1].split(",")
         kept = [w for w in words if not w.startswith("seed=")]
         assert {run_id(compose([*kept, f"seed={seed}"])) for seed in seeds} <= ids
+
+
+def test_rebuilding_imports_only_named_code_with_the_recorded_sha256(
+    tmp_path: Path, isolated: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)  # a shared results folder, with code lying beside the runs
+    marker = tmp_path / "imported"
+    evil = f"open({str(marker)!r}, 'w').close()\nfrom torch import nn\nclass Pool(nn.Module):\n    pass\n"
+    Path("evil_target.py").write_text(evil)
+    Path("evil_pools.py").write_text(evil)
+    recorded = OmegaConf.create({"pooling": {"name": "custom", "_target_": "evil_target.Pool"}, "plugins": []})
+    with plugins.rebuilding(), pytest.raises(ConfigError, match=r"not imported; .* --plugins evil_target"):
+        plugins.load_recorded(recorded)
+    digest = hashlib.sha256(b"another file").hexdigest()
+    recorded = OmegaConf.create({"plugins": ["./evil_pools.py"], "plugins_sha256": {"./evil_pools.py": digest}})
+    with plugins.rebuilding(), pytest.raises(ConfigError, match=r"imported only when named: --plugins"):
+        plugins.load_recorded(recorded)
+    assert not marker.exists()  # nothing ran
+    plugins.name(["./evil_pools.py"])  # named by the user: imported, but its sha256 is not the recorded one
+    with plugins.rebuilding(), pytest.raises(ConfigError, match=r"not the recorded one"):
+        plugins.load_recorded(recorded)

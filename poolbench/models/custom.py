@@ -69,6 +69,8 @@ def register(name: str, factory: Callable[..., Any], **meta: Any) -> None:
 
     The factory's keyword arguments become ``model.<arg>`` keys with their defaults and annotated types.
     """
+    if not callable(factory):
+        raise TypeError(f"register({name!r}) takes an nn.Module class or a function returning one, not {factory!r}")
     fields = [(p, hint, dataclasses.field(default=default)) for p, hint, default in _parameters(factory)]
     settings = dataclasses.make_dataclass(
         f"{name.title().replace('_', '')}Settings",
