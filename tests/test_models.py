@@ -14,6 +14,8 @@ from poolbench.models import PoolNet, build_model, label
 # The architecture that stands for each option that needs `model.arch` (a new library option without
 # an entry here fails test_every_option rather than going untested).
 EXAMPLE_ARCH = {"torchvision": "resnet18", "timm": "resnet18d"}
+# Likewise for the options that need `model._target_` (your own module): the README's example backbone.
+EXAMPLE_TARGET = {"custom": "examples.my_backbone.TinyRes"}
 OPTIONS = sorted(schema.options("model"))
 
 
@@ -34,6 +36,7 @@ def build(
 ) -> PoolNet:
     torch.manual_seed(0)
     arch = {"arch": EXAMPLE_ARCH[name]} if name in EXAMPLE_ARCH and "arch" not in model_opts else {}
+    arch.update({"_target_": EXAMPLE_TARGET[name]} if name in EXAMPLE_TARGET else {})
     return build_model(
         {"name": name, "pretrained": False, "embedding_dim": 16, **arch, **model_opts},
         pool or {"name": "avg", "lr_mult": 1.0},
@@ -62,8 +65,10 @@ def test_every_option_composes_builds_and_trains(name: str) -> None:
     if name == "timm":
         pytest.importorskip("timm")
     arch = [f"model.arch={EXAMPLE_ARCH[name]}"] if "arch" in schema.options("model")[name].node() else []
-    cfg = config.compose([f"model={name}", *arch, "model.cifar_stem=true", "pooling=catavgmax"])
-    assert label(cfg.model) == (EXAMPLE_ARCH[name] if arch else name)
+    target = [f"model._target_={EXAMPLE_TARGET[name]}"] if name in EXAMPLE_TARGET else []
+    cfg = config.compose([f"model={name}", *arch, *target, "model.cifar_stem=true", "pooling=catavgmax"])
+    named = EXAMPLE_TARGET[name].rsplit(".", 1)[-1] if target else name
+    assert label(cfg.model) == (EXAMPLE_ARCH[name] if arch else named)
     torch.manual_seed(0)
     model = build_model(
         cfg.model, cfg.pooling, cfg.local_pooling, in_channels=3, input_size=32, num_classes=5, task="classification"
