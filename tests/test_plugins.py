@@ -281,6 +281,8 @@ def test_every_command_takes_plugins_and_list_names_the_file(
     assert run_cli("list", "--plugins", str(path)) == 0
     out = capsys.readouterr().out
     assert "listedmax" in out and "listed_pools.py" in out and "poolbench_plugin_" not in out
+    assert run_cli("list", "local", f"plugins=[{path}]") == 0  # as the user tried it
+    assert run_cli("list", f"plugins=[{path}]") == 0 and "listed_pools.py" in capsys.readouterr().out
     assert run_cli("check", "listedmax", "--plugins", str(path)) == 0
     cfg_out = run_cli("train", "--cfg", "pooling=listedmax", "--plugins", str(path))
     assert cfg_out == 0 and f"- {path}" in capsys.readouterr().out  # folded into plugins=[...]

@@ -24,11 +24,24 @@ def _format_params(params: dict[str, object]) -> str:
 
 @app.command("list")
 def list_(
-    what: What = typer.Argument(What.pooling, help="pooling (global and local operators) or groups (config options)."),
+    words: list[str] = typer.Argument(
+        None,
+        help="pooling (global and local operators, the default), local, or groups (config options); "
+        "plugins=[...] is taken as in train.",
+        show_default=False,
+    ),
     plugin_specs: list[str] = plugins_option(),
 ) -> None:
     """List pooling operators with formulas, parameters and references, or every config group's options."""
-    use_plugins(plugin_specs)
+    from poolbench.errors import ConfigError
+
+    overrides = [w for w in words or [] if w.lstrip("+").startswith("plugins=")]
+    choices = [w for w in words or [] if w not in overrides]
+    if len(choices) > 1 or (choices and choices[0] not in {w.value for w in What}):
+        shown = " ".join(choices)
+        raise ConfigError(f"unknown list '{shown}'. Valid choices: {', '.join(w.value for w in What)}, plugins=[...]")
+    what = What(choices[0]) if choices else What.pooling
+    use_plugins(plugin_specs, overrides)
     if what == What.groups:
         from poolbench.config import GROUPS, group_options
 
