@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections import Counter
@@ -159,6 +160,10 @@ def sweep(
         help="After a sweep on this machine, time its configurations side by side in one process "
         "(side_by_side.json, used by poolbench report); on SLURM run `poolbench bench --runs` on a compute node.",
     ),
+    seeds_for: float = typer.Option(
+        None, "--seeds-for", help="Effect to detect (metric units): seeds per configuration from the pilot runs."
+    ),
+    run_seeds: bool = typer.Option(False, "--run-seeds", help="With --seeds-for: run the proposed seeds."),
 ) -> None:
     """Run a grid of train runs; re-running skips completed runs and resumes interrupted ones."""
     from poolbench import sweep as sweeping
@@ -168,6 +173,10 @@ def sweep(
     sweep_name = name or (experiments[0] if len(experiments) == 1 and "," not in experiments[0] else None)
     with console_err.status("composing the grid's configs…"):
         planned = sweeping.plan(arguments, name=sweep_name)
+    if seeds_for is not None or run_seeds:
+        planned = _seeds_for(seeds_for, run_seeds, arguments, planned, sweep_name)
+        if not planned:
+            return
     if dry_run:
         console.print(_plan_table(planned))
         to_run = sum(p.status in sweeping.TO_RUN for p in planned)
@@ -235,6 +244,26 @@ def sweep(
         for outcome in state.failed:
             console_err.print(f"  {outcome.run_id}: {outcome.error}", highlight=False, markup=False)
         raise typer.Exit(1)
+
+
+def _seeds_for(
+    delta: float | None, run: bool, arguments: list[str], planned: list[PlannedRun], name: str | None
+) -> list[PlannedRun]:
+    """Print the seed count the pilot runs call for; with ``run``, the plan with that many seeds."""
+    from poolbench import sweep as sweeping
+    from poolbench.report.power import propose_seeds, with_seeds
+
+    if delta is None:
+        raise PoolbenchError("--run-seeds needs --seeds-for DELTA (the effect the seeds must detect)")
+    proposal = propose_seeds([p.run_dir for p in planned], delta)
+    for line in proposal.lines():
+        console.print(line, highlight=False, markup=False)
+    if not run:
+        console.print("nothing was run (add --run-seeds to run them)", highlight=False)
+        return []
+    if not math.isfinite(proposal.seeds):
+        raise PoolbenchError(f"detecting Δ = {delta:g} is not feasible at this noise; nothing was run")
+    return sweeping.plan(with_seeds(arguments, int(proposal.seeds)), name=name)
 
 
 def _time_side_by_side(planned: list[PlannedRun]) -> None:

@@ -67,6 +67,7 @@ def write_report(report: Report, out_dir: Path, writers: Sequence[Callable[[Repo
             "warnings": report.warnings,
             "latency_source": report.latency_source,
             "skipped": report.skipped,
+            "left_out": report.dropped,
             "files": [p.name for p in written],
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -1,8 +1,9 @@
-"""Figures of a report: Pareto front, bars, training curves and the critical-difference diagram.
+"""Figures of a report: Pareto front, means with intervals, training curves and the critical-difference diagram.
 
 Conventions for every figure: human labels with units (:func:`metric_label`), operator names as
 given, one colour per operator across all figures (:func:`colours`), no empty panel, no panel for a
-metric whose operator means differ by less than the noise (:func:`varies`), 8-pt text on panels about
+metric whose operator means differ by less than the noise (:func:`varies`) unless one of its
+comparisons is significant after Holm, means as dots with intervals (never truncated bars), 8-pt text on panels about
 3.3 inches wide (a paper's single column), PNG and PDF. Each file carries the report's provenance
 in its metadata, and a confounded report says so on the figure itself.
 """
@@ -49,6 +50,7 @@ METRIC_LABELS = {
     "cost.params": "parameters",
 }
 NOISE_FLOOR = 0.01  # relative: differences below 1% of the value are not worth a panel
+SIGNIFICANCE = 0.05  # a panel with a comparison below this Holm-adjusted p is always drawn
 
 
 def metric_label(metric: str) -> str:
@@ -274,9 +276,24 @@ def summarize_for(report: Report, metrics: Sequence[str]) -> pd.DataFrame:
     return summarize(report.runs, present, report.keys)
 
 
-def bar_panels(report: Report) -> tuple[list[tuple[str, str, pd.DataFrame]], list[str]]:
-    """The (metric, context, rows) panels worth drawing, and one note per panel left out."""
+def _significant(report: Report, metric: str, context: str, fallback: str) -> bool:
+    """Whether a comparison of this panel is significant after Holm (primary sign-flip p < 0.05)."""
+    rows = report.comparison
+    if rows.empty or "p_perm_holm" not in rows.columns:
+        return False
+    names = rows["context"].map(lambda c: c or fallback)
+    chosen = rows[(rows["metric"] == metric) & (names == context)]
+    return bool((chosen["p_perm_holm"] < SIGNIFICANCE).any())
+
+
+def mean_panels(report: Report) -> tuple[list[tuple[str, str, pd.DataFrame]], list[str]]:
+    """The (metric, context, rows) panels worth drawing, and one note per panel left out.
+
+    A panel is left out only when no comparison in it is significant after Holm *and* its operators'
+    means differ by less than the noise (:func:`varies`).
+    """
     panels, omitted = [], []
+    fallback = _single_context(report)
     for name, rows in _context_parts(report, report.summary):
         for metric in report.metrics:
             part = rows[rows[f"{metric}.mean"].notna()]
@@ -287,18 +304,44 @@ def bar_panels(report: Report) -> tuple[list[tuple[str, str, pd.DataFrame]], lis
                 half_widths = (part[f"{metric}.ci_high"] - part[f"{metric}.ci_low"]) / 2
                 spreads = half_widths.where(half_widths.notna(), spreads)
             spreads = spreads.tolist()
-            if varies(part[f"{metric}.mean"].tolist(), spreads):
+            if _significant(report, metric, name, fallback) or varies(part[f"{metric}.mean"].tolist(), spreads):
                 panels.append((metric, name, part))
             else:
                 omitted.append(f"{metric_label(metric)} on {name}")
     return panels, omitted
 
 
-def plot_bars(report: Report, out_dir: Path) -> list[Path]:
-    """One panel per (metric, context) whose operators differ beyond noise; one bar per operator."""
-    panels, omitted = bar_panels(report)
+def mean_intervals(part: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Below/above error lengths: the 95% t-interval of the mean over seeds, the side-by-side interval
+    of a single interleaved measurement, and nothing for one measurement without an interval."""
+    from scipy import stats as scipy_stats
+
+    means = part[f"{metric}.mean"].to_numpy(float)
+    std = part[f"{metric}.std"].to_numpy(float)
+    n = part[f"{metric}.n"].to_numpy(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = np.where(n >= 2, scipy_stats.t.ppf(0.975, np.maximum(n - 1, 1)) * std / np.sqrt(n), np.nan)
+    half = np.nan_to_num(half)  # one measurement (n = 1 or a side-by-side copy): no spread drawn
+    below, above = half.copy(), half.copy()
+    if f"{metric}.ci_low" in part.columns:  # a side-by-side measurement: its interval
+        lows, highs = part[f"{metric}.ci_low"].to_numpy(float), part[f"{metric}.ci_high"].to_numpy(float)
+        has = ~np.isnan(lows) & ~np.isnan(highs)
+        below[has], above[has] = (means - lows)[has], (highs - means)[has]
+    return below, above
+
+
+def plot_means(report: Report, out_dir: Path) -> list[Path]:
+    """One panel per (metric, context): each operator's mean as a dot with its 95% interval.
+
+    Dots, not bars: a bar's length reads as the value, so a bar chart of accuracy must start at 0,
+    where the differences vanish; a zoomed bar axis exaggerates them.
+    """
+    panels, omitted = mean_panels(report)
     if omitted:
-        report.notes.append(f"bars.png leaves out (no difference beyond noise): {'; '.join(omitted)}")
+        report.notes.append(
+            "means.png leaves out (no comparison significant after Holm, no difference beyond the seed noise): "
+            + "; ".join(omitted)
+        )
     if not panels:
         return []
     plt = _pyplot()
@@ -308,28 +351,23 @@ def plot_bars(report: Report, out_dir: Path) -> list[Path]:
     for ax, (metric, name, part) in zip(axes, panels, strict=True):
         operators = list(part["_operator"])
         means = part[f"{metric}.mean"].to_numpy(float)
-        std = np.nan_to_num(part[f"{metric}.std"].to_numpy(float))
-        below, above = std.copy(), std.copy()
-        if f"{metric}.ci_low" in part.columns:  # a side-by-side measurement: its interval, not a seed std
-            lows, highs = part[f"{metric}.ci_low"].to_numpy(float), part[f"{metric}.ci_high"].to_numpy(float)
-            has = ~np.isnan(lows) & ~np.isnan(highs)
-            below[has], above[has] = (means - lows)[has], (highs - means)[has]
-        ax.bar(range(len(operators)), means, yerr=[below, above], capsize=2, color=[palette[o] for o in operators])
-        low, high = float(np.min(means - below)), float(np.max(means + above))
-        if high > low:
-            margin = 0.25 * (high - low)
-            bottom = max(0.0, low - margin) if low >= 0 else low - margin
-            ax.set_ylim(bottom, high + margin)
-            if bottom > 0:  # a zoomed axis must say so
-                ax.text(0.01, 0.98, f"axis starts at {bottom:.3g}", transform=ax.transAxes, va="top", color="grey")
+        below, above = mean_intervals(part, metric)
+        for i, operator in enumerate(operators):
+            ax.errorbar(
+                i, means[i], yerr=[[below[i]], [above[i]]], fmt="o", capsize=3, markersize=5, color=palette[operator]
+            )
         ax.set_xticks(range(len(operators)), operators, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(operators) - 0.4)
+        ax.margins(y=0.15)
         ax.set_ylabel(metric_label(metric))
         ax.set_title(name + ("" if stats.higher_is_better(metric) else " (lower is better)"))
         ax.grid(axis="y", alpha=0.3)
     interval = any("side_by_side" in source for source in report.latency_source.values())
-    caption = "mean ± std over seeds" + ("; side-by-side latency: its 95% interval" if interval else "")
+    caption = "dot: mean over seeds; bar: 95% t-interval of the mean (none for a single measurement)" + (
+        "; side-by-side latency: its 95% interval" if interval else ""
+    )
     _finish(fig, report, caption, legend=False)
-    return _save(fig, report, out_dir, "bars")
+    return _save(fig, report, out_dir, "means")
 
 
 def read_curves(report: Report) -> pd.DataFrame:
@@ -414,10 +452,10 @@ def plot_curves(report: Report, out_dir: Path) -> list[Path]:
 
 def plot_cd_diagram(report: Report, out_dir: Path) -> list[Path]:
     """Critical-difference diagram (Demšar 2006): average ranks, bars join operators the Nemenyi test
-    does not separate (α = 0.05). Needs ≥ 2 contexts and ≥ 3 operators."""
+    does not separate (α = 0.05). Needs ≥ 5 contexts and ≥ 3 operators."""
     ranking = report.ranking
-    if ranking is None or ranking["nemenyi"] is None:
-        return []
+    if ranking is None or ranking["nemenyi"] is None or not ranking.get("cd_diagram"):
+        return []  # fewer than stats.CD_MIN_CONTEXTS contexts: the report's lines say why there is none
     import scikit_posthocs
 
     plt = _pyplot()
@@ -438,7 +476,7 @@ def plot_cd_diagram(report: Report, out_dir: Path) -> list[Path]:
     return _save(fig, report, out_dir, "cd_diagram")
 
 
-PLOTS: tuple[Callable[[Report, Path], list[Path]], ...] = (plot_pareto, plot_bars, plot_curves, plot_cd_diagram)
+PLOTS: tuple[Callable[[Report, Path], list[Path]], ...] = (plot_pareto, plot_means, plot_curves, plot_cd_diagram)
 
 
 def write_plots(report: Report, out_dir: Path) -> list[Path]:
