@@ -201,7 +201,7 @@ def test_labels_colours_and_panels(tmp_path: Path) -> None:
     built = report.build(_with_curves(tmp_path / "runs"), metrics=["acc@1", "latency.infer_image_ms"])
     colours = plots.colours(built)
     assert list(colours) == ["avg", "dgmp", "gem"] and len(set(colours.values())) == 3
-    panels, omitted = plots.bar_panels(built)
+    panels, omitted = plots.mean_panels(built)
     # acc@1 is identical across operators (differs only by seed): no panel; latency is 1.0 everywhere: no panel
     assert panels == [] and len(omitted) == 2
     assert not plots.varies([41.098, 41.13], [0.0, 0.0])  # 0.03 MB of 41 MB is not a difference
