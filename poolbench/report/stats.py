@@ -94,15 +94,18 @@ def sign_flip_p(deltas: np.ndarray) -> float:
     return float(result.pvalue)
 
 
-def t_interval(deltas: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Half-width of the t-interval of the mean and its standard deviation (NaN below 2 values)."""
+def t_interval(deltas: np.ndarray, confidence: float = CONFIDENCE) -> tuple[Any, Any]:
+    """Half-width of the t-interval of the mean over the last axis, and the standard deviation (NaN
+    below 2 values). Vectorised: the coverage tests run it on thousands of simulated samples at once."""
     from scipy import stats
 
-    n = len(deltas)
+    deltas = np.asarray(deltas, dtype=float)
+    n = deltas.shape[-1]
     if n < 2:
         return math.nan, math.nan
-    std = float(np.std(deltas, ddof=1))
-    return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)), std
+    std = np.std(deltas, axis=-1, ddof=1)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+    return (float(half), float(std)) if deltas.ndim == 1 else (half, std)
 
 
 def paired(values: np.ndarray, base: np.ndarray, *, higher_better: bool = True) -> dict[str, Any]:
