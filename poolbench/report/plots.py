@@ -363,7 +363,7 @@ def plot_means(report: Report, out_dir: Path) -> list[Path]:
         ax.set_title(name + ("" if stats.higher_is_better(metric) else " (lower is better)"))
         ax.grid(axis="y", alpha=0.3)
     interval = any("side_by_side" in source for source in report.latency_source.values())
-    caption = "dot: mean over seeds; bar: 95% t-interval of the mean (none for a single measurement)" + (
+    caption = "dot: mean over seeds; line: 95% t-interval of the mean (none for a single measurement)" + (
         "; side-by-side latency: its 95% interval" if interval else ""
     )
     _finish(fig, report, caption, legend=False)
