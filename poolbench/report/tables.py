@@ -127,8 +127,8 @@ def comparison_caption(report: Report) -> str:
         f"p (t-test): {P_DESCRIPTIONS['p_ttest']}; p (Wilcoxon): {P_DESCRIPTIONS['p_wilcoxon']}; each beside its "
         f"Holm-adjusted value over the {report.family_size} comparisons. d_z = mean Δ / sd Δ (from 3 pairs); "
         f"P(better): share of seeds improved. MDE: smallest true Δ detected with {POWER:.0%} power at the "
-        f"current n and α = 0.05 / {report.family_size} = {family_alpha(report.family_size):.3g} (Holm's strictest "
-        f"step; statsmodels TTestPower; 'none' where the sign-flip test cannot reach that α); n needed: pairs "
+        f"current n and alpha = 0.05 / {report.family_size} = {family_alpha(report.family_size):.3g} (Holm's strictest "
+        f"step; statsmodels TTestPower; 'none' where the sign-flip test cannot reach that alpha); n needed: pairs "
         f"to detect {target} likewise. Below {DECIDE_MIN_N} pairs a comparison cannot decide."
     )
 
@@ -240,9 +240,8 @@ def write_tables(report: Report, out_dir: Path, formats: Sequence[str]) -> list[
         tables.append(("comparison", report.comparison, shown, shown, caption))
     if report.ranking is not None:
         shown = display_ranking(report.ranking)
-        caption = "Rank of each operator per context (1 = best) and average rank; " + " ".join(
-            ranking_lines(report.ranking)[1:]
-        )
+        caveats = [line for line in ranking_lines(report.ranking) if line.startswith(("within", "no critical"))]
+        caption = " ".join(["Rank of each operator per context (1 = best) and average rank.", *caveats])
         tables.append(("ranking", shown, shown, shown, caption))
     for name, raw, shown, shown_tex, caption in tables:
         if "csv" in formats:
