@@ -38,18 +38,26 @@ def _paired_runs(
 
 
 @pytest.mark.parametrize(
-    ("deltas", "expected_p"),
+    ("deltas", "expected_p", "float32"),
     [
-        ([QUANTUM] * 3, 0.25),  # one more test image in each of 3 seeds: 2 of the 8 sign patterns
-        ([-0.0444, -0.0444], 0.5),  # the held-out writer case: 2 seeds, the same difference
-        ([0.0, 0.0, 0.0], 1.0),
-        ([QUANTUM] * 6, 2 / 64),
+        ([QUANTUM] * 3, 0.25, False),  # one more test image in each of 3 seeds: 2 of the 8 sign patterns
+        ([QUANTUM] * 3, 0.25, True),  # the same, from metrics stored as float32 (the "± 2.83e-08")
+        ([-0.0444, -0.0444], 0.5, False),  # the held-out writer case: 2 seeds, the same difference
+        ([0.0, 0.0, 0.0], 1.0, False),
+        ([QUANTUM] * 6, 2 / 64, True),
     ],
 )
 def test_constant_and_quantised_differences_get_the_exact_permutation_p(
-    tmp_path: Path, deltas: list[float], expected_p: float
+    tmp_path: Path, deltas: list[float], expected_p: float, float32: bool
 ) -> None:
-    built = report.build(_paired_runs(tmp_path, deltas), metrics=["acc@1"], baseline="avg")
+    for seed, delta in enumerate(deltas):
+        base = 0.6 + seed / 100 + seed * QUANTUM / 7
+        treated = base + delta
+        if float32:
+            base, treated = float(np.float32(base)), float(np.float32(treated))
+        write(tmp_path, make_record("avg", seed, **{"acc@1": base}))
+        write(tmp_path, make_record("dgmp", seed, **{"acc@1": treated}))
+    built = report.build(tmp_path, metrics=["acc@1"], baseline="avg")
     row = built.comparison.iloc[0]
     assert row["n"] == len(deltas)
     # the records hold 0.6 + s/100 + 1/450: floating noise that must not pass for a spread

@@ -38,8 +38,9 @@ PERMUTATION_SEED = 0  # fixed: the same records give the same report
 CONFIDENCE = 0.95
 # Demšar's critical-difference diagram needs many independent data sets; autorank refuses fewer than 5.
 CD_MIN_CONTEXTS = 5
-# Differences that agree to this relative precision are "all equal": floating noise of a quantised
-# metric (1/|test set| steps) must not pass for a spread.
+# Differences that agree to this precision, relative to the compared values, are "all equal": the
+# rounding noise of a quantised metric (1/|test set| steps, often stored as float32, whose relative
+# precision is 6e-8) must not pass for a spread, while a real step of 1/100,000 still counts.
 EQUAL_RTOL = 1e-6
 # Metrics where a smaller value is better: time, memory, cost and loss.
 LOWER_IS_BETTER = ("latency.", "cost.", "loss", "train.train_loss", "wall_time_s", "train.train_seconds")
@@ -59,11 +60,12 @@ def higher_is_better(metric: str) -> bool:
     return not metric.endswith(LOWER_IS_BETTER_SUFFIXES)
 
 
-def all_equal(deltas: np.ndarray) -> bool:
-    """Whether the differences carry no spread (every one the same, up to floating noise)."""
+def all_equal(deltas: np.ndarray, scale: float | None = None) -> bool:
+    """Whether the differences carry no spread: every one the same up to the floating noise of the values
+    they come from (``scale``, their magnitude; a float32 metric of 0.61 carries ~1e-8 of it)."""
     if len(deltas) == 0:
         return True
-    scale = max(float(np.max(np.abs(deltas))), 1e-300)
+    scale = max(float(np.max(np.abs(deltas))) if scale is None else scale, 1e-300)
     return float(np.ptp(deltas)) <= EQUAL_RTOL * scale
 
 
@@ -71,8 +73,10 @@ def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.mean(x, axis=axis)
 
 
-def sign_flip_p(deltas: np.ndarray) -> float:
-    """Two-sided p of the sign-flip permutation test of mean(deltas) = 0 (exact up to 16 pairs)."""
+def sign_flip_p(deltas: np.ndarray, scale: float | None = None) -> float:
+    """Two-sided p of the sign-flip permutation test of mean(deltas) = 0 (exact up to 16 pairs).
+
+    ``scale``: the magnitude of the compared values, for :func:`all_equal`."""
     from scipy import stats
 
     deltas = np.asarray(deltas, dtype=float)
@@ -80,7 +84,7 @@ def sign_flip_p(deltas: np.ndarray) -> float:
         return math.nan
     if not np.any(deltas):
         return 1.0  # every sign pattern gives the same (zero) mean
-    if all_equal(deltas):  # floating noise must not split the tie: exactly 2 of the 2^n patterns reach |mean|
+    if all_equal(deltas, scale):  # floating noise must not split the tie: exactly 2 of the 2^n patterns reach |mean|
         return min(1.0, 2.0 / 2 ** len(deltas))
     result = stats.permutation_test(
         (deltas,),
@@ -112,9 +116,11 @@ def paired(values: np.ndarray, base: np.ndarray, *, higher_better: bool = True) 
     """Statistics of ``values − base`` over paired seeds (NaN where n or the data cannot say it)."""
     from scipy import stats
 
-    deltas = np.asarray(values, dtype=float) - np.asarray(base, dtype=float)
+    values, base = np.asarray(values, dtype=float), np.asarray(base, dtype=float)
+    deltas = values - base
     n = len(deltas)
-    equal = all_equal(deltas)
+    scale = float(max(np.max(np.abs(values), initial=0.0), np.max(np.abs(base), initial=0.0)))
+    equal = all_equal(deltas, scale)
     out: dict[str, Any] = {
         "n": n,
         "mean_delta": float(deltas.mean()),
@@ -122,7 +128,7 @@ def paired(values: np.ndarray, base: np.ndarray, *, higher_better: bool = True) 
         "ci95": math.nan,
         "ci_low": math.nan,
         "ci_high": math.nan,
-        "p_perm": sign_flip_p(deltas),
+        "p_perm": sign_flip_p(deltas, scale),
         "p_ttest": math.nan,
         "p_wilcoxon": math.nan,
         "effect_dz": math.nan,
