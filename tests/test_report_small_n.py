@@ -66,7 +66,8 @@ def test_constant_and_quantised_differences_get_the_exact_permutation_p(
     assert math.isnan(row["ci95"]) and math.isnan(row["effect_dz"]) and math.isnan(row["p_wilcoxon"])
     line = built.comparison_lines[0]
     assert "p < 0.001" not in line and "± 0 " not in line and "t-test" not in line
-    assert f"sign-flip p = {expected_p:.2g}" in line
+    assert f"sign-flip p = {expected_p:.2g}" in line and "MDE n/a (no spread" in line
+    assert math.isnan(row["mde"]) and math.isnan(row["n_needed"])  # no planning on rounding noise
     if len(deltas) < stats.DECIDE_MIN_N:
         assert line.endswith("too few seeds to decide (n < 5)")
 

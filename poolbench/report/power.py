@@ -80,7 +80,10 @@ def needed_pairs(delta: float, sd: float, alpha: float, power: float = POWER) ->
     effect = abs(delta) / sd
     from statsmodels.stats.power import TTestPower
 
-    if TTestPower().power(effect_size=effect, nobs=MAX_SEEDS, alpha=alpha, alternative="two-sided") < power:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reachable = TTestPower().power(effect_size=effect, nobs=MAX_SEEDS, alpha=alpha, alternative="two-sided")
+    if reachable < power:
         return math.inf
     n = _solve(effect_size=effect, nobs=None, alpha=alpha, power=power)
     return float(max(2, math.ceil(n - 1e-9))) if math.isfinite(n) else math.nan
@@ -99,13 +102,13 @@ def power_columns(
     alpha = family_alpha(family_size)
     out = comparison.copy()
     out["alpha_planned"] = alpha
-    out["mde"] = [
-        minimum_detectable_effect(int(n), sd, alpha, power) for n, sd in zip(out["n"], out["std_delta"], strict=True)
-    ]
+    # every Δ equal: the sd is rounding noise, not a spread to plan with
+    spread = out["std_delta"].where(~out["all_equal"].astype(bool)) if "all_equal" in out else out["std_delta"]
+    out["mde"] = [minimum_detectable_effect(int(n), sd, alpha, power) for n, sd in zip(out["n"], spread, strict=True)]
     target = [mre if mre is not None else d for d in out["mean_delta"]]
     out["n_needed_for"] = target
-    out["n_needed_ttest"] = [needed_pairs(t, sd, alpha, power) for t, sd in zip(target, out["std_delta"], strict=True)]
-    out["n_needed"] = [needed_seeds(t, sd, alpha, power) for t, sd in zip(target, out["std_delta"], strict=True)]
+    out["n_needed_ttest"] = [needed_pairs(t, sd, alpha, power) for t, sd in zip(target, spread, strict=True)]
+    out["n_needed"] = [needed_seeds(t, sd, alpha, power) for t, sd in zip(target, spread, strict=True)]
     return out
 
 
