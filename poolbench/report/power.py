@@ -45,9 +45,11 @@ def sign_flip_floor(alpha: float) -> int:
 
 def _solve(**kwargs: Any) -> float:
     from statsmodels.stats.power import TTestPower
+    from statsmodels.tools import sm_exceptions  # imported first: its import resets the filter for its warnings
 
     with warnings.catch_warnings():  # a root finder that gives up warns and returns nan: handled as nan
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", sm_exceptions.ConvergenceWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
         try:
             return float(TTestPower().solve_power(alternative="two-sided", **kwargs))
         except (ValueError, RuntimeError, ZeroDivisionError):
