@@ -19,10 +19,12 @@ a default or re-check a type.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -57,6 +59,23 @@ class Required:
     """A key that must be set (its default ``None`` means "not set yet"); ``hint`` says what to give."""
 
     hint: str
+
+
+# While set (collect_missing), Required keys left unset are collected here instead of refused.
+_MISSING: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("missing", default=None)
+
+
+@contextlib.contextmanager
+def collect_missing() -> Iterator[list[tuple[str, str]]]:
+    """Within the block, a :class:`Required` key left unset is not an error but appended to the yielded
+    list as ``(dotted key, hint)``: for showing a config whose required values are still to be given
+    (``poolbench train --cfg dataset=retrieval_folder``). Every other check still applies."""
+    found: list[tuple[str, str]] = []
+    token = _MISSING.set(found)
+    try:
+        yield found
+    finally:
+        _MISSING.reset(token)
 
 
 @dataclass(frozen=True)
@@ -166,7 +185,11 @@ def check_value(value: Any, annotation: Any, dotted: str, default: Any = None) -
         raise ConfigError(f"{dotted} must not be empty ({required.hint})")
     if value is None:
         if required is not None:
-            raise ConfigError(f"{dotted} is required: {required.hint}")
+            collected = _MISSING.get()
+            if collected is None:
+                raise ConfigError(f"{dotted} is required: {required.hint}")
+            collected.append((dotted, required.hint))
+            return
         if _allows_none(base):
             return
         raise ConfigError(f"{dotted} must not be null (like the default {default!r})")
