@@ -19,12 +19,10 @@ a default or re-check a type.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -61,21 +59,21 @@ class Required:
     hint: str
 
 
-# While set (collect_missing), Required keys left unset are collected here instead of refused.
-_MISSING: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("missing", default=None)
+# While a collect_missing block is open, Required keys left unset are collected here instead of refused.
+_MISSING: list[list[tuple[str, str]]] = []
 
 
-@contextlib.contextmanager
-def collect_missing() -> Iterator[list[tuple[str, str]]]:
-    """Within the block, a :class:`Required` key left unset is not an error but appended to the yielded
-    list as ``(dotted key, hint)``: for showing a config whose required values are still to be given
-    (``poolbench train --cfg dataset=retrieval_folder``). Every other check still applies."""
-    found: list[tuple[str, str]] = []
-    token = _MISSING.set(found)
-    try:
-        yield found
-    finally:
-        _MISSING.reset(token)
+class collect_missing:  # noqa: N801 - used like a function: ``with collect_missing() as missing:``
+    """Within the block, a :class:`Required` key left unset is not an error but appended to the list
+    the block yields as ``(dotted key, hint)``: for showing a config whose required values are still to
+    be given (``poolbench train --cfg dataset=retrieval_folder``). Every other check still applies."""
+
+    def __enter__(self) -> list[tuple[str, str]]:
+        _MISSING.append([])
+        return _MISSING[-1]
+
+    def __exit__(self, *exc: object) -> None:
+        _MISSING.pop()
 
 
 @dataclass(frozen=True)
@@ -185,10 +183,9 @@ def check_value(value: Any, annotation: Any, dotted: str, default: Any = None) -
         raise ConfigError(f"{dotted} must not be empty ({required.hint})")
     if value is None:
         if required is not None:
-            collected = _MISSING.get()
-            if collected is None:
+            if not _MISSING:
                 raise ConfigError(f"{dotted} is required: {required.hint}")
-            collected.append((dotted, required.hint))
+            _MISSING[-1].append((dotted, required.hint))
             return
         if _allows_none(base):
             return
