@@ -150,3 +150,13 @@ def test_unusable_checkpoint_is_one_line_naming_the_file(
         train(tiny_retrieval, tmp_path, resume=True)
     message = str(info.value)
     assert str(path) in message and "trainer.overwrite=true" in message and "\n" not in message
+
+
+def test_report_curves_show_the_validation_metrics() -> None:
+    import pandas as pd
+
+    from poolbench.report import plots
+
+    curves = pd.DataFrame([{"epoch": 1, "loss": 1.0, "val.mAP": 0.5, "eval.mAP": 0.4}])
+    assert plots.curve_quantities(curves) == ["loss", "eval.mAP", "val.mAP"]
+    assert plots.metric_label("val.mAP") == "validation mAP"
