@@ -491,18 +491,18 @@ def read_clamm_split(folder: Path, csv_path: Path, s: ClammConfig, classes: list
         classes = sorted({label for _, label in rows})
     unknown = sorted({label for _, label in rows} - set(classes))
     if unknown:
-        raise DataError(f"clamm {split}: label '{unknown[0]}' in '{shown(csv_path)}' does not occur in the "
+        raise DataError(f"clamm {split}: label '{shown(unknown[0])}' in '{shown(csv_path)}' does not occur in the "
                         f"training labels")
     pages = []
     for done, (name, _) in enumerate(rows, start=1):
         path = folder / name
         if file_kind(path) != "file":
-            raise DataError(f"clamm {split}: '{name}' is listed in '{shown(csv_path.name)}' but missing from "
+            raise DataError(f"clamm {split}: '{shown(name)}' is listed in '{shown(csv_path.name)}' but missing from "
                             f"'{shown(folder)}'")
         page = torch.from_numpy(read_image(path, "L", short_side=s.short_side))
         if min(page.shape) < s.input_size:
-            raise DataError(f"clamm {split}: '{name}' is smaller than input_size {s.input_size} after scaling its "
-                            f"short side to {s.short_side}")
+            raise DataError(f"clamm {split}: '{shown(name)}' is smaller than input_size {s.input_size} after scaling "
+                            f"its short side to {s.short_side}")
         pages.append(page)
         if progress is not None:
             progress(f"reading clamm {split} images", done, len(rows))

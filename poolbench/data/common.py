@@ -263,14 +263,19 @@ def check_val_share(values: Mapping[str, Any]) -> None:
         raise ConfigError(f"dataset.val_share must be a share in (0, 1) or a whole count >= 1, got {share!r}")
 
 
-def val_count(val_share: float, available: int, what: str) -> int:
+def val_count(val_share: float, available: int, what: str, minimum: int = 1) -> int:
     """How many of ``available`` training identities/items ``val_share`` holds out (0 = none).
 
-    A share rounds to the nearest count, at least 1; a count is taken as is. Validation may not take
-    everything: training keeps at least ``2`` (a classifier or a triplet loss needs two)."""
+    A share rounds to the nearest count, at least ``minimum`` (retrieval: 2 identities, as with a
+    single one mAP is 1.0 whatever the model); a count is taken as is and must reach ``minimum``.
+    Validation may not take everything: training keeps at least 2 (a classifier or a triplet loss
+    needs two)."""
     if val_share <= 0:
         return 0
-    count = int(val_share) if val_share >= 1 else max(1, round(val_share * available))
+    count = int(val_share) if val_share >= 1 else max(minimum, round(val_share * available))
+    if count < minimum:
+        raise DataError(f"dataset.val_share={val_share:g} holds out {count} of the {what}; validation needs at least "
+                        f"{minimum} (with one identity, leave-one-out mAP is 1.0 whatever the model)")
     if available - count < 2:
         raise DataError(f"dataset.val_share={val_share:g} holds out {count} of {available} {what}, leaving "
                         f"{available - count} to train on; lower it (training needs at least 2)")

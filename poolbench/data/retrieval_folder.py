@@ -236,7 +236,7 @@ def seeded_val(s: RetrievalFolderConfig, train: list[Item]) -> tuple[list[Item],
     """Hold out ``val_share`` of the training identities (among those with >= 2 images: leave-one-out
     needs two) as validation identities, drawn with ``identity_split_seed`` on its own stream."""
     counts = counts_of(train)
-    count = val_count(s.val_share, len(counts), f"{s.name} training identities")
+    count = val_count(s.val_share, len(counts), f"{s.name} training identities", minimum=2)
     if count == 0:
         return train, None
     eligible = [identity for identity, n in counts.items() if n >= 2]
@@ -293,7 +293,7 @@ def build_retrieval_folder(s: RetrievalFolderConfig, *, seed: int, transform: Au
                             f"identity (dataset.min_per_identity=2 drops them knowingly)")
     check_test_pages(page_writers, s.name)
     if val_items:
-        check_test_pages(labels["val"], f"{s.name} validation")
+        check_test_pages(labels["val"], s.name, "validation")
     notes += single_image_note(s, counts_of(train_items), tiled)
     paths = {name: [p for p, _ in part] for name, part in splits.items()}
     info = {"layout": layout, "train_images": len(train_items), "train_identities": len(ids["train"]),

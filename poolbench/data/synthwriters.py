@@ -437,7 +437,7 @@ def build(s: SynthWritersConfig, *, seed: int, transform: Augment,
 
     pages, writers, is_test = data["pages"], data["writers"], data["is_test"]
     # Validation writers are training writers held out whole (all their pages), so they stay unseen.
-    count = val_count(s.val_share, s.train_writers, "synthwriters training writers")
+    count = val_count(s.val_share, s.train_writers, "synthwriters training writers", minimum=2)
     held = held_out_identities(list(range(s.train_writers)), count, generation_seed)
     is_val = torch.isin(writers, torch.tensor(sorted(held), dtype=torch.int64)) & ~is_test
     is_train = ~is_test & ~is_val
@@ -452,7 +452,7 @@ def build(s: SynthWritersConfig, *, seed: int, transform: Augment,
     val = TiledPatches(list(pages[is_val]), ink_mask, s.patch_size, input_size, s.min_ink) if count else None
     val_page_writers = writers[is_val].clone() if count else None
     if val_page_writers is not None:
-        check_test_pages(val_page_writers, "synthwriters validation")
+        check_test_pages(val_page_writers, "synthwriters", "validation")
     return DataBundle(
         name="synthwriters",
         task="retrieval",

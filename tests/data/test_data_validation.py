@@ -98,6 +98,8 @@ def test_retrieval_validation_split_errors(tmp_path: Path) -> None:
     write_people(tmp_path, {"a": 2, "b": 2, "c": 1, "d": 2, "e": 2, "f": 1})
     with pytest.raises(DataError, match="leaving 1 to train on"):
         build_dataset(rf(tmp_path, val_share=2), seed=0)  # 3 training identities
+    with pytest.raises(DataError, match="validation needs at least 2"):
+        build_dataset(rf(tmp_path, val_share=1), seed=0)  # one identity: mAP 1.0 whatever the model
 
 
 def test_synthwriters_validation_writers_are_whole_training_writers(tmp_path: Path) -> None:
