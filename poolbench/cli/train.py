@@ -20,6 +20,8 @@ SUMMARY_KEYS = (
     ("hard@2", "hard Top-2"),
     ("acc@1", "accuracy top-1"),
     ("acc@5", "accuracy top-5"),
+    ("val.mAP", "validation mAP"),  # the selection metrics (dataset.val_share)
+    ("val.acc@1", "validation top-1"),
     ("latency.infer_image_ms", "inference ms / image"),
     ("latency.train_step_ms", "train step ms"),
     ("latency.pool_fwd_ms", "pool forward ms"),
