@@ -351,7 +351,7 @@ def test_sweep_seeds_for_reads_the_pilot_and_never_stops_on_a_p_value(
     planned = {}
     for folder in (quiet, far):
         assert run_cli("sweep", *grid, f"results_dir={folder}", "--seeds-for", "0.01") == 0
-        planned[folder] = capsys.readouterr().out
+        planned[folder] = " ".join(capsys.readouterr().out.split())  # rich may wrap at any width
     assert planned[quiet] == planned[far].replace(str(far), str(quiet))  # the observed Δ plays no part
     sd_pair = math.sqrt(2) * 0.02  # pooled seed sd of both configurations, √2 for a difference
     n = TTestPower().solve_power(effect_size=0.01 / sd_pair, nobs=None, alpha=0.05, power=0.8, alternative="two-sided")
@@ -361,7 +361,7 @@ def test_sweep_seeds_for_reads_the_pilot_and_never_stops_on_a_p_value(
     assert plan.seeds == expected and plan.sd_run == pytest.approx(0.02) and plan.comparisons == 1
     # with --run-seeds the grid's seed axis becomes range(0, n); pilot seeds are reused (dry run: nothing runs)
     code = run_cli("sweep", *grid, f"results_dir={quiet}", "--seeds-for", "0.01", "--run-seeds", "--dry-run")
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert code == 0 and f"{2 * expected - 6} of {2 * expected} runs would start" in out
 
 

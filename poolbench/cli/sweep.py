@@ -257,7 +257,7 @@ def _seeds_for(
         raise PoolbenchError("--run-seeds needs --seeds-for DELTA (the effect the seeds must detect)")
     proposal = propose_seeds([p.run_dir for p in planned], delta)
     for line in proposal.lines():
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     if not run:
         console.print("nothing was run (add --run-seeds to run them)", highlight=False)
         return []
