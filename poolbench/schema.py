@@ -151,6 +151,10 @@ def check(node: Any, schema: type, prefix: str, *, label: str | None = None) -> 
         if key not in node:
             raise ConfigError(f"config key '{dotted}' is required and cannot be removed")
         check_value(node[key], hints[key], dotted, defaults_[key])
+    # Rules between keys (patch_size <= page_size, ...): a schema's own ``check_values(node)``.
+    cross = getattr(schema, "check_values", None)
+    if callable(cross):
+        cross(node)
 
 
 def check_value(value: Any, annotation: Any, dotted: str, default: Any = None) -> None:
