@@ -468,8 +468,11 @@ def open_storage(url: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except ModuleNotFoundError as exc:
-        raise PoolbenchError(f"storage {shown}: its database driver is not installed ({exc.name})") from None
+    except ImportError:  # optuna turns SQLAlchemy's missing driver into an ImportError
+        hint = " (pip install 'psycopg[binary]')" if parsed.get_backend_name() == "postgresql" else ""
+        raise PoolbenchError(
+            f"storage {shown}: the {parsed.drivername} database driver is not installed{hint}"
+        ) from None
     except Exception as exc:  # noqa: BLE001  (SQLAlchemy/driver errors: the server does not answer, bad database)
         first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PoolbenchError(f"storage {shown} does not answer: {first}") from None
