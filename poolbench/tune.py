@@ -462,8 +462,10 @@ def open_storage(url: str) -> Any:
         if database and database != ":memory:" and not Path(database).parent.is_dir():
             raise PoolbenchError(f"storage {shown}: folder {Path(database).parent} does not exist")
     elif parsed.get_backend_name() == "postgresql":
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # a host that does not answer: fail in 10 s
         engine_kwargs["pool_pre_ping"] = True
+        if parsed.drivername == "postgresql":  # psycopg 3 (a dependency), whichever SQLAlchemy defaults to
+            url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -672,7 +674,7 @@ class Tuner:
             f"results_dir={sweep._quoted(str(spec.trials_dir.resolve()))}",
             f"sweep_name=tune.{spec.name}.trials",
         ]
-        cfg = config.compose(overrides)
+        cfg = config.compose_many([overrides])[0]  # the planner's fast path (checked at plan time)
         run_id = config.run_id(cfg)
         run_dir = spec.trials_dir.resolve() / run_id
         status, _ = sweep.run_status(run_dir)

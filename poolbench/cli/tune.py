@@ -68,7 +68,7 @@ def tune(
             params[key] = value
 
     def say(line: str) -> None:
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     tuner = tuning.Tuner(spec, jobs=jobs, executor=executor.value, executor_params=params, log=say)
     tuner.open()
@@ -122,7 +122,7 @@ def tune(
         signal.signal(signal.SIGTERM, previous)
     if sweep_state.failed or sweep_state.elsewhere:
         for outcome in sweep_state.failed:
-            console_err.print(f"  {outcome.run_id}: {outcome.error}", highlight=False, markup=False)
+            console_err.print(f"  {outcome.run_id}: {outcome.error}", highlight=False, markup=False, soft_wrap=True)
         if sweep_state.elsewhere:
             console_err.print(f"{len(sweep_state.elsewhere)} final run(s) are running in another process")
         raise typer.Exit(1)
@@ -131,6 +131,7 @@ def tune(
         f"done. Compare on test: poolbench report {spec.final_dir} --baseline {baseline}",
         highlight=False,
         markup=False,
+        soft_wrap=True,
     )
 
 
@@ -142,6 +143,7 @@ def _describe(spec: Any) -> None:
         f"selected on validation by {', '.join(sorted(set(spec.metrics.values())))}; folder {spec.folder}",
         highlight=False,
         markup=False,
+        soft_wrap=True,
     )
 
 
@@ -156,6 +158,7 @@ def _print_best(spec: Any, results: dict[str, Any]) -> None:
             f"{result['finished']}; {result['failed']} failed)  {params}",
             highlight=False,
             markup=False,
+            soft_wrap=True,
         )
 
 
@@ -167,7 +170,7 @@ def _final_printer() -> Any:
             for outcome in outcomes[printed[kind] :]:
                 mark = "✓" if kind == "done" else "✗"
                 tail = "" if kind == "done" else f": {outcome.error}"
-                console.print(f"{mark} {outcome.run_id}{tail}", highlight=False, markup=False)
+                console.print(f"{mark} {outcome.run_id}{tail}", highlight=False, markup=False, soft_wrap=True)
             printed[kind] = len(outcomes)
 
     return on_change
