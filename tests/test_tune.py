@@ -202,7 +202,7 @@ def test_kill_9_mid_study_then_resume_loses_and_repeats_no_trial(tmp_path: Path)
             return len(_completed(trials_dir)) >= 2 and bool(running)
 
         _wait_for(mid_run, 240, "two finished trials and one in flight")
-        finished_before = {p: p.stat().st_mtime_ns for p in _completed(trials_dir)}
+        finished_before = {p: fake.calls(p) for p in _completed(trials_dir)}
         process.send_signal(signal.SIGKILL)
         process.wait(30)
     finally:
@@ -215,9 +215,8 @@ def test_kill_9_mid_study_then_resume_loses_and_repeats_no_trial(tmp_path: Path)
     assert "taken over" in output  # the dead process's RUNNING trial, same number, same parameters
     folder = tmp_path / "tune" / "k"
     _check_budget(folder, 3)
-    for run_dir, mtime in finished_before.items():  # finished before the kill: never trained again
-        assert (run_dir / records.RECORD).stat().st_mtime_ns == mtime
-        assert len(fake.calls(run_dir)) == 1
+    for run_dir, calls in finished_before.items():  # finished before the kill: never trained again
+        assert fake.calls(run_dir) == calls and len(calls) == 1, (run_dir.name, calls, output)
     protocol = json.loads((folder / tune.PROTOCOL).read_text())
     assert all(len(r["final_run_ids"]) == 1 for r in protocol["results"].values())
 
@@ -243,7 +242,7 @@ def test_two_concurrent_workers_share_each_study_and_one_is_killed(backend: str,
     folder = tmp_path / "tune" / name
     first = _tune_process(args, POOLBENCH_FAKE_SLEEP="1.5")
     _wait_for(lambda: (folder / tune.PROTOCOL).is_file(), 240, "the first worker's protocol")
-    second = _tune_process(args, POOLBENCH_FAKE_SLEEP="1.5")
+    second = _tune_process([*args, "--jobs", "2"], POOLBENCH_FAKE_SLEEP="1.5")  # a local process pool
     try:
         _wait_for(lambda: len(_completed(folder / tune.TRIALS)) >= 2, 240, "two finished trials")
         first.send_signal(signal.SIGKILL)  # a worker dies mid-study; the other takes its trial over
