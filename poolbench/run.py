@@ -269,6 +269,7 @@ def _model_fields(built: Built) -> dict[str, Any]:
         "input_size": built.data.input_size,
         "num_classes": built.data.num_classes,
         **{f"data.{k}": v for k, v in built.data.info.items()},
+        **({"data.notes": " | ".join(built.data.notes)} if built.data.notes else {}),
     }
 
 
@@ -289,6 +290,8 @@ def _train_and_measure(
         )
         warnings.warn(message, stacklevel=1)
         log(f"warning: {message}")
+    for note in data.notes:  # what the data builder wants the user to see (single-image identities, ...)
+        log(f"warning: {note}")
     summary = fit(
         model,
         data,
@@ -305,8 +308,14 @@ def _train_and_measure(
     fields: dict[str, Any] = {"resume_count": summary.pop("resume_count")}
     fields.update({f"train.{k}": v for k, v in summary.items()})
     amp = str(cfg.trainer.amp)
+    # The test split is evaluated once, here, at the end; the validation split (selection: val.mAP /
+    # val.acc@1) beside it, under val.<metric>.
     fields.update(evaluate(model, data, device=device, batch_size=cfg.trainer.eval_batch_size, amp=amp,
                            progress=progress))
+    if data.val is not None:
+        val = evaluate(model, data, device=device, batch_size=cfg.trainer.eval_batch_size, amp=amp,
+                       progress=progress, split="val")
+        fields.update({f"val.{k}": v for k, v in val.items()})
     if cfg.trainer.latency.enabled:
         latency = measure_latency(
             model,

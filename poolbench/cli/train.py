@@ -62,11 +62,21 @@ def train(
     from poolbench.config import run_dir as run_dir_of
     from poolbench.run import execute
 
-    config = compose(overrides or [])
-    if cfg:
-        console.print(OmegaConf.to_yaml(config, resolve=True), highlight=False, markup=False, end="")
-        console.print(f"# run directory: {run_dir_of(config)}", style="dim", highlight=False, markup=False)
+    if cfg:  # the composed keys, required ones still unset shown as ??? (missing) rather than refused
+        from poolbench.schema import collect_missing
+
+        with collect_missing() as missing:
+            config = compose(overrides or [])
+        shown = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
+        for key, _ in missing:
+            OmegaConf.update(shown, key, "???")
+        console.print(OmegaConf.to_yaml(shown), highlight=False, markup=False, end="")
+        for key, hint in missing:
+            console.print(f"# missing: {key} is required: {hint}", highlight=False, markup=False, soft_wrap=True)
+        where = run_dir_of(config) if not missing else "(set the missing keys first)"
+        console.print(f"# run directory: {where}", style="dim", highlight=False, markup=False)
         return
+    config = compose(overrides or [])
     bars = ProgressBars(console, enabled=not quiet)
     try:
         with bars:

@@ -367,6 +367,12 @@ def build_imagefolder(s: ImageFolderConfig, *, seed: int, transform: Augment, pr
         images, labels, classes, _, note = read_class_tree(root, mode, s.image_size, None, progress,
                                                            min_per_class=s.min_per_class)
         notes += [note] if note else []
+        sizes = labels.bincount(minlength=len(classes))
+        if bool((sizes < 2).any()):  # one image cannot be both trained on and tested
+            small = [classes[i] for i in (sizes < 2).nonzero().flatten().tolist()]
+            raise DataError(f"imagefolder: {len(small)} class folder(s) hold a single image (e.g. "
+                            f"'{shown(small[0])}'); a train/test split needs 2 per class (dataset.min_per_class=2 "
+                            f"drops them knowingly)")
         train, test = stratified_split(labels.numpy(), s.test_fraction, s.split_seed)
         train_images, train_labels, test_images, test_labels = images[train], labels[train], images[test], labels[test]
         layout = f"split {s.test_fraction} of one tree"
@@ -476,6 +482,11 @@ class PageCrops(Dataset):
 def read_clamm_split(folder: Path, csv_path: Path, s: ClammConfig, classes: list[str] | None,
                      split: str, progress: Progress) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
     rows = read_label_csv(csv_path, s.filename_column, s.label_column)
+    names = [name for name, _ in rows]
+    if len(set(names)) != len(names):  # a page listed twice would count twice (in test: inflate accuracy)
+        twice = next(name for name in names if names.count(name) > 1)
+        raise DataError(f"clamm {split}: '{shown(twice)}' is listed more than once in '{shown(csv_path)}'; every "
+                        f"page may be listed once")
     if classes is None:
         classes = sorted({label for _, label in rows})
     unknown = sorted({label for _, label in rows} - set(classes))

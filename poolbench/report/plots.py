@@ -57,6 +57,8 @@ def metric_label(metric: str) -> str:
         return METRIC_LABELS[metric]
     if metric.startswith("eval."):
         return f"held-out {metric_label(metric[5:])}"
+    if metric.startswith("val."):  # the validation split (dataset.val_share)
+        return f"validation {metric_label(metric[4:])}"
     if metric.startswith(("soft@", "hard@")):
         return f"{metric[:4]} top-{metric[5:]}"
     if metric.startswith("learned."):
@@ -365,7 +367,7 @@ def curve_quantities(curves: pd.DataFrame) -> list[str]:
     """loss, lr, every learned.<name>, every eval.<metric> — those present."""
     columns = set(curves.columns)
     learned = sorted(c for c in columns if c.startswith("learned."))
-    held_out = sorted(c for c in columns if c.startswith("eval."))
+    held_out = sorted(c for c in columns if c.startswith(("val.", "eval.")))
     return [c for c in ("loss", "lr") if c in columns] + learned + held_out
 
 
