@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
 from poolbench.cli.sweep import Executor, _slurm_params
-from poolbench.errors import PoolbenchError, Terminated
+from poolbench.errors import Terminated
 
 
 @app.command(context_settings=EXTRA_ARGS)
@@ -175,5 +175,3 @@ def _final_printer() -> Any:
 
     return on_change
 
-
-__all__ = ["tune", "PoolbenchError"]
