@@ -792,8 +792,6 @@ class Tuner:
     # ---- the loop
 
     def run(self) -> TuneState:
-        from poolbench.sweep import _job_overrides
-
         pool = self._pool()
         beat = threading.Thread(target=self._heartbeats, daemon=True)
         beat.start()
@@ -817,7 +815,7 @@ class Tuner:
                         del self.waiting[key]
                     elif not records.is_locked(entry.run.run_dir):  # its holder stopped without an end
                         del self.waiting[key]
-                        self._submit(pool, entry, _job_overrides)
+                        self._submit(pool, entry)
                 # Adopt what dead workers left, at start and then now and then.
                 if time.monotonic() - last_orphan_check > 10 or last_orphan_check == 0.0:
                     last_orphan_check = time.monotonic()
@@ -827,7 +825,7 @@ class Tuner:
                                 break
                             entry = self._adopt(treatment, frozen)
                             if entry is not None:
-                                self._submit(pool, entry, _job_overrides)
+                                self._submit(pool, entry)
                 # New trials, round robin over the treatments, so budgets grow alike.
                 while len(self.in_flight) < self.jobs and len(spent) < len(treatments):
                     treatment = treatments[turn % len(treatments)]
@@ -838,7 +836,7 @@ class Tuner:
                     if entry is False:
                         spent.add(treatment)
                     elif entry is not None:
-                        self._submit(pool, entry, _job_overrides)
+                        self._submit(pool, entry)
                 idle = not self.in_flight and not self.waiting and len(spent) == len(treatments)
                 if idle and not self._running_elsewhere():
                     break
@@ -862,7 +860,7 @@ class Tuner:
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         )
 
-    def _submit(self, pool: Any, entry: TrialRun, job_overrides: Callable[..., list[str]]) -> None:
+    def _submit(self, pool: Any, entry: TrialRun) -> None:
         if entry.run.status == "elsewhere":
             self.waiting[(entry.treatment, entry.number)] = entry
             return

@@ -259,6 +259,20 @@ def test_two_concurrent_workers_share_each_study_and_one_is_killed(backend: str,
     assert sum(len(fake.calls(p)) for p in runs) <= len(runs) + 1  # only the killed worker's run twice
 
 
+def test_submitit_executor_runs_the_trials_as_jobs(tmp_path: Path) -> None:
+    # Without sbatch, submitit's local executor: the same pool code as a SLURM job array (tests/test_slurm.py).
+    args = ["pooling=avg", LR, *BASE, "--trials", "2", "--seeds", "1", "--name", "s", f"results_dir={tmp_path}",
+            "--executor", "submitit", "--jobs", "2"]
+    process = _tune_process(args, PATH="/usr/bin:/bin")  # no sbatch on PATH: never a real cluster here
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    folder = tmp_path / "tune" / "s"
+    _check_budget(folder, 2)
+    assert list((folder / ".submitit").iterdir())  # submitit's job folders
+    protocol = json.loads((folder / tune.PROTOCOL).read_text())
+    assert len(protocol["results"]["avg"]["final_run_ids"]) == 1
+
+
 # ------------------------------------------------------------------------------------------ the report
 
 

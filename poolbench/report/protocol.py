@@ -68,7 +68,7 @@ def prepare(frame: pd.DataFrame, run_dirs: dict[str, Path]) -> tuple[pd.DataFram
     if "sweep_name" not in frame.columns:
         tuning.untuned_runs = len(frame)
         return frame, tuning
-    for run_id, sweep_name in zip(frame["run_id"], frame["sweep_name"], strict=True):
+    for row, (run_id, sweep_name) in enumerate(zip(frame["run_id"], frame["sweep_name"], strict=True)):
         match = SWEEP_NAME.fullmatch(str(sweep_name)) if isinstance(sweep_name, str) else None
         folder = run_dirs.get(run_id)
         if match is None or folder is None:
@@ -88,10 +88,9 @@ def prepare(frame: pd.DataFrame, run_dirs: dict[str, Path]) -> tuple[pd.DataFram
                     tuning.problems.append(problem)
                 continue
             tuning.protocols[key] = data
-        row = frame.loc[frame["run_id"] == run_id].iloc[0]
         column = _column(str(tuning.protocols[key].get("treatment_key", "pooling")))
         if column in frame.columns:
-            tuning.treatments_seen.setdefault(key, set()).add(str(row[column]))
+            tuning.treatments_seen.setdefault(key, set()).add(str(frame[column].iat[row]))
     if tuning.final_runs == len(frame) and tuning.protocols:
         keys = {str(p.get("key")) for data in tuning.protocols.values() for p in data.get("space", [])
                 if isinstance(p, dict)}
