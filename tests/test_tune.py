@@ -188,6 +188,20 @@ def test_operator_parameters_join_the_space_of_their_operator_only(
         assert record is not None and record["cfg.pooling.p"] == trial.params["pooling.p"]
 
 
+def test_another_treatment_axis(run_cli: Callable[..., int], tmp_path: Path, faked: None) -> None:
+    args = ["--treatment", "local_pooling", "local_pooling=max,avg", LR, *BASE, "--trials", "2", "--no-final",
+            "--name", "lp", f"results_dir={tmp_path}"]
+    assert run_cli("tune", *args) == 0
+    folder = tmp_path / "tune" / "lp"
+    protocol = json.loads((folder / tune.PROTOCOL).read_text())
+    assert protocol["treatment_key"] == "local_pooling" and protocol["studies"] == {"max": "lp.max", "avg": "lp.avg"}
+    for treatment, trials in _studies(folder).items():
+        assert len(trials) == 2
+        for trial in trials:
+            record = records.read_record(folder / tune.TRIALS / trial.user_attrs["run_id"])
+            assert record is not None and record["local_pooling"] == treatment and record["pooling"] == "avg"
+
+
 # ------------------------------------------------------------------------------------------ kill and resume
 
 
