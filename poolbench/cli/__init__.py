@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 # Importing the command modules registers their commands on `app`.
-from poolbench.cli import bench, check, listing, report, sweep, train  # noqa: F401
+from poolbench.cli import bench, check, listing, report, sweep, train, tune  # noqa: F401
 from poolbench.cli.app import app, console_err
 from poolbench.errors import PoolbenchError
 

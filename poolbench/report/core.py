@@ -29,7 +29,7 @@ from poolbench import records
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
 from poolbench.errors import PoolbenchError, unknown_choice
 from poolbench.pooling.registry import CUSTOM
-from poolbench.report import stats
+from poolbench.report import protocol, stats
 
 DEFAULT_METRICS = ("mAP", "top1", "acc@1", "acc@5", "latency.infer_image_ms", "latency.peak_mem_mb")
 ENV_KEYS = ("env.torch", "env.device_name", "env.git_commit")
@@ -918,6 +918,7 @@ def build(
     if mre is not None and not (math.isfinite(mre) and mre > 0):
         raise PoolbenchError(f"--mre takes a positive effect size in the metric's unit, got {mre}")
     frame, skipped = load(results_dir, where)
+    frame, tuning = protocol.prepare(frame, frame.attrs[RAW_RUN_DIR])  # runs of poolbench tune (report/protocol.py)
     run_dirs = frame.attrs[RAW_RUN_DIR]
     frame, latency_source, sbs_warnings, sbs_rows = read_side_by_side(results_dir, frame)
     rank_contexts = context_columns(frame, contexts)
@@ -964,4 +965,5 @@ def build(
         ]
     report.ranking = rank_operators(report)
     report.side_by_side = side_by_side_lines(sbs_rows, frame, found.keys)
+    protocol.attach(report, tuning)
     return report
