@@ -180,7 +180,7 @@ def run_status(run_dir: Path, overwrite: bool = False) -> tuple[str, float | Non
     if not run_dir.is_dir():
         return "new", None
     if record is None:
-        return ("unfinished" if (run_dir / "checkpoint.pt").is_file() else "new"), None
+        return ("unfinished" if (run_dir / records.CHECKPOINT).is_file() else "new"), None
     return ("failed" if record["status"] == "failed" else "unfinished"), None
 
 

@@ -21,8 +21,7 @@ from torch import nn
 
 from poolbench import files
 from poolbench.errors import PoolbenchError
-
-CHECKPOINT = "checkpoint.pt"
+from poolbench.records import CHECKPOINT  # noqa: F401  (re-exported: engine code names it from here)
 
 
 class CheckpointError(PoolbenchError):

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from poolbench import records
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
 from poolbench.report.core import SEED_KEY, Report, _present, label, ranking_lines, safe_text
 from poolbench.report.tables import display_comparison, display_ranking, display_summary
@@ -107,8 +108,8 @@ def recorded_commands(report: Report) -> list[str]:
     for run_id, run_dir in zip(report.runs["run_id"], report.runs["run_dir"], strict=True):
         try:
             folder = report.run_dirs.get(run_id, Path(str(run_dir)))
-            env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
+            env = records.read_env(folder, root=report.results_dir)
+        except (OSError, ValueError):
             continue
         if isinstance(env, dict) and isinstance(env.get("command"), str):
             found[env["command"]] = None

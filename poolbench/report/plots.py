@@ -9,7 +9,6 @@ in its metadata, and a confounded report says so on the figure itself.
 
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from collections.abc import Callable, Sequence
@@ -19,12 +18,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from poolbench import records
 from poolbench.report import stats
 from poolbench.report.core import Report, _present, context_label, label, quality_metrics, safe_text, treatment_label
 
 PANEL_W, PANEL_H = 3.3, 2.3  # inches: one panel fits a paper's single column
 FONT = 8
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = records.METRICS
 # Human name (with unit) per record field; anything else is shown by its field name.
 METRIC_LABELS = {
     "mAP": "mAP",
@@ -337,17 +337,14 @@ def read_curves(report: Report) -> pd.DataFrame:
     context_keys = _figure_contexts(report)
     rows = []
     for _, run in report.runs.iterrows():
-        path = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"]))) / METRICS_FILE
+        folder = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"])))
         try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
+            lines = records.read_metrics(folder, root=report.results_dir)
+        except (OSError, ValueError) as exc:  # a FIFO, a symlink to /dev/zero, too large: its curve is left out
+            report.notes.append(f"{records.first_line(exc)}: no curve for run {run['run_id']}")
             continue
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+        for row in lines:
+            if not isinstance(row.get("epoch"), int):
                 continue
             values = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             rows.append(
