@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from poolbench.cli.app import app, console, console_err
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 
 def _format(value: object) -> str:

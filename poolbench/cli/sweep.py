@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.console import Group, RenderableType
 from rich.live import Live
-from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
 from poolbench.errors import PoolbenchError, Terminated
+from poolbench.text import plain
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 if TYPE_CHECKING:
     from poolbench.sweep import Outcome, PlannedRun, SweepState
@@ -233,7 +234,7 @@ def sweep(
     if state.failed:
         console_err.print(f"[red]{len(state.failed)} run(s) failed[/] (their result.json says why):")
         for outcome in state.failed:
-            console_err.print(f"  {outcome.run_id}: {outcome.error}", highlight=False, markup=False)
+            console_err.print(plain(f"  {outcome.run_id}: {outcome.error}"), highlight=False, markup=False)
         raise typer.Exit(1)
 
 

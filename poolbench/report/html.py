@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import html
 import json
 import math
 from pathlib import Path
@@ -17,8 +16,9 @@ from typing import Any
 import pandas as pd
 
 from poolbench import records
+from poolbench import text as esc
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
-from poolbench.report.core import SEED_KEY, Report, _present, label, ranking_lines, safe_text
+from poolbench.report.core import SEED_KEY, Report, _present, label, ranking_lines
 from poolbench.report.tables import display_comparison, display_ranking, display_summary
 
 PAGE = "report.html"
@@ -36,11 +36,12 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; white-space: pre-wr
 
 
 def _e(value: Any) -> str:
-    return html.escape(safe_text(str(value)))
+    return esc.html(value)
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, escape=True, border=0, na_rep="-")
+    shown = frame.map(lambda v: esc.plain(v) if isinstance(v, str) else v).rename(columns=esc.plain)
+    return shown.to_html(index=False, escape=True, border=0, na_rep="-")  # controls shown, HTML escaped
 
 
 def _override(key: str, value: Any) -> str:
