@@ -98,6 +98,8 @@ class BenchSettings:
         for name, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
             if value is not None and value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0):
+            raise ConfigError(f"budget must be a number of seconds > 0, got {budget_s}")
         return cls(
             device=resolve_device(device),
             dtype=DTYPES[dtype],
@@ -150,6 +152,37 @@ def parse_shape(text: str) -> Shape:
     if len(values) != 4 or min(values) < 1:
         raise ConfigError(f"bad shape '{text}': expected B,C,H,W as four positive integers, e.g. 32,2048,7,7")
     return values  # type: ignore[return-value]
+
+
+def parse_batch(text: str) -> tuple[int, int]:
+    """'16x4' -> (16, 4): writers x patches per writer, both >= 1; ConfigError on anything else."""
+    try:
+        writers, per_writer = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        writers = per_writer = 0
+    if writers < 1 or per_writer < 1:
+        raise ConfigError(f"bad --batch '{text}': expected PxK with P, K >= 1 (writers x patches), e.g. 16x4")
+    return writers, per_writer
+
+
+def memory_bytes(device: torch.device) -> int:
+    """What one process may at most allocate on ``device``: the GPU's memory, or the machine's RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(shape: Sequence[int], settings: BenchSettings, *, what: str = "input") -> None:
+    """Refuse, before any work, an input whose one tensor alone cannot be held (a timed pass holds several,
+    and a size past int64 overflows torch's storage computation)."""
+    element = torch.empty((), dtype=settings.dtype).element_size()
+    needed = math.prod(int(s) for s in shape) * max(element, 4)  # the reference formulations compute in fp32
+    available = memory_bytes(settings.device)
+    if needed > available:
+        raise ConfigError(
+            f"{what} {shape_str(shape)} needs {needed / 2**30:,.1f} GiB for one tensor, more than the "
+            f"{available / 2**30:,.1f} GiB of {settings.device}; choose a smaller shape"
+        )
 
 
 def shape_str(shape: Sequence[int]) -> str:
