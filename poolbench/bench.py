@@ -817,6 +817,8 @@ def _collect(
     """The distinct configurations of the chosen completed runs, rebuilt; and the runs skipped, with why."""
     runs, problems = _completed_runs(results_dir)
     skipped = [{"run_id": "-", "reason": problem} for problem in problems]
+    for problem in problems:
+        note(f"skipped: {problem}")
     if run_ids is not None:
         known = {record["run_id"] for _, record in runs}
         for run_id in run_ids:

@@ -127,6 +127,10 @@ def open_regular(path: Path, kind: str | None = None, *, root: Path | None = Non
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafeFileError(f"{path}: is a symlink; not read") from None
+        with contextlib.suppress(OSError):  # a socket or a device without a driver cannot even be opened
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise UnsafeFileError(f"{path}: is {_kind(mode)}, not a regular file; not read") from None
         raise
     try:
         info = os.fstat(fd)
@@ -297,6 +301,8 @@ def _record_paths(results_dir: Path, problems: list[str]) -> list[Path]:
     found = []
     for folder, subfolders, names in os.walk(results_dir, onerror=unreadable):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in [d for d in subfolders if os.path.islink(os.path.join(folder, d))]:
+            problems.append(f"{os.path.join(folder, name)}: a symlink to a folder; not followed, its runs are skipped")
         if RECORD in names:
             found.append(Path(folder) / RECORD)
     return sorted(found)

@@ -74,7 +74,10 @@ def _not_ours(out_dir: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         owned = None
     if not isinstance(owned, dict):
-        return f"'{esc.plain(names[0])}' and no {OWNED}" if names != [OWNED] else None
+        if names == [OWNED]:
+            return None
+        shown = ", ".join(f"'{esc.plain(n)}'" for n in names[:3]) + (f" and {len(names) - 3} more" if names[3:] else "")
+        return f"{shown} but no {OWNED}"
     for name in names:
         if name == OWNED:
             continue
