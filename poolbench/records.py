@@ -1,4 +1,9 @@
-"""Run directories and their records: reading, listing, a lock so a run executes once, safe replacement.
+"""The results-folder contract: every file name of a run folder, the record and ``side_by_side.json``
+schemas, the safe readers, :func:`load_run`, the lock so a run executes once, and safe replacement.
+
+Nothing else names a file of a run folder: import the constants below. A results folder may come from
+someone else, so every file read from it goes through :func:`open_regular` (regular files only, no
+symlinks, a size cap per kind, never blocking on a FIFO) and every write refuses planted symlinks.
 
 Layout of ``<results_dir>/<run-id>/``::
 
@@ -335,7 +340,7 @@ def iter_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return found, problems
 
 
-STALE = "stale: its process died (no live process holds its lock); resume it with trainer.resume=true"
+STALE = "running, but stale: no live process holds its lock (its process died); trainer.resume=true resumes it"
 
 
 @dataclass

@@ -24,7 +24,8 @@ from typing import Any
 # C0 and C1 controls, DEL, line/paragraph separators and the bidirectional embeddings, overrides and
 # isolates ("Trojan source"): none belongs in one line of output.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&$])")
+# An underscore inside a word is never emphasis (CommonMark's flanking rules): escaped only at a word's edge.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]<>|~&$]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z]))")
 _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}",
     "&": r"\&",

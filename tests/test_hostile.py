@@ -207,6 +207,8 @@ def test_bench_runs_on_a_hostile_folder_times_the_good_runs_and_skips_each_other
     document = json.loads((results / records.SIDE_BY_SIDE).read_text())
     timed = {run_id for row in document["rows"] for run_id in row["run_ids"]}
     assert {"good-run", "fifo-metrics", "zero-metrics", "fifo-env", "escapes", "latex"} <= timed
+    assert document["schema"] == records.SIDE_BY_SIDE_SCHEMA
+    assert all(set(row) == set(records.SIDE_BY_SIDE_ROW_FIELDS) for row in document["rows"])  # the contract
     assert not (tmp_path / "markers" / "pickle-ran").exists()
     after = _snapshot(tmp_path, leave_out=(results / records.SIDE_BY_SIDE,))
     after.pop(str(results)), before.pop(str(results))  # its mtime: side_by_side.json was added
@@ -239,6 +241,14 @@ def test_planted_code_beside_the_runs_or_named_by_their_config_is_never_imported
 
 
 # ---------------------------------------------------------------------------------------------- readers
+
+
+def test_load_run_returns_config_record_and_the_trained_model(good_run: Path) -> None:
+    loaded = records.load_run(good_run, model=True)
+    assert loaded.record["status"] == "completed" and loaded.config.pooling.name == "avg"
+    state = torch.load(good_run / records.CHECKPOINT, weights_only=True)["model"]
+    assert all(torch.equal(value, state[key]) for key, value in loaded.model.state_dict().items())
+    assert records.load_run(good_run).model is None
 
 
 READERS = {
