@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from poolbench.cli.app import app, console, console_err
+from poolbench.text import plain
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,11 +72,11 @@ def report(
     if result.skipped:
         console_err.print(f"[yellow]skipped {len(result.skipped)} record(s):[/]")
         for line in result.skipped:
-            console_err.print(f"  {line}", highlight=False, markup=False)
+            console_err.print(f"  {plain(line)}", highlight=False, markup=False)
     if result.dropped:
         console_err.print(f"[yellow]left out of the statistics ({len(result.dropped)}):[/]")
         for line in result.dropped:
-            console_err.print(f"  {line}", highlight=False, markup=False)
+            console_err.print(f"  {plain(line)}", highlight=False, markup=False)
     for line in result.warnings:
         console_err.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False)
     console.print(_table(reporting.display_summary(result), _title(result), numeric_from=len(result.keys)))
@@ -93,12 +94,12 @@ def report(
                 highlight=False,
             )
         for line in result.comparison_lines:
-            console.print(line, highlight=False, markup=False)
+            console.print(plain(line), highlight=False, markup=False)
     if result.ranking is not None:
         for line in reporting.ranking_lines(result.ranking):
-            console.print(line, highlight=False, markup=False)
+            console.print(plain(line), highlight=False, markup=False)
     for line in result.side_by_side:
-        console.print(line, highlight=False, markup=False)
+        console.print(plain(line), highlight=False, markup=False)
     for metric_name, source in result.latency_source.items():
         console.print(f"[dim]{escape(metric_name)} from {escape(source)}[/]", highlight=False)
     writers = [partial(reporting.write_tables, formats=chosen_formats)]

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.console import Group, RenderableType
 from rich.live import Live
-from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
 from poolbench.errors import PoolbenchError, Terminated
+from poolbench.text import plain
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 if TYPE_CHECKING:
     from poolbench.sweep import Outcome, PlannedRun, SweepState
@@ -28,6 +29,7 @@ STATUS_STYLE = {
     "new": "cyan",
     "completed": "green",
     "unfinished": "yellow",
+    "stale": "yellow",
     "failed": "red",
     "elsewhere": "magenta",
     "overwrite": "cyan",
@@ -116,6 +118,22 @@ def _summary(state: SweepState) -> str:
     return ", ".join(parts)
 
 
+def _check_numbers(**values: float | None) -> None:
+    """The numeric options, checked before anything is composed or printed: one line each, not a usage panel."""
+    from poolbench.errors import ConfigError
+
+    lowest = {"jobs": 1, "timeout_min": 1, "gpus_per_node": 0, "cpus_per_task": 1}
+    for name, value in values.items():
+        if value is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if name == "mem_gb":
+            if not value > 0 or value == float("inf"):
+                raise ConfigError(f"{option} must be a number of GB > 0, got {value}")
+        elif value < lowest[name]:
+            raise ConfigError(f"{option} must be >= {lowest[name]}, got {value}")
+
+
 def _slurm_params(options: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -136,7 +154,7 @@ def sweep(
         show_default=False,
     ),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="List the runs and what would happen; run nothing."),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once (threads per run = cores // jobs)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once (threads per run = cores // jobs)."),
     executor: Executor = typer.Option(
         Executor.local,
         "--executor",
@@ -168,6 +186,8 @@ def sweep(
     """Run a grid of train runs; re-running skips completed runs and resumes interrupted ones."""
     from poolbench import sweep as sweeping
 
+    _check_numbers(jobs=jobs, timeout_min=timeout_min, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                   mem_gb=mem_gb)
     arguments = overrides or []
     experiments = [o.split("=", 1)[1] for o in arguments if o.lstrip("+").startswith("experiment=")]
     sweep_name = name or (experiments[0] if len(experiments) == 1 and "," not in experiments[0] else None)
@@ -242,7 +262,7 @@ def sweep(
     if state.failed:
         console_err.print(f"[red]{len(state.failed)} run(s) failed[/] (their result.json says why):")
         for outcome in state.failed:
-            console_err.print(f"  {outcome.run_id}: {outcome.error}", highlight=False, markup=False)
+            console_err.print(plain(f"  {outcome.run_id}: {outcome.error}"), highlight=False, markup=False)
         raise typer.Exit(1)
 
 

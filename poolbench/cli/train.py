@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, OVERRIDES_HELP, app, console, console_err
 from poolbench.cli.progress import ProgressBars
 from poolbench.errors import Terminated
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 SUMMARY_KEYS = (
     ("mAP", "mAP"),

@@ -19,9 +19,9 @@ from torch import nn
 
 from poolbench import files, pooling
 from poolbench.errors import ConfigError
+from poolbench.records import METRICS
+from poolbench.records import TENSORBOARD as TENSORBOARD_DIR
 
-METRICS = "metrics.jsonl"
-TENSORBOARD_DIR = "tb"
 LOGGERS = ("none", "tensorboard")
 
 

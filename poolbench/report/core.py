@@ -42,7 +42,7 @@ NOT_METRICS = ("cfg.", "choice.", "env.", "data.")
 BOOKKEEPING = ("seed", "feature_map_h", "feature_map_w", "failed_epoch", "pool_out_features", "num_params")
 # A record without these cannot be placed in a table or paired; the types they must have.
 IDENTITY_FIELDS: dict[str, type | tuple[type, ...]] = {"run_id": str, "status": str, SEED_KEY: int, POOLING_KEY: str}
-SIDE_BY_SIDE = "side_by_side.json"
+SIDE_BY_SIDE = records.SIDE_BY_SIDE
 # side_by_side.json row field -> report column, and the field holding its 95% interval.
 SIDE_BY_SIDE_COLUMNS = {
     "infer_image_ms": ("latency.infer_image_ms", "infer_image_ms_ci"),
@@ -242,7 +242,7 @@ def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, li
             completed.append(record)
             continue
         error = f": {record['error']}" if record.get("error") else ""
-        skipped.append(f"{record['run_id']} is {record['status']}{error}")
+        skipped.append(f"{record['run_id']} is {record.get('status_detail') or record['status']}{error}")
     mistyped = _mistyped(completed)
     skipped += [f"{completed[i]['run_id']}: {reason}" for i, reason in mistyped.items()]
     completed = [r for i, r in enumerate(completed) if i not in mistyped]
@@ -305,14 +305,12 @@ def read_side_by_side(
     path = Path(results_dir) / SIDE_BY_SIDE
     latency = [c for c in frame.columns if c.startswith("latency.") and _is_numeric_column(frame[c])]
     per_run = {c: PER_RUN_LATENCY for c in latency}
-    if not path.is_file():
-        return frame, per_run, [], []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data["rows"] if isinstance(data, dict) and data.get("schema") == 1 else None
-        if not isinstance(rows, list):
-            raise ValueError("not schema 1 with a list of rows")
-    except (OSError, ValueError, KeyError, RecursionError) as exc:
+        data = records.read_side_by_side(results_dir)
+        if data is None:
+            return frame, per_run, [], []
+        rows = data["rows"]
+    except (OSError, ValueError) as exc:
         return frame, per_run, [f"{safe_text(str(path))} ignored ({safe_text(str(exc))[:80]}); latency is per run"], []
     frame = frame.copy()
     frame[FROM_SIDE_BY_SIDE] = False

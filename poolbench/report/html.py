@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import html
 import json
 import math
 from pathlib import Path
@@ -16,8 +15,10 @@ from typing import Any
 
 import pandas as pd
 
+from poolbench import records
+from poolbench import text as esc
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
-from poolbench.report.core import SEED_KEY, Report, _present, label, ranking_lines, safe_text
+from poolbench.report.core import SEED_KEY, Report, _present, label, ranking_lines
 from poolbench.report.tables import comparison_caption, display_comparison, display_ranking, display_summary
 
 PAGE = "report.html"
@@ -35,11 +36,12 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; white-space: pre-wr
 
 
 def _e(value: Any) -> str:
-    return html.escape(safe_text(str(value)))
+    return esc.html(value)
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, escape=True, border=0, na_rep="-")
+    shown = frame.map(lambda v: esc.plain(v) if isinstance(v, str) else v).rename(columns=esc.plain)
+    return shown.to_html(index=False, escape=True, border=0, na_rep="-")  # controls shown, HTML escaped
 
 
 def _override(key: str, value: Any) -> str:
@@ -107,8 +109,8 @@ def recorded_commands(report: Report) -> list[str]:
     for run_id, run_dir in zip(report.runs["run_id"], report.runs["run_dir"], strict=True):
         try:
             folder = report.run_dirs.get(run_id, Path(str(run_dir)))
-            env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
+            env = records.read_env(folder, root=report.results_dir)
+        except (OSError, ValueError):
             continue
         if isinstance(env, dict) and isinstance(env.get("command"), str):
             found[env["command"]] = None

@@ -10,7 +10,6 @@ in its metadata, and a confounded report says so on the figure itself.
 
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from collections.abc import Callable, Sequence
@@ -20,12 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from poolbench import records
+from poolbench import text as esc
 from poolbench.report import stats
 from poolbench.report.core import Report, _present, context_label, label, quality_metrics, safe_text, treatment_label
 
 PANEL_W, PANEL_H = 3.3, 2.3  # inches: one panel fits a paper's single column
 FONT = 8
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = records.METRICS
 # Human name (with unit) per record field; anything else is shown by its field name.
 METRIC_LABELS = {
     "mAP": "mAP",
@@ -107,6 +108,7 @@ def _pyplot() -> Any:
             "ytick.labelsize": FONT - 1,
             "legend.fontsize": FONT - 1,
             "pdf.fonttype": 42,  # embed TrueType: text stays text in the PDF
+            "text.parse_math": False,  # labels come from records: a name with $...$ is text, never mathtext
         }
     )
     return plt
@@ -114,6 +116,7 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, report: Report, out_dir: Path, stem: str) -> list[Path]:
     """PNG and PDF, with the provenance in their metadata and any confounding warning on the figure."""
+    _plain_texts(fig)
     header = [safe_text(line) for line in report.provenance()]
     out_dir.mkdir(parents=True, exist_ok=True)
     png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
@@ -148,11 +151,24 @@ def _legend(fig: Any, palette: dict[str, Any], operators: Sequence[str], kind: s
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), frameon=False, bbox_to_anchor=(0.5, 1))
 
 
+def _plain_texts(fig: Any) -> None:
+    """Every text of the figure (labels, ticks, legends, titles: names from records) made one printable line
+    per label line: control characters shown as escapes (``text.parse_math`` off keeps ``$`` literal)."""
+    import matplotlib.text
+
+    for artist in fig.findobj(matplotlib.text.Text):
+        label = artist.get_text()
+        shown = "\n".join(esc.plain(part) for part in label.split("\n"))
+        if shown != label:
+            artist.set_text(shown)
+
+
 def _finish(fig: Any, report: Report, caption: str, *, legend: bool = True) -> None:
     """Caption under the panels, any confounding warning in red under it, legend room above; tight layout.
 
     The figure grows by the height of the warning so that the panels keep their size.
     """
+    _plain_texts(fig)
     # characters per line of (FONT - 1) pt text; DejaVu Sans averages ~0.6 em per character
     width_chars = int(0.95 * fig.get_figwidth() * 72 / (0.6 * (FONT - 1)))
     warning = [
@@ -377,17 +393,14 @@ def read_curves(report: Report) -> pd.DataFrame:
     context_keys = _figure_contexts(report)
     rows = []
     for _, run in report.runs.iterrows():
-        path = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"]))) / METRICS_FILE
+        folder = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"])))
         try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
+            lines = records.read_metrics(folder, root=report.results_dir)
+        except (OSError, ValueError) as exc:  # a FIFO, a symlink to /dev/zero, too large: its curve is left out
+            report.notes.append(f"{records.first_line(exc)}: no curve for run {run['run_id']}")
             continue
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+        for row in lines:
+            if not isinstance(row.get("epoch"), int):
                 continue
             values = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             rows.append(

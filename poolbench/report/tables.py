@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from poolbench import text as esc
 from poolbench.errors import PoolbenchError, unknown_choice
 from poolbench.report.core import FORMATS, TOO_FEW, Report, _fmt_p, _present, label, ranking_lines, too_few
 from poolbench.report.power import MAX_SEEDS
@@ -149,32 +150,20 @@ def _cell(value: Any) -> str:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    def escape(cell: object) -> str:
-        return str(cell).replace("|", r"\|").replace("\n", " ")
+    escape = esc.markdown  # cells and headers come from records: data, never Markdown
 
     lines = ["| " + " | ".join(escape(c) for c in table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}"}
-_LATEX_SPECIAL |= {"~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "$": r"\$", "Δ": r"$\Delta$", "±": r"$\pm$"}
-_LATEX_SPECIAL |= {"\n": " ", "\r": " "}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+latex_escape = esc.latex  # every special character literal: no \input or \write18 from a record
 
 
 def to_latex(table: pd.DataFrame, caption: str, comments: Sequence[str] = ()) -> str:
     """A booktabs table; cells already in math mode (``$...$``) are kept as they are."""
 
-    def math_cell(value: object) -> str:
-        text = str(value)
-        if text.startswith("$"):
-            math_part, _, rest = text[1:].partition("$")
-            return f"${math_part}$" + latex_escape(rest)
-        return latex_escape(text)
+    math_cell = esc.latex_cell  # only poolbench's own $number \pm number$ stays math
 
     spec = "l" * len(table.columns)
     lines = [f"% {latex_escape(line)}" for line in comments]
@@ -210,13 +199,15 @@ def parse_formats(text: str | Sequence[str] | None) -> list[str]:
 
 
 def _csv(frame: pd.DataFrame, path: Path, header: Sequence[str]) -> None:
-    text = "".join(f"# {line}\n" for line in header) + frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
+    comments = "".join(f"# {esc.plain(line)}\n" for line in header)  # one line each, whatever a record holds
+    text = comments + frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
     path.write_text(text, encoding="utf-8")
 
 
 def _markdown(frame: pd.DataFrame, path: Path, header: Sequence[str], caption: str) -> None:
-    lines = [f"**{line}**" if line.startswith("WARNING") else line for line in header]
-    path.write_text("  \n".join(lines) + "\n\n" + caption + "\n\n" + to_markdown(frame), encoding="utf-8")
+    lines = [f"**{esc.markdown(line)}**" if line.startswith("WARNING") else esc.markdown(line) for line in header]
+    body = "  \n".join(lines) + "\n\n" + esc.markdown(caption) + "\n\n" + to_markdown(frame)
+    path.write_text(body, encoding="utf-8")
 
 
 def write_tables(report: Report, out_dir: Path, formats: Sequence[str]) -> list[Path]:
