@@ -86,6 +86,11 @@ IDENTITY_NEUTRAL: dict[str, Any] = {
     "dataset.test_identities": 0.5,
     "dataset.identity_split_seed": 0,
     "dataset.channels": None,
+    # The validation split (issue 18) and the knowing filters of small identities/classes: off = as before.
+    "dataset.val_share": 0.0,
+    "dataset.val_dir": "val",
+    "dataset.min_per_identity": None,
+    "dataset.min_per_class": None,
 }
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")

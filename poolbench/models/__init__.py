@@ -128,8 +128,8 @@ def check(model_node: DictConfig | Mapping[str, Any]) -> None:
         torchvision_backbones.check_arch(arch)
     elif library == "timm":
         timm_backbones.check_arch(arch)
-    elif library == custom.LIBRARY:
-        custom.factory_of(cfg, option.meta)
+    elif library == custom.LIBRARY and (cfg.get("_target_") or option.meta.get("factory")):
+        custom.factory_of(cfg, option.meta)  # (a missing _target_ is the schema's Required: `train --cfg` shows it)
 
 
 def build_trunk(model_cfg: DictConfig | Mapping[str, Any], in_channels: int) -> nn.Module:
