@@ -23,8 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from poolbench import files, records
 from poolbench.config import config_hash, flatten, run_id
 from poolbench.config import run_dir as run_dir_of
-from poolbench.engine.checkpoint import CHECKPOINT
-from poolbench.engine.policies import should_resume
 from poolbench.environment import capture_env
 from poolbench.errors import PoolbenchError, Terminated
 
@@ -112,7 +110,7 @@ def execute(
         record = {**reusable, "reused": True}
         if not return_model:
             return record
-        from poolbench.engine.checkpoint import load_weights
+        from poolbench.engine.checkpoint import CHECKPOINT, load_weights
 
         built = built or _build(cfg, progress)
         load_weights(built.model, run_dir / CHECKPOINT)
@@ -189,6 +187,9 @@ def _run(
 ) -> dict[str, Any]:
     """Train in ``run_dir`` (or, when replacing a completed run, in its staging folder, swapped in at the end)."""
     if not replacing:
+        from poolbench.engine.checkpoint import CHECKPOINT
+        from poolbench.engine.policies import should_resume
+
         resuming = should_resume(cfg.trainer.resume, run_dir / CHECKPOINT, overwrite=bool(cfg.trainer.overwrite))
         return _train(cfg, run_dir, built, resuming, progress, log, run_dir=run_dir)
     staged = records.staging_dir(run_dir)

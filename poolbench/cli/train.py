@@ -60,13 +60,14 @@ def train(
 
     from poolbench.config import compose
     from poolbench.config import run_dir as run_dir_of
-    from poolbench.run import execute
 
     config = compose(overrides or [])
     if cfg:
         console.print(OmegaConf.to_yaml(config, resolve=True), highlight=False, markup=False, end="")
         console.print(f"# run directory: {run_dir_of(config)}", style="dim", highlight=False, markup=False)
         return
+    from poolbench.run import execute  # the training code: not loaded for --cfg
+
     bars = ProgressBars(console, enabled=not quiet)
     try:
         with bars:
