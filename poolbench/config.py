@@ -119,7 +119,17 @@ def _store_generated_nodes() -> None:
     Called before every composition, so operators registered since (plugins) are options too."""
     from poolbench import pooling
 
+    _import_schema_owners()
     store = ConfigStore.instance()
+    # What the nodes are made from: storing them costs ~1 s (OmegaConf builds every node), so they are
+    # stored again only when an operator or option was (un)registered since, or the store was emptied.
+    sources = (
+        tuple((kind, spec) for kind in ("global", "local") for spec in pooling.specs(kind)),
+        tuple((group, name, opt) for group in schema.groups() for name, opt in schema.options(group).items()),
+    )  # the objects themselves (held, compared by value), not their ids, which a new object may reuse
+    global _STORED
+    if _STORED is not None and _STORED[0] == sources and _STORED[1] is store and "poolbench_base.yaml" in store.repo:
+        return
     for group, kind in (("pooling", "global"), ("local_pooling", "local")):
         store.repo[group] = {}  # exactly the registered operators (a test may have unregistered one)
         for spec in pooling.specs(kind):
@@ -129,11 +139,15 @@ def _store_generated_nodes() -> None:
         store.store(group=group, name=pooling.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
     store.store(group="augment", name=AUTO_AUGMENT, node={"name": AUTO_AUGMENT})
-    _import_schema_owners()
     for group in schema.groups():
         for name, opt in schema.options(group).items():
             store.store(group=group, name=name, node=opt.node())
     store.store(name="poolbench_base", node=schema.defaults(RunSettings))
+    _STORED = sources, store
+
+
+# (what the generated nodes were made from, the ConfigStore they went to): see _store_generated_nodes
+_STORED: tuple[Any, ConfigStore] | None = None
 
 
 def _import_schema_owners() -> None:
@@ -515,14 +529,20 @@ def _composition_message(exc: HydraException) -> str:
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, DictConfig | Mapping):
-        out: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    _collect_leaves(node, prefix, out)
+    return out
+
+
+def _collect_leaves(node: Any, prefix: str, out: dict[str, Any]) -> None:
+    # Plain dicts first: a sweep's plan flattens every run, and an ABC isinstance check costs 10x more.
+    if type(node) is dict or isinstance(node, DictConfig | Mapping):
         for key in node:
-            out.update(_leaves(node[key], f"{prefix}{key}."))
-        return out
-    if isinstance(node, ListConfig):
-        return {prefix[:-1]: list(node)}
-    return {prefix[:-1]: node}
+            _collect_leaves(node[key], f"{prefix}{key}.", out)
+    elif isinstance(node, ListConfig):
+        out[prefix[:-1]] = list(node)
+    else:
+        out[prefix[:-1]] = node
 
 
 def flatten(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
