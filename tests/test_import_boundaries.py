@@ -109,3 +109,18 @@ def test_every_command_has_a_light_help_case() -> None:
     """A new command joins the list above (its --help at least), so the boundary covers it."""
     helped = {argv[0] for argv, _ in LIGHT_COMMANDS if argv[1:] == ("--help",)}
     assert set(_commands()) <= helped, sorted(set(_commands()) - helped)
+
+
+def test_engine_names_stay_functions_after_their_modules_load() -> None:
+    """poolbench.engine loads its names on first use; importing a submodule must not replace a name
+    with the module of the same name (``poolbench.engine.evaluate`` is the function)."""
+    code = (
+        "import types, poolbench.engine.settings, poolbench.engine.evaluate, poolbench.engine.train\n"
+        "from poolbench import engine\n"
+        "from poolbench.engine import evaluate\n"
+        "assert not isinstance(evaluate, types.ModuleType) and callable(evaluate), evaluate\n"
+        "assert engine.evaluate is evaluate and callable(engine.fit) and callable(engine.measure_latency)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

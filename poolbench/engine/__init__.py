@@ -7,6 +7,8 @@ config schema, needed to compose any config) must not pull in the training and e
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,6 +46,19 @@ def __getattr__(name: str) -> Any:
     if home is None:
         raise AttributeError(f"module 'poolbench.engine' has no attribute {name!r}")
     return getattr(importlib.import_module(f"poolbench.engine.{home}"), name)
+
+
+class _Engine(types.ModuleType):
+    """Importing a submodule binds its name on the package: ``poolbench.engine.evaluate`` would become
+    the module ``evaluate.py`` instead of the function it defines. Keep the function there."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _HOMES.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Engine
 
 
 __all__ = [
