@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from poolbench import records
 from poolbench.engine.latency import (
     count_flops,
     first_line,
@@ -48,7 +49,7 @@ from poolbench.engine.latency import (
     train_step_fn,
 )
 from poolbench.engine.policies import build_optimizer, loss_name, resolve_device
-from poolbench.errors import ConfigError, unknown_choice
+from poolbench.errors import ConfigError, PoolbenchError, unknown_choice
 from poolbench.pooling.reference import reference_for
 
 Shape = tuple[int, int, int, int]
@@ -97,6 +98,8 @@ class BenchSettings:
         for name, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
             if value is not None and value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0):
+            raise ConfigError(f"budget must be a number of seconds > 0, got {budget_s}")
         return cls(
             device=resolve_device(device),
             dtype=DTYPES[dtype],
@@ -149,6 +152,37 @@ def parse_shape(text: str) -> Shape:
     if len(values) != 4 or min(values) < 1:
         raise ConfigError(f"bad shape '{text}': expected B,C,H,W as four positive integers, e.g. 32,2048,7,7")
     return values  # type: ignore[return-value]
+
+
+def parse_batch(text: str) -> tuple[int, int]:
+    """'16x4' -> (16, 4): writers x patches per writer, both >= 1; ConfigError on anything else."""
+    try:
+        writers, per_writer = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        writers = per_writer = 0
+    if writers < 1 or per_writer < 1:
+        raise ConfigError(f"bad --batch '{text}': expected PxK with P, K >= 1 (writers x patches), e.g. 16x4")
+    return writers, per_writer
+
+
+def memory_bytes(device: torch.device) -> int:
+    """What one process may at most allocate on ``device``: the GPU's memory, or the machine's RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(shape: Sequence[int], settings: BenchSettings, *, what: str = "input") -> None:
+    """Refuse, before any work, an input whose one tensor alone cannot be held (a timed pass holds several,
+    and a size past int64 overflows torch's storage computation)."""
+    element = torch.empty((), dtype=settings.dtype).element_size()
+    needed = math.prod(int(s) for s in shape) * max(element, 4)  # the reference formulations compute in fp32
+    available = memory_bytes(settings.device)
+    if needed > available:
+        raise ConfigError(
+            f"{what} {shape_str(shape)} needs {needed / 2**30:,.1f} GiB for one tensor, more than the "
+            f"{available / 2**30:,.1f} GiB of {settings.device}; choose a smaller shape"
+        )
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -605,9 +639,9 @@ def _finite(value: Any) -> Any:
 
 # ----------------------------------------------------------------------------------- side by side
 
-SIDE_BY_SIDE = "side_by_side.json"
+SIDE_BY_SIDE = records.SIDE_BY_SIDE
 SIDE_BY_SIDE_ROUNDS = 10
-SIDE_BY_SIDE_SCHEMA = 1
+SIDE_BY_SIDE_SCHEMA = records.SIDE_BY_SIDE_SCHEMA
 
 
 @dataclass
@@ -632,17 +666,13 @@ def _completed_runs(results_dir: Path) -> tuple[list[tuple[Path, dict[str, Any]]
     The folder is where the record was found, never the record's own ``run_dir`` field (a record
     is untrusted text and may name any path).
     """
-    from poolbench import records
-
-    runs, problems = [], []
-    for path in sorted(results_dir.rglob(records.RECORD)):
-        try:
-            record = records.read_record(path.parent)
-        except ValueError as exc:
-            problems.append(str(exc))
-            continue
-        if record is not None and record.get("status") == "completed" and isinstance(record.get("run_id"), str):
-            runs.append((path.parent, record))
+    found, problems = records.iter_records(results_dir)
+    runs = []
+    for record in found:
+        if record.get("status") == "completed" and isinstance(record.get("run_id"), str):
+            runs.append((Path(record["run_dir"]), record))
+        elif isinstance(record.get("run_id"), str):
+            problems.append(f"{record['run_id']} is {record.get('status_detail') or record['status']}")
     return runs, problems
 
 
@@ -668,17 +698,19 @@ def _geometry(record: dict[str, Any], cfg: Any, state: dict[str, torch.Tensor]) 
     return in_channels, input_size, num_classes
 
 
-def _rebuild(run_dir: Path, record: dict[str, Any]) -> tuple[Any, nn.Module, tuple[int, int, int]]:
+def _rebuild(run_dir: Path, record: dict[str, Any], root: Path | None = None) -> tuple[Any, nn.Module, tuple]:
     """(config, model with the checkpoint's weights on CPU, geometry) of a completed run."""
-    from omegaconf import OmegaConf
+    loaded = records.load_run(run_dir, model=True, root=root)
+    return loaded.config, loaded.model, loaded.geometry
 
+
+def rebuild_model(cfg: Any, record: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[nn.Module, tuple]:
+    """The model of a run's config and record with the weights ``state``, and its geometry
+    (in_channels, input_size, num_classes); what :func:`poolbench.records.load_run` rebuilds with."""
     from poolbench import plugins
-    from poolbench.engine.train import CHECKPOINT
     from poolbench.models import build_model
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
     plugins.load(cfg.get("plugins") or [])  # a plugin's operator exists only once its module is imported
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["model"]
     in_channels, input_size, num_classes = _geometry(record, cfg, state)
     task = str(record.get("task", ""))
     torch.manual_seed(0)
@@ -695,7 +727,7 @@ def _rebuild(run_dir: Path, record: dict[str, Any]) -> tuple[Any, nn.Module, tup
     expected = (record.get("feature_map_h"), record.get("feature_map_w"))
     if tuple(net.feature_map_size) != expected:
         raise ValueError(f"rebuilt feature map {net.feature_map_size} differs from the record's {expected}")
-    return cfg, net, (in_channels, input_size, num_classes)
+    return net, (in_channels, input_size, num_classes)
 
 
 def _config_key(cfg: Any, geometry: tuple[int, int, int], device: torch.device) -> str:
@@ -785,6 +817,8 @@ def _collect(
     """The distinct configurations of the chosen completed runs, rebuilt; and the runs skipped, with why."""
     runs, problems = _completed_runs(results_dir)
     skipped = [{"run_id": "-", "reason": problem} for problem in problems]
+    for problem in problems:
+        note(f"skipped: {problem}")
     if run_ids is not None:
         known = {record["run_id"] for _, record in runs}
         for run_id in run_ids:
@@ -794,9 +828,9 @@ def _collect(
     groups: dict[str, tuple[list[str], Path, dict[str, Any], Any, nn.Module, torch.device, tuple]] = {}
     for run_dir, record in sorted(runs, key=lambda run: run[1]["run_id"]):
         try:
-            cfg, net, geometry = _rebuild(run_dir, record)
+            cfg, net, geometry = _rebuild(run_dir, record, root=results_dir)
             device = resolve_device(str(cfg.get("device", "auto")))
-        except (OSError, ValueError, KeyError, RuntimeError, ConfigError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, PoolbenchError) as exc:
             skipped.append({"run_id": record["run_id"], "reason": first_line(exc)})
             note(f"skipped {record['run_id']}: {first_line(exc)}")
             continue

@@ -85,6 +85,11 @@ IDENTITY_NEUTRAL: dict[str, Any] = {
     "dataset.test_identities": 0.5,
     "dataset.identity_split_seed": 0,
     "dataset.channels": None,
+    # The validation split (issue 18) and the knowing filters of small identities/classes: off = as before.
+    "dataset.val_share": 0.0,
+    "dataset.val_dir": "val",
+    "dataset.min_per_identity": None,
+    "dataset.min_per_class": None,
 }
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
@@ -598,6 +603,8 @@ def _validate_values(root: dict[str, Any], checked: set[str] | None = None) -> d
 def _seen(seen: set[str], what: tuple[Any, ...], content: Any) -> bool:
     """Whether ``content`` (resolved, plain) passed the check ``what`` before; remember it as passed
     (a check that then fails raises, and the caller stops)."""
+    if schema.collecting_missing():
+        return False  # unset required keys pass inside the block: nothing learnt for outside it
     key = json.dumps([what, content], sort_keys=True, default=repr)
     if key in seen:
         return True

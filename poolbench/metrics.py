@@ -77,7 +77,9 @@ def accuracy(
     labels: torch.Tensor | np.ndarray | Sequence[int],
     ks: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
-    """Top-k accuracy as fractions, keys ``acc@k``; k is clipped to the number of classes."""
+    """Top-k accuracy as fractions, keys ``acc@k``, for the k below the number of classes only: with k
+    at or above it every label is in the top k and acc@k is 1.0 whatever the model (a 3-class set has
+    no acc@5); acc@1 is always there."""
     scores = _as_tensor(logits, torch.float32)
     targets = _as_tensor(labels, torch.int64)
     if scores.ndim != 2 or targets.ndim != 1 or len(scores) != len(targets) or len(scores) == 0:
@@ -86,6 +88,8 @@ def accuracy(
             f"and {tuple(targets.shape)}"
         )
     # A stable sort, not topk: tied scores rank the lower class index first, deterministically.
-    top = scores.sort(dim=1, descending=True, stable=True).indices[:, : min(max(ks), scores.shape[1])]
+    classes = scores.shape[1]
+    ks = [k for k in ks if k == 1 or k < classes]
+    top = scores.sort(dim=1, descending=True, stable=True).indices[:, : min(max(ks, default=1), classes)]
     hits = top == targets[:, None]
-    return {f"acc@{k}": hits[:, : min(k, scores.shape[1])].any(dim=1).float().mean().item() for k in ks}
+    return {f"acc@{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}

@@ -25,6 +25,7 @@ from poolbench.config import config_hash, flatten, run_id
 from poolbench.config import run_dir as run_dir_of
 from poolbench.environment import capture_env
 from poolbench.errors import PoolbenchError, Terminated
+from poolbench.records import CHECKPOINT
 
 if TYPE_CHECKING:
     import torch
@@ -104,13 +105,13 @@ def execute(
                     return (record, built.model) if return_model else record
                 reusable = completed
         log(f"run {run_dir.name} already completed; reusing its record (trainer.overwrite=true trains again)")
-        if records.staging_dir(run_dir).exists():  # left by a killed overwrite run, unless one is live
+        if records.has_staged(run_dir):  # left by a killed overwrite run, unless one is live
             with contextlib.suppress(records.RunLockedError), records.run_lock(run_dir):
                 records.recover(run_dir)
         record = {**reusable, "reused": True}
         if not return_model:
             return record
-        from poolbench.engine.checkpoint import CHECKPOINT, load_weights
+        from poolbench.engine.checkpoint import load_weights
 
         built = built or _build(cfg, progress)
         load_weights(built.model, run_dir / CHECKPOINT)
@@ -186,8 +187,8 @@ def _run(
     cfg: DictConfig, run_dir: Path, built: Built, *, replacing: bool, progress: Progress | None, log: Log
 ) -> dict[str, Any]:
     """Train in ``run_dir`` (or, when replacing a completed run, in its staging folder, swapped in at the end)."""
+    records.check_run_dir(run_dir)  # a planted symlink in its place would make the run write elsewhere
     if not replacing:
-        from poolbench.engine.checkpoint import CHECKPOINT
         from poolbench.engine.policies import should_resume
 
         resuming = should_resume(cfg.trainer.resume, run_dir / CHECKPOINT, overwrite=bool(cfg.trainer.overwrite))
@@ -221,8 +222,8 @@ def _train(
     }
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
-        records.atomic_write_text(work_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        records.atomic_write_json(work_dir / "env.json", env)
+        records.atomic_write_text(work_dir / records.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+        records.atomic_write_json(work_dir / records.ENV, env)
         records.atomic_write_json(work_dir / records.RECORD, record)
         record.update(_train_and_measure(cfg, work_dir, built, resuming, progress, log))
         record.update(status="completed")
@@ -270,6 +271,7 @@ def _model_fields(built: Built) -> dict[str, Any]:
         "input_size": built.data.input_size,
         "num_classes": built.data.num_classes,
         **{f"data.{k}": v for k, v in built.data.info.items()},
+        **({"data.notes": " | ".join(built.data.notes)} if built.data.notes else {}),
     }
 
 
@@ -290,6 +292,8 @@ def _train_and_measure(
         )
         warnings.warn(message, stacklevel=1)
         log(f"warning: {message}")
+    for note in data.notes:  # what the data builder wants the user to see (single-image identities, ...)
+        log(f"warning: {note}")
     summary = fit(
         model,
         data,
@@ -306,8 +310,14 @@ def _train_and_measure(
     fields: dict[str, Any] = {"resume_count": summary.pop("resume_count")}
     fields.update({f"train.{k}": v for k, v in summary.items()})
     amp = str(cfg.trainer.amp)
+    # The test split is evaluated once, here, at the end; the validation split (selection: val.mAP /
+    # val.acc@1) beside it, under val.<metric>.
     fields.update(evaluate(model, data, device=device, batch_size=cfg.trainer.eval_batch_size, amp=amp,
                            progress=progress))
+    if data.val is not None:
+        val = evaluate(model, data, device=device, batch_size=cfg.trainer.eval_batch_size, amp=amp,
+                       progress=progress, split="val")
+        fields.update({f"val.{k}": v for k, v in val.items()})
     if cfg.trainer.latency.enabled:
         latency = measure_latency(
             model,

@@ -60,6 +60,28 @@ class Required:
     hint: str
 
 
+# While a collect_missing block is open, Required keys left unset are collected here instead of refused.
+_MISSING: list[list[tuple[str, str]]] = []
+
+
+class collect_missing:  # noqa: N801 - used like a function: ``with collect_missing() as missing:``
+    """Within the block, a :class:`Required` key left unset is not an error but appended to the list
+    the block yields as ``(dotted key, hint)``: for showing a config whose required values are still to
+    be given (``poolbench train --cfg dataset=retrieval_folder``). Every other check still applies."""
+
+    def __enter__(self) -> list[tuple[str, str]]:
+        _MISSING.append([])
+        return _MISSING[-1]
+
+    def __exit__(self, *exc: object) -> None:
+        _MISSING.pop()
+
+
+def collecting_missing() -> bool:
+    """Whether a :class:`collect_missing` block is open (a check passing now may not pass outside it)."""
+    return bool(_MISSING)
+
+
 @dataclass(frozen=True)
 class Option:
     """One registered option of a config group: its schema and the values that differ from the
@@ -159,6 +181,10 @@ def check(node: Any, schema: type, prefix: str, *, label: str | None = None) -> 
         if key not in node:
             raise ConfigError(f"config key '{dotted}' is required and cannot be removed")
         check_value(node[key], hints[key], dotted, defaults_[key])
+    # Rules between keys (patch_size <= page_size, ...): a schema's own ``check_values(node)``.
+    cross = getattr(schema, "check_values", None)
+    if callable(cross):
+        cross(node)
 
 
 def check_value(value: Any, annotation: Any, dotted: str, default: Any = None) -> None:
@@ -170,7 +196,10 @@ def check_value(value: Any, annotation: Any, dotted: str, default: Any = None) -
         raise ConfigError(f"{dotted} must not be empty ({required.hint})")
     if value is None:
         if required is not None:
-            raise ConfigError(f"{dotted} is required: {required.hint}")
+            if not _MISSING:
+                raise ConfigError(f"{dotted} is required: {required.hint}")
+            _MISSING[-1].append((dotted, required.hint))
+            return
         if _allows_none(base):
             return
         raise ConfigError(f"{dotted} must not be null (like the default {default!r})")

@@ -23,6 +23,8 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -44,11 +46,12 @@ ACTIONS = {
     "new": "run",
     "completed": "skip",
     "unfinished": "resume",
+    "stale": "resume (its record says running, but no live process holds its lock: it died)",
     "failed": "retry",
     "elsewhere": "leave (running elsewhere)",
     "overwrite": "train again (trainer.overwrite=true)",
 }
-TO_RUN = ("new", "unfinished", "failed", "overwrite")
+TO_RUN = ("new", "unfinished", "stale", "failed", "overwrite")
 EXECUTORS = ("local", "submitit", "slurm")
 # Names that become path components or job names: no separators, no leading dot, no markup.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
@@ -171,7 +174,7 @@ def run_status(run_dir: Path, overwrite: bool = False) -> tuple[str, float | Non
     """Plan status of a run directory and, when completed, its wall time."""
     try:
         record = records.read_record(run_dir)
-    except ValueError:
+    except (ValueError, OSError):  # corrupt, not a regular file, or a folder we may not enter
         record = {"status": "corrupt"}
     if record is not None and record["status"] == "completed":
         return ("overwrite" if overwrite else "completed"), record.get("wall_time_s")
@@ -180,7 +183,9 @@ def run_status(run_dir: Path, overwrite: bool = False) -> tuple[str, float | Non
     if not run_dir.is_dir():
         return "new", None
     if record is None:
-        return ("unfinished" if (run_dir / "checkpoint.pt").is_file() else "new"), None
+        return ("unfinished" if (run_dir / records.CHECKPOINT).is_file() else "new"), None
+    if record["status"] == "running":  # not locked (checked above): the process that wrote it is dead
+        return "stale", None
     return ("failed" if record["status"] == "failed" else "unfinished"), None
 
 
@@ -195,6 +200,19 @@ def check_name(name: str) -> str:
             f"sweep name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-' (not starting with '.')"
         )
     return name
+
+
+def _listing(results_dir: Path) -> set[str]:
+    """Names in a results folder (empty when it does not exist yet); one line when it cannot be read."""
+    try:
+        return set(os.listdir(results_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.lexists(results_dir) and not results_dir.is_dir():
+            raise ConfigError(f"results_dir {results_dir} is a file, not a folder") from None
+        return set()
+    except OSError as exc:
+        raise ConfigError(f"results_dir {results_dir} cannot be read ({exc.strerror or exc}); "
+                          "choose another with results_dir=...") from None
 
 
 def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRun]:
@@ -218,7 +236,7 @@ def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRu
             continue
         results_dir = Path(cfg["results_dir"]).resolve()  # one syscall per path component: cheap
         if results_dir not in listings:
-            listings[results_dir] = set(os.listdir(results_dir)) if results_dir.is_dir() else set()
+            listings[results_dir] = _listing(results_dir)
         run_dir = results_dir / identifier  # run ids are plain folder names (config.run_id)
         # Absolute, so that jobs started from another working directory (submitit, SLURM) write the same place.
         extra = [f"results_dir={_quoted(str(results_dir))}"]
@@ -483,7 +501,9 @@ class _ProcessPool(_Pool):
     def _new_pool(self) -> None:
         # spawn, not fork: torch's thread pools and CUDA do not survive a fork.
         context = multiprocessing.get_context("spawn")
-        self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=self.window, mp_context=context)
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.window, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
+        )
 
     def submit(self, batch: list[tuple[int, PlannedRun]]) -> list[Any]:
         handles = []
@@ -528,6 +548,38 @@ class _ProcessPool(_Pool):
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+ORPHAN_GRACE_S = 15.0  # after its parent died, for a worker to record its run interrupted (SIGTERM) before exiting
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: the worker ends when the sweep process dies, even by ``kill -9``.
+
+    On Linux the kernel sends SIGTERM at the parent's death (``prctl(PR_SET_PDEATHSIG)``): a run in progress
+    records itself ``interrupted``, an idle worker ends. Everywhere, a daemon thread also watches the
+    parent's pid and exits the process ``ORPHAN_GRACE_S`` after it is gone (a worker that survived its
+    SIGTERM). The resource tracker ends on its own once no process holds its pipe any more.
+    """
+    if os.getppid() != parent_pid:  # the parent died before this ran
+        os._exit(143)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # died between the first check and prctl
+            os._exit(143)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        time.sleep(ORPHAN_GRACE_S)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="poolbench-parent-watch", daemon=True).start()
 
 
 def _cuda_devices() -> list[int]:

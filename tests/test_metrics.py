@@ -103,6 +103,7 @@ def test_accuracy_by_hand() -> None:
     labels = torch.tensor([1, 1, 0, 1])
     # top-1 predictions: 1, 0, 2, 0 (tie 0/1 → lower index 0) → hits 1 0 0 0 → 1/4
     # top-2 sets: {1,0} {0,1|2 tie → 1} {2,1} {0,1} → hits 1 1 0 1 → 3/4
-    # k=5 is clipped to 3 classes → every label is in the top 3 → 1
-    assert accuracy(logits, labels, ks=(1, 2, 5)) == {"acc@1": 0.25, "acc@2": 0.75, "acc@5": 1.0}
+    # k=5 (and k=3) >= 3 classes: every label is in the top k, acc@k would be 1 whatever the model → left out
+    assert accuracy(logits, labels, ks=(1, 2, 3, 5)) == {"acc@1": 0.25, "acc@2": 0.75}
     assert set(accuracy(np.zeros((2, 10)), [0, 1])) == {"acc@1", "acc@5"}
+    assert set(accuracy(np.zeros((2, 5)), [0, 1])) == {"acc@1"}  # acc@5 of 5 classes is 1 by construction

@@ -16,7 +16,7 @@ DRIVER = shutil.which("chromedriver")
 
 def _results(tmp_path: Path) -> Path:
     results = _with_curves(tmp_path / "runs")
-    for pooling, value in (("avg", 0.7), ("dgmp", 0.75), ("gem", 0.8)):  # a second dataset: ranks + CD diagram
+    for pooling, value in (("avg", 0.7), ("dgmp", 0.75), ("gem", 0.8)):  # a second dataset: ranks
         for seed in range(2):
             extra = {"acc@1": value + seed / 100, "latency.infer_image_ms": 1.0 + value}
             write(results, make_record(pooling, seed, dataset="digits", **extra))
@@ -30,10 +30,11 @@ def test_html_is_self_contained_and_escaped(run_cli: Callable[..., int], tmp_pat
     assert run_cli("report", str(_results(tmp_path)), "-b", "avg", "--html", "--out", str(out)) == 0
     page = (out / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert page.count('src="data:image/png;base64,') == 4  # pareto, bars, curves, cd_diagram
+    assert page.count('src="data:image/png;base64,') == 3  # pareto, means, curves (2 contexts: no CD diagram)
+    assert "no critical-difference diagram: 2 contexts" in page
     assert "http://" not in page and "https://" not in page
     assert "poolbench sweep dataset=digits model=smallcnn pooling=dgmp" in page  # a command that reproduces runs
-    assert "Holm-adjusted over the family of" in page
+    assert "Holm-adjusted value over the" in page and "sign-flip permutation test" in page
 
 
 @pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no headless browser (Debian: chromium + chromium-driver)")
@@ -66,7 +67,7 @@ def test_html_renders_in_headless_chromium(run_cli: Callable[..., int], tmp_path
         sizes = driver.execute_script(
             "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
         )
-        assert len(sizes) == 4 and all(done and w > 0 and h > 0 for done, w, h in sizes), sizes
+        assert len(sizes) == 3 and all(done and w > 0 and h > 0 for done, w, h in sizes), sizes
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []
         screenshot = out / "screenshot.png"

@@ -51,14 +51,14 @@ def test_wrong_records_are_skipped_with_their_reason_and_never_remove_a_metric(t
 def test_unreadable_record_is_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _good(tmp_path)
     _raw(tmp_path, "locked", '{"status": "completed"}')
-    original = Path.read_text
+    original = os.open
 
-    def read_text(self: Path, *args: object, **kwargs: object) -> str:
-        if self.parent.name == "locked":
+    def os_open(path: object, *args: object, **kwargs: object) -> int:  # records open every file with os.open
+        if Path(str(path)).parent.name == "locked":
             raise PermissionError(13, "Permission denied")
-        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+        return original(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(os, "open", os_open)
     built = report.build(tmp_path)
     assert any("locked" in line and "cannot read (Permission denied)" in line for line in built.skipped)
 
@@ -101,7 +101,7 @@ def test_out_holds_only_this_report_and_states_what_produced_it(
     assert "comparison.csv" not in names and "summary.csv" in names and "report.json" in names
     manifest = json.loads((out / "report.json").read_text())
     assert manifest["filters"] == ["pooling=gem"] and manifest["metrics"] == ["acc@1"]
-    assert sorted(manifest["files"] + ["report.json"]) == names
+    assert sorted(manifest["files"] + ["report.json", report.output.OWNED]) == names
     head = (out / "summary.csv").read_text().splitlines()[:3]
     assert head[1] == "# filters: --where pooling=gem" and head[2] == "# metrics: acc@1"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
@@ -201,7 +201,7 @@ def test_labels_colours_and_panels(tmp_path: Path) -> None:
     built = report.build(_with_curves(tmp_path / "runs"), metrics=["acc@1", "latency.infer_image_ms"])
     colours = plots.colours(built)
     assert list(colours) == ["avg", "dgmp", "gem"] and len(set(colours.values())) == 3
-    panels, omitted = plots.bar_panels(built)
+    panels, omitted = plots.mean_panels(built)
     # acc@1 is identical across operators (differs only by seed): no panel; latency is 1.0 everywhere: no panel
     assert panels == [] and len(omitted) == 2
     assert not plots.varies([41.098, 41.13], [0.0, 0.0])  # 0.03 MB of 41 MB is not a difference

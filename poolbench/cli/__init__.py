@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.markup import escape
 
 # Importing the command modules registers their commands on `app`.
-from poolbench.cli import bench, check, listing, report, sweep, train  # noqa: F401
+from poolbench.cli import bench, check, listing, report, sweep, train, tune  # noqa: F401
 from poolbench.cli.app import app, console_err
 from poolbench.errors import PoolbenchError
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 
 def main() -> None:

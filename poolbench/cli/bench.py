@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from poolbench.cli.app import app, console, console_err
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 
 def _format(value: object) -> str:
@@ -157,10 +157,7 @@ def bench(
         console_err.print(f"[dim]{escape(message)}[/]", highlight=False)
 
     if runs is not None:
-        if threads is not None:
-            lib.BenchSettings.make(device="cpu", threads=threads)
-        if repeats is not None and repeats < 1:
-            raise ConfigError(f"repeats must be >= 1, got {repeats}")
+        lib.BenchSettings.make(device="cpu", threads=threads, warmup=warmup, repeats=repeats)  # validates them
         path = lib.side_by_side(
             runs,
             baseline=baseline,
@@ -185,6 +182,23 @@ def bench(
     )
     if local and global_only:
         raise ConfigError("--local and --global exclude each other (neither = both kinds)")
+    # Every input is validated before any warning is printed or any work starts.
+    if models:
+        writers, per_writer = lib.parse_batch(batch)
+        for option, value in (("--input-size", input_size), ("--in-channels", in_channels)):
+            if value < 1:
+                raise ConfigError(f"{option} must be >= 1, got {value}")
+        if last_stride is not None and last_stride not in (1, 2):
+            raise ConfigError(f"--last-stride must be 1 or 2, got {last_stride}")
+        lib.check_fits((writers * per_writer, in_channels, input_size, input_size), settings)
+    else:
+        kinds = ["local"] if local else ["global"] if global_only else ["global", "local"]
+        operators = lib.select_operators(_split(ops), kinds)
+        shapes = (
+            [lib.parse_shape(s) for s in shape] if shape else list(lib.QUICK_SHAPES if quick else lib.DEFAULT_SHAPES)
+        )
+        for one in shapes:
+            lib.check_fits(one, settings, what="shape")
     if save:
         lib.check_out_dir(out)
     warnings = lib.timing_warnings(settings.device)
@@ -192,10 +206,6 @@ def bench(
         console_err.print(f"warning: timings may be unreliable: {escape('; '.join(warnings))}", highlight=False)
 
     if models:
-        try:
-            writers, per_writer = (int(v) for v in batch.lower().split("x"))
-        except ValueError:
-            raise ConfigError(f"bad --batch '{batch}': expected PxK, e.g. 16x4") from None
         rows = lib.bench_models(
             _split(models),
             _split(pooling),
@@ -208,11 +218,6 @@ def bench(
             progress=note,
         )
     else:
-        kinds = ["local"] if local else ["global"] if global_only else ["global", "local"]
-        operators = lib.select_operators(_split(ops), kinds)
-        shapes = (
-            [lib.parse_shape(s) for s in shape] if shape else list(lib.QUICK_SHAPES if quick else lib.DEFAULT_SHAPES)
-        )
         rows = lib.bench_operators(operators, shapes, settings, backward=not forward_only, progress=note)
     records = [lib.row_dict(row) for row in rows]
     caption = f"{settings.device} · {dtype} · {settings.threads} threads" + (" · UNRELIABLE TIMING" if warnings else "")

@@ -6,7 +6,6 @@ import time
 from types import TracebackType
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -16,6 +15,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from poolbench.text import plain
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 
 class ProgressBars:
@@ -52,7 +54,7 @@ class ProgressBars:
 
     def log(self, message: str) -> None:
         # Log lines quote config values and paths: printed as they are, never as rich markup.
-        self._progress.console.print(message, highlight=False, markup=False)
+        self._progress.console.print(plain(message), highlight=False, markup=False)
 
     def __enter__(self) -> ProgressBars:
         self._progress.start()

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from poolbench.cli.app import app, console, console_err
+from poolbench.text import plain
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,11 +38,20 @@ def report(
         None, "--format", "-f", help="Comma-separated: csv, md, tex, parquet (needs pyarrow) (default: all available)."
     ),
     plots: bool = typer.Option(
-        True, "--plots/--no-plots", help="Write pareto, bars, curves and cd_diagram (PNG + PDF)."
+        True, "--plots/--no-plots", help="Write pareto, means, curves and cd_diagram (PNG + PDF)."
     ),
     html: bool = typer.Option(False, "--html", help="Also write report.html: one self-contained page to share."),
     allow_confounded: bool = typer.Option(
         False, "--allow-confounded", help="Compare operators even when another key differs with them (warned)."
+    ),
+    contexts: str = typer.Option(
+        None,
+        "--contexts",
+        help="Comma-separated keys whose values are independent data sets for the rank tests "
+        "(default: dataset,model); other varying keys stay groups inside a context.",
+    ),
+    mre: float = typer.Option(
+        None, "--mre", help="Minimally relevant effect (metric units, e.g. 0.01): seeds needed to detect it."
     ),
 ) -> None:
     """Mean ± std over seeds per configuration, paired tests against a baseline, ranks, files, plots, HTML."""
@@ -51,12 +61,22 @@ def report(
     destination = out or results_dir.parent / "report"
     reporting.check_destination(destination)  # before anything is printed or computed
     result = reporting.build(
-        results_dir, metrics=metric or (), baseline=baseline, where=where or (), allow_confounded=allow_confounded
+        results_dir,
+        metrics=metric or (),
+        baseline=baseline,
+        where=where or (),
+        allow_confounded=allow_confounded,
+        contexts=contexts.split(",") if contexts else (),
+        mre=mre,
     )
     if result.skipped:
         console_err.print(f"[yellow]skipped {len(result.skipped)} record(s):[/]")
         for line in result.skipped:
-            console_err.print(f"  {line}", highlight=False, markup=False)
+            console_err.print(f"  {plain(line)}", highlight=False, markup=False)
+    if result.dropped:
+        console_err.print(f"[yellow]left out of the statistics ({len(result.dropped)}):[/]")
+        for line in result.dropped:
+            console_err.print(f"  {plain(line)}", highlight=False, markup=False)
     for line in result.warnings:
         console_err.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False)
     console.print(_table(reporting.display_summary(result), _title(result), numeric_from=len(result.keys)))
@@ -69,17 +89,17 @@ def report(
             )
         else:
             console.print(
-                f"paired comparisons against {escape(result.baseline)}: Holm-adjusted over a family of "
-                f"{result.family_size} t-tests",
+                f"paired comparisons against {escape(result.baseline)}: sign-flip permutation p (primary), t-test "
+                f"and Wilcoxon p, each with its Holm-adjusted value over the {result.family_size} comparisons",
                 highlight=False,
             )
         for line in result.comparison_lines:
-            console.print(line, highlight=False, markup=False)
+            console.print(plain(line), highlight=False, markup=False)
     if result.ranking is not None:
         for line in reporting.ranking_lines(result.ranking):
-            console.print(line, highlight=False, markup=False)
+            console.print(plain(line), highlight=False, markup=False)
     for line in result.side_by_side:
-        console.print(line, highlight=False, markup=False)
+        console.print(plain(line), highlight=False, markup=False)
     for metric_name, source in result.latency_source.items():
         console.print(f"[dim]{escape(metric_name)} from {escape(source)}[/]", highlight=False)
     writers = [partial(reporting.write_tables, formats=chosen_formats)]

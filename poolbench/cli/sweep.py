@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections import Counter
@@ -12,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.console import Group, RenderableType
 from rich.live import Live
-from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
 from poolbench.errors import PoolbenchError, Terminated
+from poolbench.text import plain
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 if TYPE_CHECKING:
     from poolbench.sweep import Outcome, PlannedRun, SweepState
@@ -27,6 +29,7 @@ STATUS_STYLE = {
     "new": "cyan",
     "completed": "green",
     "unfinished": "yellow",
+    "stale": "yellow",
     "failed": "red",
     "elsewhere": "magenta",
     "overwrite": "cyan",
@@ -141,6 +144,22 @@ def _summary(state: SweepState) -> str:
     return ", ".join(parts)
 
 
+def _check_numbers(**values: float | None) -> None:
+    """The numeric options, checked before anything is composed or printed: one line each, not a usage panel."""
+    from poolbench.errors import ConfigError
+
+    lowest = {"jobs": 1, "timeout_min": 1, "gpus_per_node": 0, "cpus_per_task": 1}
+    for name, value in values.items():
+        if value is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if name == "mem_gb":
+            if not value > 0 or value == float("inf"):
+                raise ConfigError(f"{option} must be a number of GB > 0, got {value}")
+        elif value < lowest[name]:
+            raise ConfigError(f"{option} must be >= {lowest[name]}, got {value}")
+
+
 def _slurm_params(options: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -164,7 +183,7 @@ def sweep(
     list_all: bool = typer.Option(
         False, "--list", help=f"With --dry-run: list every run (default: a summary beyond {LIST_LIMIT} runs)."
     ),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once (threads per run = cores // jobs)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once (threads per run = cores // jobs)."),
     executor: Executor = typer.Option(
         Executor.local,
         "--executor",
@@ -188,15 +207,25 @@ def sweep(
         help="After a sweep on this machine, time its configurations side by side in one process "
         "(side_by_side.json, used by poolbench report); on SLURM run `poolbench bench --runs` on a compute node.",
     ),
+    seeds_for: float = typer.Option(
+        None, "--seeds-for", help="Effect to detect (metric units): seeds per configuration from the pilot runs."
+    ),
+    run_seeds: bool = typer.Option(False, "--run-seeds", help="With --seeds-for: run the proposed seeds."),
 ) -> None:
     """Run a grid of train runs; re-running skips completed runs and resumes interrupted ones."""
     from poolbench import sweep as sweeping
 
+    _check_numbers(jobs=jobs, timeout_min=timeout_min, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                   mem_gb=mem_gb)
     arguments = overrides or []
     experiments = [o.split("=", 1)[1] for o in arguments if o.lstrip("+").startswith("experiment=")]
     sweep_name = name or (experiments[0] if len(experiments) == 1 and "," not in experiments[0] else None)
     with console_err.status("composing the grid's configs…"):
         planned = sweeping.plan(arguments, name=sweep_name)
+    if seeds_for is not None or run_seeds:
+        planned = _seeds_for(seeds_for, run_seeds, arguments, planned, sweep_name)
+        if not planned:
+            return
     if dry_run:
         large = len(planned) > LIST_LIMIT and not list_all
         console.print(_plan_table(planned, limit=LIST_LIMIT if large else None))
@@ -267,8 +296,28 @@ def sweep(
     if state.failed:
         console_err.print(f"[red]{len(state.failed)} run(s) failed[/] (their result.json says why):")
         for outcome in state.failed:
-            console_err.print(f"  {outcome.run_id}: {outcome.error}", highlight=False, markup=False)
+            console_err.print(plain(f"  {outcome.run_id}: {outcome.error}"), highlight=False, markup=False)
         raise typer.Exit(1)
+
+
+def _seeds_for(
+    delta: float | None, run: bool, arguments: list[str], planned: list[PlannedRun], name: str | None
+) -> list[PlannedRun]:
+    """Print the seed count the pilot runs call for; with ``run``, the plan with that many seeds."""
+    from poolbench import sweep as sweeping
+    from poolbench.report.power import propose_seeds, with_seeds
+
+    if delta is None:
+        raise PoolbenchError("--run-seeds needs --seeds-for DELTA (the effect the seeds must detect)")
+    proposal = propose_seeds([p.run_dir for p in planned], delta)
+    for line in proposal.lines():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if not run:
+        console.print("nothing was run (add --run-seeds to run them)", highlight=False)
+        return []
+    if not math.isfinite(proposal.seeds):
+        raise PoolbenchError(f"detecting Δ = {delta:g} is not feasible at this noise; nothing was run")
+    return sweeping.plan(with_seeds(arguments, int(proposal.seeds)), name=name)
 
 
 def _time_side_by_side(planned: list[PlannedRun]) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, OVERRIDES_HELP, app, console, console_err
 from poolbench.cli.progress import ProgressBars
 from poolbench.errors import Terminated
+from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
 SUMMARY_KEYS = (
     ("mAP", "mAP"),
@@ -20,6 +20,8 @@ SUMMARY_KEYS = (
     ("hard@2", "hard Top-2"),
     ("acc@1", "accuracy top-1"),
     ("acc@5", "accuracy top-5"),
+    ("val.mAP", "validation mAP"),  # the selection metrics (dataset.val_share)
+    ("val.acc@1", "validation top-1"),
     ("latency.infer_image_ms", "inference ms / image"),
     ("latency.train_step_ms", "train step ms"),
     ("latency.pool_fwd_ms", "pool forward ms"),
@@ -61,13 +63,23 @@ def train(
     from poolbench.config import compose
     from poolbench.config import run_dir as run_dir_of
 
-    config = compose(overrides or [])
-    if cfg:
-        console.print(OmegaConf.to_yaml(config, resolve=True), highlight=False, markup=False, end="")
-        console.print(f"# run directory: {run_dir_of(config)}", style="dim", highlight=False, markup=False)
+    if cfg:  # the composed keys, required ones still unset shown as ??? (missing) rather than refused
+        from poolbench.schema import collect_missing
+
+        with collect_missing() as missing:
+            config = compose(overrides or [])
+        shown = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
+        for key, _ in missing:
+            OmegaConf.update(shown, key, "???")
+        console.print(OmegaConf.to_yaml(shown), highlight=False, markup=False, end="")
+        for key, hint in missing:
+            console.print(f"# missing: {key} is required: {hint}", highlight=False, markup=False, soft_wrap=True)
+        where = run_dir_of(config) if not missing else "(set the missing keys first)"
+        console.print(f"# run directory: {where}", style="dim", highlight=False, markup=False)
         return
     from poolbench.run import execute  # the training code: not loaded for --cfg
 
+    config = compose(overrides or [])
     bars = ProgressBars(console, enabled=not quiet)
     try:
         with bars:

@@ -3,7 +3,9 @@
 Images are kept in memory as uint8 and returned as float (C, H, W) standardised with the training
 split's per-channel mean and std (CLaMM: the DGMP authors' grey mean/std). Unreadable images are a
 DataError naming the file, never skipped; a training set with a single class is refused (accuracy
-would be 1.0 whatever the model). One epoch is one pass over the training set (``steps_per_epoch:
+would be 1.0 whatever the model). ``val_share`` holds out a stratified, seeded share (or count) of the
+training items as the validation split (imagefolder: its own ``val/`` folder when present), disjoint
+from training and test. One epoch is one pass over the training set (``steps_per_epoch:
 null``). CIFAR's pickled batches are read with an unpickler that can only build plain containers and
 numpy arrays, so a crafted batch cannot run code.
 """
@@ -24,22 +26,30 @@ from torch.utils.data import Dataset
 from poolbench.data.base import DataBundle
 from poolbench.data.common import (
     IMAGE_SUFFIXES,
+    VAL_SEED,
     Augment,
+    MinImages,
     NormalisedImages,
     PositiveInt,
     Progress,
     StepsPerEpoch,
     Transform,
+    ValShare,
     channel_stats,
     check_classes,
+    check_val_share,
     entries,
     existing_dir,
+    file_kind,
     image_files,
     read_csv_rows,
     read_image,
     read_images,
+    refuse_small_classes,
+    require_file,
     resize_images,
     shown,
+    stratified_val,
     subfolders,
 )
 from poolbench.errors import ConfigError, DataError
@@ -55,13 +65,26 @@ FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 
 def in_memory_bundle(name: str, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
                      test_labels: torch.Tensor, num_classes: int, image_size: int | None, augment: Augment,
-                     info: dict[str, Any] | None = None) -> DataBundle:
+                     info: dict[str, Any] | None = None, *, val_share: float = 0.0, val_seed: int = VAL_SEED,
+                     val: tuple[torch.Tensor, torch.Tensor] | None = None, notes: list[str] | None = None
+                     ) -> DataBundle:
     """Bundle uint8 (N, C, H, W) splits, resized to ``image_size`` and standardised with train statistics;
-    training items go through the ``augment`` recipe's transform."""
+    training items go through the ``augment`` recipe's transform. The validation split is ``val`` (the
+    data's own) or else a stratified ``val_share`` of the training items drawn with ``val_seed``."""
+    info = dict(info or {})
+    if val is None and val_share > 0:
+        kept, held = stratified_val(train_labels.numpy(), val_share, val_seed, name)
+        val = train_images[held], train_labels[held]
+        train_images, train_labels = train_images[kept], train_labels[kept]
+        info["val_source"] = f"val_share={val_share:g} of the training items, stratified"
     check_classes(train_labels, name)
     train_images, test_images = resize_images(train_images, image_size), resize_images(test_images, image_size)
     mean, std = channel_stats(train_images)
     size = train_images.shape[-1]
+    val_set = None
+    if val is not None:
+        val_set = NormalisedImages(resize_images(val[0], image_size), val[1], mean, std)
+        info["val_size"] = len(val[1])
     return DataBundle(
         name=name,
         task="classification",
@@ -72,7 +95,9 @@ def in_memory_bundle(name: str, train_images: torch.Tensor, train_labels: torch.
         in_channels=train_images.shape[1],
         input_size=size,
         info={"train_size": len(train_labels), "test_size": len(test_labels),
-              "normalisation": "per-channel train mean/std", **(info or {})},
+              "normalisation": "per-channel train mean/std", **info},
+        val=val_set,
+        notes=list(notes or []),
     )
 
 
@@ -98,8 +123,11 @@ class DigitsConfig:
     task: Literal["classification"] = "classification"
     image_size: ImageSize = 32  # upsampled from 8x8 (bilinear); null keeps 8x8
     test_fraction: TestFraction = 0.25  # stratified split, fixed by split_seed (not the run seed)
-    split_seed: SplitSeed = 0
+    split_seed: SplitSeed = 0  # also draws the validation split
     steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
+    val_share: ValShare = 0.0  # validation: a stratified share (or count) of the training items
+
+    check_values = staticmethod(check_val_share)
 
 
 def build_digits(s: DigitsConfig, *, seed: int, transform: Augment, progress: Progress = None) -> DataBundle:
@@ -110,7 +138,7 @@ def build_digits(s: DigitsConfig, *, seed: int, transform: Augment, progress: Pr
     labels = torch.from_numpy(digits.target.astype(np.int64))
     train, test = stratified_split(digits.target, s.test_fraction, s.split_seed)
     return in_memory_bundle("digits", images[train], labels[train], images[test], labels[test], 10, s.image_size,
-                            transform)
+                            transform, val_share=s.val_share, val_seed=s.split_seed)
 
 
 # --- fashion_mnist ------------------------------------------------------------------------------
@@ -124,6 +152,9 @@ class FashionMnistConfig:
     root: str = FASHION_MNIST_DEBIAN_ROOT  # where Debian's dataset-fashion-mnist installs them
     image_size: ImageSize = 32  # resized from 28x28; null keeps 28
     steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
+    val_share: ValShare = 0.0  # validation: a stratified share (or count) of the training items
+
+    check_values = staticmethod(check_val_share)
 
 
 IDX_DTYPES = {0x08: np.uint8}
@@ -150,8 +181,8 @@ def read_idx(path: Path) -> np.ndarray:
 
 def find_idx(root: Path, stem: str) -> Path:
     for candidate in (root / stem, root / f"{stem}.gz"):
-        if candidate.exists():
-            return candidate
+        if file_kind(candidate) is not None:
+            return require_file(candidate, "fashion_mnist")  # a FIFO or device is never opened
     raise DataError(f"fashion_mnist: '{stem}(.gz)' not found in '{shown(root)}' (install Debian's "
                     f"dataset-fashion-mnist or set dataset.root to a folder with the four IDX files)")
 
@@ -168,7 +199,7 @@ def build_fashion_mnist(s: FashionMnistConfig, *, seed: int, transform: Augment,
             raise DataError(f"fashion_mnist {split}: {images.shape} images do not match {labels.shape} labels")
         splits[split] = (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
     return in_memory_bundle("fashion_mnist", *splits["train"], *splits["test"], 10, s.image_size, transform,
-                            {"root": shown(root)})
+                            {"root": shown(root)}, val_share=s.val_share)
 
 
 # --- cifar10 / cifar100 -------------------------------------------------------------------------
@@ -183,6 +214,9 @@ class CifarConfig:
                                          "(the python version, extracted; nothing is downloaded)")] = None
     image_size: ImageSize = None  # null keeps 32x32
     steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
+    val_share: ValShare = 0.0  # validation: a stratified share (or count) of the training items
+
+    check_values = staticmethod(check_val_share)
 
 
 @dataclass
@@ -225,9 +259,7 @@ def read_cifar_batches(folder: Path, files: list[str], label_key: bytes) -> tupl
     small batches the tests write and whose reader is a plain pickle.load."""
     images, labels = [], []
     for name in files:
-        path = folder / name
-        if not path.exists():
-            raise DataError(f"CIFAR batch '{shown(path)}' is missing")
+        path = require_file(folder / name, "CIFAR batch")
         try:
             batch = ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
@@ -243,8 +275,8 @@ def read_cifar_batches(folder: Path, files: list[str], label_key: bytes) -> tupl
 def build_cifar(s: CifarConfig, *, seed: int, transform: Augment, progress: Progress = None) -> DataBundle:
     folder_name, train_files, test_file, label_key, classes = CIFAR_LAYOUT[s.name]
     root = existing_dir(s.root, s.name)
-    folder = root / folder_name if (root / folder_name).is_dir() else root
-    if not (folder / test_file).exists():
+    folder = root / folder_name if file_kind(root / folder_name) == "dir" else root
+    if file_kind(folder / test_file) is None:
         raise DataError(f"{s.name}: no '{folder_name}/{test_file}' under '{shown(root)}'; extract the python "
                         f"version of {s.name} there (nothing is downloaded)")
     train_images, train_labels = read_cifar_batches(folder, train_files, label_key)
@@ -253,7 +285,7 @@ def build_cifar(s: CifarConfig, *, seed: int, transform: Augment, progress: Prog
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
             raise DataError(f"{s.name}: labels in '{shown(folder)}' must lie in 0..{classes - 1}")
     return in_memory_bundle(s.name, train_images, train_labels, test_images, test_labels, classes, s.image_size,
-                            transform, {"root": shown(root)})
+                            transform, {"root": shown(root)}, val_share=s.val_share)
 
 
 # --- imagefolder --------------------------------------------------------------------------------
@@ -261,55 +293,100 @@ def build_cifar(s: CifarConfig, *, seed: int, transform: Augment, progress: Prog
 @dataclass
 class ImageFolderConfig:
     """``dataset=imagefolder``: any class-per-folder tree, ``<root>/train/<class>/*`` and
-    ``<root>/test/<class>/*``, or ``<root>/<class>/*`` split by ``test_fraction``."""
+    ``<root>/test/<class>/*`` (plus ``<root>/val/<class>/*`` when present), or ``<root>/<class>/*`` split
+    by ``test_fraction``."""
 
     name: str = "imagefolder"
     task: Literal["classification"] = "classification"
     root: Annotated[str | None, Required("the folder holding <class>/ (or train/<class>/ and test/<class>/) "
                                          "folders of images")] = None
-    channels: Literal[1, 3] = 1  # 1 = grey, 3 = RGB
+    # null = follow the images (1 when every image is grey, else 3 = RGB); 1 or 3 converts them.
+    channels: Literal[1, 3] | None = None
     image_size: PositiveInt = 64  # every image is resized to image_size x image_size
     test_fraction: TestFraction = 0.2  # only without train/ and test/ folders; stratified, fixed by split_seed
-    split_seed: SplitSeed = 0
+    split_seed: SplitSeed = 0  # also draws the validation split
     steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
+    val_share: ValShare = 0.0  # without a val/ folder: a stratified share (or count) of the training items
+    # null = a class folder without images is an error; k = drop class folders with fewer than k images
+    # (named in one line), so an empty folder never becomes a class the classifier must predict.
+    min_per_class: MinImages = None
+
+    check_values = staticmethod(check_val_share)
 
 
-def read_class_tree(folder: Path, mode: str, size: int, classes: list[str] | None,
-                    progress: Progress) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    found = [p.name for p in subfolders(folder)]
+def read_class_tree(folder: Path, mode: str, size: int, classes: list[str] | None, progress: Progress, *,
+                    min_per_class: int | None = None, dropped: frozenset[str] = frozenset()
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[str], frozenset[str], str | None]:
+    """Images, labels and classes of one ``<class>/<image>`` tree. Without ``classes`` (a training tree),
+    the classes are its folders (empty ones refused, or dropped below ``min_per_class``); otherwise its
+    folders must be among ``classes`` or the ``dropped`` ones."""
+    files_of = {sub.name: image_files(sub) for sub in subfolders(folder)}
+    note = None
     if classes is None:
-        classes = found
+        dropped_now, note = refuse_small_classes({n: len(f) for n, f in files_of.items()}, min_per_class,
+                                                 f"imagefolder '{shown(folder)}'", "min_per_class", "class folder")
+        dropped = frozenset(dropped_now)
+        classes = [name for name in files_of if name not in dropped]
     if not classes:
-        raise DataError(f"imagefolder: no class folders in '{shown(folder)}' (expected <root>/<class>/<image>)")
-    unknown = sorted(set(found) - set(classes))
+        raise DataError(f"imagefolder: no class folders with images in '{shown(folder)}' (expected "
+                        f"<root>/<class>/<image>)")
+    unknown = sorted(set(files_of) - set(classes) - dropped)
     if unknown:
         raise DataError(f"imagefolder: class folder '{shown(unknown[0])}' in '{shown(folder)}' is not a "
                         f"training class")
-    files = [(path, label) for label, name in enumerate(classes) if (folder / name).is_dir()
-             for path in image_files(folder / name)]
+    files = [(path, label) for label, name in enumerate(classes) for path in files_of.get(name, [])]
     if not files:
         raise DataError(f"imagefolder: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of "
                         f"'{shown(folder)}'")
     images = read_images([path for path, _ in files], mode, size, progress, shown(folder.name))
-    return images, torch.tensor([label for _, label in files]), classes
+    return images, torch.tensor([label for _, label in files]), classes, dropped, note
+
+
+def follow_channels(splits: list[torch.Tensor]) -> list[torch.Tensor]:
+    """RGB images kept as RGB when any pixel of any split has colour, else reduced to one grey channel."""
+    grey = all(bool((images[:, 1:] == images[:, :1]).all()) for images in splits)
+    return [images[:, :1].contiguous() for images in splits] if grey else splits
 
 
 def build_imagefolder(s: ImageFolderConfig, *, seed: int, transform: Augment, progress: Progress = None
                       ) -> DataBundle:
     mode = "L" if s.channels == 1 else "RGB"
     root = existing_dir(s.root, "imagefolder")
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train_images, train_labels, classes = read_class_tree(root / "train", mode, s.image_size, None, progress)
-        test_images, test_labels, _ = read_class_tree(root / "test", mode, s.image_size, classes, progress)
-        layout = "train/test folders"
+    notes: list[str] = []
+    val = None
+    if file_kind(root / "train") == "dir" and file_kind(root / "test") == "dir":
+        train_images, train_labels, classes, dropped, note = read_class_tree(
+            root / "train", mode, s.image_size, None, progress, min_per_class=s.min_per_class)
+        notes += [note] if note else []
+        test_images, test_labels, *_ = read_class_tree(root / "test", mode, s.image_size, classes, progress,
+                                                       dropped=dropped)
+        if file_kind(root / "val") == "dir":  # the dataset's own validation split wins over val_share
+            val = read_class_tree(root / "val", mode, s.image_size, classes, progress, dropped=dropped)[:2]
+        layout = "train/test folders" + (" + val folder" if val is not None else "")
     else:
-        images, labels, classes = read_class_tree(root, mode, s.image_size, None, progress)
+        images, labels, classes, _, note = read_class_tree(root, mode, s.image_size, None, progress,
+                                                           min_per_class=s.min_per_class)
+        notes += [note] if note else []
+        sizes = labels.bincount(minlength=len(classes))
+        if bool((sizes < 2).any()):  # one image cannot be both trained on and tested
+            small = [classes[i] for i in (sizes < 2).nonzero().flatten().tolist()]
+            raise DataError(f"imagefolder: {len(small)} class folder(s) hold a single image (e.g. "
+                            f"'{shown(small[0])}'); a train/test split needs 2 per class (dataset.min_per_class=2 "
+                            f"drops them knowingly)")
         train, test = stratified_split(labels.numpy(), s.test_fraction, s.split_seed)
         train_images, train_labels, test_images, test_labels = images[train], labels[train], images[test], labels[test]
         layout = f"split {s.test_fraction} of one tree"
+    if s.channels is None:
+        parts = follow_channels([train_images, test_images, *([val[0]] if val is not None else [])])
+        train_images, test_images = parts[0], parts[1]
+        val = (parts[2], val[1]) if val is not None else None
+    info = {"root": shown(root), "classes": ",".join(map(shown, classes)), "layout": layout,
+            "channels": int(train_images.shape[1])}
+    if val is not None:
+        info["val_source"] = "val folder"
     return in_memory_bundle("imagefolder", train_images, train_labels, test_images, test_labels, len(classes),
-                            None, transform,
-                            {"root": shown(root), "classes": ",".join(map(shown, classes)), "layout": layout})
+                            None, transform, info, val_share=s.val_share, val_seed=s.split_seed, val=val,
+                            notes=notes)
 
 
 # --- clamm --------------------------------------------------------------------------------------
@@ -330,6 +407,14 @@ class ClammConfig:
     short_side: PositiveInt = 512  # pages are scaled so their short side is this
     input_size: PositiveInt = 224  # random crops (or the augment recipe) for training, centre crop for test
     steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training pages
+    val_share: ValShare = 0.0  # validation: a stratified share (or count) of the training pages
+
+    @staticmethod
+    def check_values(values: dict) -> None:
+        check_val_share(values)
+        if values["input_size"] > values["short_side"]:
+            raise ConfigError(f"clamm: dataset.input_size {values['input_size']} is larger than dataset.short_side "
+                              f"{values['short_side']}")
 
 
 # Grey mean and std of CLaMM pages, as used by the DGMP authors.
@@ -397,22 +482,27 @@ class PageCrops(Dataset):
 def read_clamm_split(folder: Path, csv_path: Path, s: ClammConfig, classes: list[str] | None,
                      split: str, progress: Progress) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
     rows = read_label_csv(csv_path, s.filename_column, s.label_column)
+    names = [name for name, _ in rows]
+    if len(set(names)) != len(names):  # a page listed twice would count twice (in test: inflate accuracy)
+        twice = next(name for name in names if names.count(name) > 1)
+        raise DataError(f"clamm {split}: '{shown(twice)}' is listed more than once in '{shown(csv_path)}'; every "
+                        f"page may be listed once")
     if classes is None:
         classes = sorted({label for _, label in rows})
     unknown = sorted({label for _, label in rows} - set(classes))
     if unknown:
-        raise DataError(f"clamm {split}: label '{unknown[0]}' in '{shown(csv_path)}' does not occur in the "
+        raise DataError(f"clamm {split}: label '{shown(unknown[0])}' in '{shown(csv_path)}' does not occur in the "
                         f"training labels")
     pages = []
     for done, (name, _) in enumerate(rows, start=1):
         path = folder / name
-        if not path.is_file():
-            raise DataError(f"clamm {split}: '{name}' is listed in '{shown(csv_path.name)}' but missing from "
+        if file_kind(path) != "file":
+            raise DataError(f"clamm {split}: '{shown(name)}' is listed in '{shown(csv_path.name)}' but missing from "
                             f"'{shown(folder)}'")
         page = torch.from_numpy(read_image(path, "L", short_side=s.short_side))
         if min(page.shape) < s.input_size:
-            raise DataError(f"clamm {split}: '{name}' is smaller than input_size {s.input_size} after scaling its "
-                            f"short side to {s.short_side}")
+            raise DataError(f"clamm {split}: '{shown(name)}' is smaller than input_size {s.input_size} after scaling "
+                            f"its short side to {s.short_side}")
         pages.append(page)
         if progress is not None:
             progress(f"reading clamm {split} images", done, len(rows))
@@ -423,14 +513,18 @@ def read_clamm_split(folder: Path, csv_path: Path, s: ClammConfig, classes: list
 def build_clamm(s: ClammConfig, *, seed: int, transform: Augment, progress: Progress = None) -> DataBundle:
     """Pages are scaled so their short side is ``short_side``; training items are random ``input_size``
     crops (or the augment recipe's transform of the page), test items the centre crop."""
-    if s.input_size > s.short_side:
-        raise ConfigError(f"clamm: input_size {s.input_size} is larger than short_side {s.short_side}")
     train_folder = existing_dir(s.train_images, "clamm train_images")
     test_folder = existing_dir(s.test_images, "clamm test_images")
     train_pages, train_labels, classes = read_clamm_split(
         train_folder, find_label_csv(train_folder, s.train_csv), s, None, "train", progress)
     test_pages, test_labels, _ = read_clamm_split(
         test_folder, find_label_csv(test_folder, s.test_csv), s, classes, "test", progress)
+    val, val_info = None, {}
+    if s.val_share > 0:
+        kept, held = stratified_val(train_labels.numpy(), s.val_share, VAL_SEED, "clamm")
+        val = PageCrops([train_pages[i] for i in held], train_labels[held], s.input_size, random_crop=False)
+        train_pages, train_labels = [train_pages[i] for i in kept], train_labels[kept]
+        val_info = {"val_size": len(held), "val_source": f"val_share={s.val_share:g} of the training pages, stratified"}
     check_classes(train_labels, "clamm")
     return DataBundle(
         name="clamm",
@@ -443,7 +537,8 @@ def build_clamm(s: ClammConfig, *, seed: int, transform: Augment, progress: Prog
         in_channels=1,
         input_size=s.input_size,
         info={"train_size": len(train_pages), "test_size": len(test_pages), "classes": ",".join(classes),
-              "normalisation": "grey, CLaMM mean 185.23/255, std 61.80/255"},
+              "normalisation": "grey, CLaMM mean 185.23/255, std 61.80/255", **val_info},
+        val=val,
     )
 
 

@@ -1,14 +1,19 @@
 """Helpers every dataset builder shares: validated settings, safe file listing, image decoding and
-in-memory image sets.
+in-memory image sets, and the validation split every builder draws the same way.
 
 Every reader of user files here turns a bad file into one :class:`DataError` line naming it: broken
-or looping symlinks, undecodable images, images beyond Pillow's decompression-bomb limit. File names
-that are not valid UTF-8 are shown with ``\\xNN`` escapes (:func:`shown`), never crash a message.
+or looping symlinks, entries that are not regular files or folders (a FIFO, a device, a symlink to
+``/dev/zero``: never opened), paths the OS refuses (too long), undecodable images, images beyond
+Pillow's decompression-bomb limit. File names are shown through :func:`shown`: bytes that are not
+UTF-8 become ``\\xNN`` and control characters (newline, ESC, ...) are escaped as in ``repr``, so a
+hostile name can neither crash a message nor reach a terminal raw.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import unicodedata
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +37,15 @@ Augment = Callable[[int], Transform | None]
 PositiveInt = Annotated[int, schema.Range(ge=1)]
 # dataset.steps_per_epoch: the epoch trainer.steps_per_epoch follows by default; null = one pass.
 StepsPerEpoch = Annotated[int | None, schema.Range(ge=1)]
+# dataset.val_share: 0 = no validation split; a share in (0, 1) or a whole count >= 1 of the training
+# identities (retrieval) or items (classification, stratified). A dataset's own val split wins.
+ValShare = Annotated[float, schema.Range(ge=0)]
+# dataset.min_per_identity / min_per_class: null = keep everything (and refuse what cannot work);
+# k = drop, knowingly and named in one line, the identities / classes with fewer than k images.
+MinImages = Annotated[int | None, schema.Range(ge=1)]
+# Where a validation split without its own seed key is drawn from (never the run seed: every run of a
+# comparison, and every trial of a tuning study, must see the same validation set).
+VAL_SEED = 0
 
 
 def settings(group: str, node: Mapping[str, Any]) -> tuple[schema.Option, Any]:
@@ -54,24 +68,61 @@ def settings(group: str, node: Mapping[str, Any]) -> tuple[schema.Option, Any]:
 
 
 def shown(path: str | os.PathLike[str]) -> str:
-    """A path as text that can always be printed: bytes that are not UTF-8 become ``\\xNN``."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path (or any text from the file system) that can always be printed on one line: bytes that
+    are not UTF-8 become ``\\xNN``, control and format characters (newline, ESC, bidi overrides) are
+    escaped as ``repr`` escapes them."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch)[0] == "C" else ch
+                   for ch in text)
+
+
+def file_kind(path: Path) -> str | None:
+    """``"dir"``, ``"file"`` (regular), another kind's name (``"FIFO"``, ``"character device"``, ...) of
+    what ``path`` is after following symlinks, or None when nothing is there. Never opens it; any other
+    OS refusal (a name too long, no permission) is a DataError naming the path."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    except OSError as err:
+        raise DataError(f"cannot use '{shown(path)}': {err.strerror or err}") from None
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+             (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def require_file(path: Path, what: str) -> Path:
+    """``path`` if it is a regular file (symlinks followed); else one DataError line saying what it is."""
+    kind = file_kind(path)
+    if kind is None:
+        raise DataError(f"{what}: '{shown(path)}' does not exist")
+    if kind != "file":
+        raise DataError(f"{what}: '{shown(path)}' is a {'folder' if kind == 'dir' else kind}, not a regular file")
+    return path
 
 
 def existing_dir(path: str | Path | None, what: str) -> Path:
     if path is None or str(path) == "":
         raise DataError(f"{what}: no folder configured (set dataset.root)")
     folder = Path(path).expanduser()
-    if not folder.exists():
+    kind = file_kind(folder)
+    if kind is None:
         raise DataError(f"{what}: folder '{shown(folder)}' does not exist")
-    if not folder.is_dir():
+    if kind != "dir":
         raise DataError(f"{what}: '{shown(folder)}' is not a folder")
     return folder
 
 
 def entries(folder: Path) -> list[Path]:
-    """The entries of ``folder``, sorted; a broken or looping symlink among them is a DataError naming it
-    (it would otherwise be neither a file nor a folder and silently drop out of the data)."""
+    """The entries of ``folder``, sorted; a broken or looping symlink among them, or an entry that is
+    neither a regular file nor a folder (a FIFO, a device, a symlink to ``/dev/zero``), is a DataError
+    naming it: it would otherwise silently drop out of the data, and opening it could hang or never end."""
     try:
         found = sorted(folder.iterdir())
     except OSError as err:
@@ -85,6 +136,10 @@ def entries(folder: Path) -> list[Path]:
                     "a broken symlink"
                 raise DataError(f"'{shown(path)}' is {what}; fix or remove it (nothing is skipped silently)") \
                     from None
+        kind = file_kind(path)
+        if kind not in ("dir", "file"):
+            raise DataError(f"'{shown(path)}' is a {kind or 'vanished entry'}, not a regular file or folder; "
+                            f"remove it (nothing is skipped silently, nor opened)")
     return found
 
 
@@ -197,3 +252,72 @@ def read_csv_rows(path: Path, what: str, delimiter: str = ",") -> list[list[str]
     except (OSError, csv.Error) as err:
         raise DataError(f"{what}: cannot read '{shown(path)}': {err}") from None
     return [row for row in rows if any(row)]
+
+
+# --- validation split ----------------------------------------------------------------------------
+
+def check_val_share(values: Mapping[str, Any]) -> None:
+    """``dataset.val_share`` is a share in [0, 1) or a whole count >= 1 (1.5 items means nothing)."""
+    share = values.get("val_share", 0.0)
+    if isinstance(share, int | float) and share >= 1 and float(share) != int(share):
+        raise ConfigError(f"dataset.val_share must be a share in (0, 1) or a whole count >= 1, got {share!r}")
+
+
+def val_count(val_share: float, available: int, what: str, minimum: int = 1) -> int:
+    """How many of ``available`` training identities/items ``val_share`` holds out (0 = none).
+
+    A share rounds to the nearest count, at least ``minimum`` (retrieval: 2 identities, as with a
+    single one mAP is 1.0 whatever the model); a count is taken as is and must reach ``minimum``.
+    Validation may not take everything: training keeps at least 2 (a classifier or a triplet loss
+    needs two)."""
+    if val_share <= 0:
+        return 0
+    count = int(val_share) if val_share >= 1 else max(minimum, round(val_share * available))
+    if count < minimum:
+        raise DataError(f"dataset.val_share={val_share:g} holds out {count} of the {what}; validation needs at least "
+                        f"{minimum} (with one identity, leave-one-out mAP is 1.0 whatever the model)")
+    if available - count < 2:
+        raise DataError(f"dataset.val_share={val_share:g} holds out {count} of {available} {what}, leaving "
+                        f"{available - count} to train on; lower it (training needs at least 2)")
+    return count
+
+
+def held_out_identities(identities: list[str], count: int, seed: int, stream: int = 1) -> set[str]:
+    """``count`` of ``identities`` drawn with ``seed`` (numpy's ``default_rng([seed, stream])``: a stream of
+    its own, so drawing validation identities never changes the test split drawn with ``seed``)."""
+    ordered = sorted(identities)
+    picks = np.random.default_rng([seed, stream]).permutation(len(ordered))[:count]
+    return {ordered[i] for i in picks}
+
+
+def stratified_val(labels: np.ndarray, val_share: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation indices: a stratified, seeded ``val_share`` of the training items
+    (every class keeps its proportion in both); refused in one line when the classes are too small."""
+    from sklearn.model_selection import train_test_split
+
+    count = val_count(val_share, len(labels), f"{name} training items")
+    indices = np.arange(len(labels))
+    try:
+        train, val = train_test_split(indices, test_size=count, stratify=labels, random_state=seed)
+    except ValueError as err:
+        raise DataError(f"{name}: cannot hold out a stratified validation split of {count} items "
+                        f"(dataset.val_share={val_share:g}): {err}") from None
+    return np.sort(train), np.sort(val)
+
+
+def refuse_small_classes(counts: Mapping[str, int], minimum: int | None, name: str, key: str,
+                         unit: str) -> tuple[set[str], str | None]:
+    """Classes (or identities) to drop and the one line saying so: those with fewer than ``minimum``
+    images when the user set ``key``; without it, any with no image at all is refused, naming it."""
+    if minimum is None:
+        empty = sorted(c for c, n in counts.items() if n == 0)
+        if empty:
+            raise DataError(f"{name}: {len(empty)} {unit}(s) hold no images (e.g. '{shown(empty[0])}'); remove "
+                            f"them, or drop them knowingly with dataset.{key}=1")
+        return set(), None
+    dropped = {c for c, n in counts.items() if n < minimum}
+    if not dropped:
+        return set(), None
+    names = ", ".join(f"'{shown(c)}'" for c in sorted(dropped)[:5]) + (", ..." if len(dropped) > 5 else "")
+    return dropped, f"{name}: dropped {len(dropped)} {unit}(s) with fewer than {minimum} images " \
+                    f"(dataset.{key}={minimum}): {names}"

@@ -140,14 +140,15 @@ class TiledPatches(Dataset):
         return to_input(crop, self.input_size), page_index
 
 
-def check_test_pages(page_writers: torch.Tensor, describe: str) -> None:
-    """Leave-one-out retrieval needs at least two pages of every test writer, and two test writers (with
-    one, every retrieved page is relevant and mAP is 1.0 whatever the model)."""
+def check_test_pages(page_writers: torch.Tensor, describe: str, split: str = "test") -> None:
+    """Leave-one-out retrieval needs at least two pages of every writer of the ``split`` (test or
+    validation), and two writers (with one, every retrieved page is relevant and mAP is 1.0 whatever
+    the model)."""
     writers, counts = page_writers.unique(return_counts=True)
     if len(writers) < 2:
-        raise DataError(f"{describe}: the test set has {len(writers)} writer/identity; retrieval needs at least 2 "
+        raise DataError(f"{describe}: the {split} set has {len(writers)} writer/identity; retrieval needs at least 2 "
                         f"(with one, mAP would be 1.0 whatever the model)")
     single = writers[counts < 2]
     if len(single):
-        raise DataError(f"{describe}: {len(single)} test writer(s) have a single page (e.g. writer "
+        raise DataError(f"{describe}: {len(single)} {split} writer(s) have a single page (e.g. writer "
                         f"{int(single[0])}); retrieval needs at least 2 pages per test writer")

@@ -37,7 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from poolbench.data.base import DataBundle
-from poolbench.data.common import Augment, PositiveInt, StepsPerEpoch
+from poolbench.data.common import (
+    Augment,
+    PositiveInt,
+    StepsPerEpoch,
+    ValShare,
+    check_val_share,
+    held_out_identities,
+    val_count,
+)
 from poolbench.data.pages import RandomPatches, TiledPatches, check_test_pages, ink_mask
 from poolbench.errors import ConfigError, unknown_choice
 from poolbench.files import atomic_write
@@ -54,7 +62,9 @@ class SynthWritersConfig:
 
     name: str = "synthwriters"
     task: Literal["retrieval"] = "retrieval"
-    page_size: PositiveInt = 256  # pages are page_size x page_size pixels
+    # Pages are page_size x page_size pixels; from 48 on every page holds two lines of text (the first
+    # baseline lies at most 21 px down, lines at most 25 px apart), below that a page may hold no word.
+    page_size: Annotated[int, Range(ge=48)] = 256
     patch_size: PositiveInt = 64  # training crops and test tiles, in page pixels
     input_size: Annotated[int | None, Range(ge=1)] = None  # resize patches to this; null = patch_size
     train_writers: PositiveInt = 40
@@ -72,6 +82,20 @@ class SynthWritersConfig:
     cache_dir: str | None = None  # null = $POOLBENCH_CACHE or ~/.cache/poolbench, then /synthwriters
     # Training crops are random, so an epoch is a fixed number of P x K batches.
     steps_per_epoch: StepsPerEpoch = 60
+    # Validation writers: a share or count of the training writers (drawn with the generation seed),
+    # evaluated leave-one-out on their tiled pages like the test writers; 0 = none.
+    val_share: ValShare = 0.0
+
+    @staticmethod
+    def check_values(values: dict) -> None:
+        check_val_share(values)
+        if values["patch_size"] > values["page_size"]:
+            raise ConfigError(f"synthwriters: dataset.patch_size {values['patch_size']} is larger than "
+                              f"dataset.page_size {values['page_size']}")
+        count = values.get("val_share", 0)
+        if count >= 1 and values["train_writers"] - count < 2:
+            raise ConfigError(f"synthwriters: dataset.val_share={count:g} leaves {values['train_writers'] - count:g} "
+                              f"of dataset.train_writers={values['train_writers']} to train on; training needs 2")
 
 
 # Style ranges: (low, high) per writer parameter. Units: px unless noted.
@@ -405,8 +429,6 @@ def load_or_generate(params: Mapping[str, Any], cache_dir: Path, progress: Progr
 
 def build(s: SynthWritersConfig, *, seed: int, transform: Augment,
           progress: Progress | None = None) -> DataBundle:
-    if s.patch_size > s.page_size:
-        raise ConfigError(f"synthwriters: patch_size {s.patch_size} is larger than page_size {s.page_size}")
     input_size = s.patch_size if s.input_size is None else s.input_size
     generation_seed = seed if s.generation_seed is None else s.generation_seed
     params = generation_params(s, generation_seed)
@@ -414,24 +436,37 @@ def build(s: SynthWritersConfig, *, seed: int, transform: Augment,
     data, cache_path, cached = load_or_generate(params, cache_dir, progress)
 
     pages, writers, is_test = data["pages"], data["writers"], data["is_test"]
-    train_pages = list(pages[~is_test])
+    # Validation writers are training writers held out whole (all their pages), so they stay unseen.
+    count = val_count(s.val_share, s.train_writers, "synthwriters training writers", minimum=2)
+    held = held_out_identities(list(range(s.train_writers)), count, generation_seed)
+    is_val = torch.isin(writers, torch.tensor(sorted(held), dtype=torch.int64)) & ~is_test
+    is_train = ~is_test & ~is_val
+    kept = writers[is_train].unique()  # training writers renumbered 0..n-1: they are the classes
+    train_pages = list(pages[is_train])
     test_pages = list(pages[is_test])
-    train = RandomPatches(train_pages, ink_mask, writers[~is_test], s.patch_size, input_size,
-                          s.train_patches_per_page, s.min_ink, transform=transform(s.patch_size))
+    train = RandomPatches(train_pages, ink_mask, torch.searchsorted(kept, writers[is_train]), s.patch_size,
+                          input_size, s.train_patches_per_page, s.min_ink, transform=transform(s.patch_size))
     test = TiledPatches(test_pages, ink_mask, s.patch_size, input_size, s.min_ink)
     page_writers = writers[is_test].clone()
     check_test_pages(page_writers, "synthwriters")
+    val = TiledPatches(list(pages[is_val]), ink_mask, s.patch_size, input_size, s.min_ink) if count else None
+    val_page_writers = writers[is_val].clone() if count else None
+    if val_page_writers is not None:
+        check_test_pages(val_page_writers, "synthwriters", "validation")
     return DataBundle(
         name="synthwriters",
         task="retrieval",
         train=train,
         test=test,
         train_labels=train.labels,
-        num_classes=params["train_writers"],
+        num_classes=len(kept),
         in_channels=1,
         input_size=input_size,
         page_writers=page_writers,
+        val=val,
+        val_page_writers=val_page_writers,
         info={
+            **({"val_writers": count, "val_pages": int(is_val.sum())} if count else {}),
             "train_pages": len(train_pages),
             "test_pages": len(test_pages),
             "test_patches": len(test),

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from poolbench import files
+from poolbench import files, records
 from poolbench.errors import PoolbenchError
-
-CHECKPOINT = "checkpoint.pt"
+from poolbench.records import CHECKPOINT  # noqa: F401  (re-exported: engine code names it from here)
 
 
 class CheckpointError(PoolbenchError):
@@ -63,7 +62,8 @@ class TrainState:
     def restore(self, path: Path) -> None:
         """Continue from ``path``; anything unreadable or mismatched is a :class:`CheckpointError`."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with records.open_regular(path) as handle:  # a FIFO or a symlink to /dev/zero: refused, not read
+                state = torch.load(handle, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as exc:
             raise CheckpointError(path, f"truncated or not a poolbench checkpoint ({_first_line(exc)})") from None
         if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "rng", "history"} <= state.keys():
@@ -114,7 +114,8 @@ def _save(checkpoint: dict[str, Any], handle: BinaryIO) -> None:
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load only the model weights of a checkpoint (the trained model of a completed run)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with records.open_regular(path) as handle:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError, KeyError, TypeError) as exc:
         raise PoolbenchError(f"cannot load the trained model from {path} ({_first_line(exc)})") from None

@@ -61,8 +61,9 @@ class TrainerSettings:
     num_threads: Annotated[int | None, Range(ge=1)] = None  # torch CPU threads; null = torch's default
     num_workers: Annotated[int, Range(ge=0)] = 0  # DataLoader workers
     eval_batch_size: PositiveInt = 128
-    # Evaluate on the test split every this many epochs and record eval.<metric> in metrics.jsonl;
-    # null = only after training. Never changes the training itself.
+    # Evaluate every this many epochs and record val.<metric> (the validation split, dataset.val_share) or,
+    # without one, eval.<metric> (the test split, with a warning) in metrics.jsonl; null = only after
+    # training. Never changes the training itself.
     eval_every: Annotated[int | None, Range(ge=1)] = None
     # tensorboard: per-step loss/lr and per-epoch scalars under <run_dir>/tb/ (pip install poolbench[tb]).
     logger: Literal["none", "tensorboard"] = "none"

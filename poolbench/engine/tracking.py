@@ -3,7 +3,8 @@
 Row of ``metrics.jsonl`` per epoch: ``epoch`` (from 1), ``loss`` (mean over the epoch), ``lr`` (at its
 start), ``seconds``, ``steps``, ``learned.<name>`` for every learnable scalar of the global pool and
 ``learned.local.<name>`` of the local pools (natural units, :func:`poolbench.pooling.learned_scalars`),
-and ``eval.<metric>`` on the epochs where ``trainer.eval_every`` evaluates.
+and, on the epochs where ``trainer.eval_every`` evaluates, ``val.<metric>`` on the validation split
+(``dataset.val_share``) or, without one, ``eval.<metric>`` on the test split.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from torch import nn
 
 from poolbench import files, pooling
 from poolbench.errors import ConfigError
+from poolbench.records import METRICS
+from poolbench.records import TENSORBOARD as TENSORBOARD_DIR
 
-METRICS = "metrics.jsonl"
-TENSORBOARD_DIR = "tb"
 LOGGERS = ("none", "tensorboard")
 
 

@@ -243,13 +243,28 @@ def _train_epoch(
     return losses[:n], lrs
 
 
+# What trainer.eval_every says, once per run, when the dataset has no validation split.
+TEST_CURVES_WARNING = (
+    "warning: trainer.eval_every evaluates on the TEST split because {name} has no validation split "
+    "(set dataset.val_share); nothing (epoch, learning rate, operator setting) may be selected from these curves"
+)
+
+
+def curve_split(data: DataBundle) -> tuple[str, str]:
+    """The split ``trainer.eval_every`` watches and the prefix of its metrics.jsonl fields: the validation
+    split (``val.<metric>``) when there is one, else the test split (``eval.<metric>``)."""
+    return ("val", "val.") if data.val is not None else ("test", "eval.")
+
+
 def _evaluate_during_training(model: nn.Module, data: DataBundle, s: TrainerSettings, device: torch.device,
                               progress: Progress | None) -> dict[str, float]:
-    """``eval.<metric>`` on the test split, leaving every random generator as it was: a run with
-    ``trainer.eval_every`` trains exactly like one without."""
+    """``val.<metric>`` (or, without a validation split, ``eval.<metric>`` on the test split), leaving
+    every random generator as it was: a run with ``trainer.eval_every`` trains exactly like one without."""
+    split, prefix = curve_split(data)
     with preserved_rng():
-        metrics = evaluate(model, data, device=device, batch_size=s.eval_batch_size, amp=s.amp, progress=progress)
-    return {f"eval.{k}": v for k, v in metrics.items()}
+        metrics = evaluate(model, data, device=device, batch_size=s.eval_batch_size, amp=s.amp, progress=progress,
+                           split=split)
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
 def fit(
@@ -309,6 +324,8 @@ def fit(
         if progress:
             progress("train", min(done, total_steps), total_steps)
         epoch_log = EpochLog(run_dir, state.history, s.logger, resumed=resume)
+        if s.eval_every and data.val is None and log and start_epoch < s.epochs:
+            log(TEST_CURVES_WARNING.format(name=data.name))
         try:
             for epoch in range(start_epoch, s.epochs):
                 batches = loader.epoch(epoch_seed(seed, epoch))

@@ -7,6 +7,7 @@ from poolbench.report.core import (
     build,
     choose_metrics,
     compare,
+    context_columns,
     context_label,
     design,
     environment_warnings,
@@ -14,6 +15,7 @@ from poolbench.report.core import (
     label,
     load,
     metric_columns,
+    one_run_per_seed,
     ranking_lines,
     read_records,
     safe_text,
@@ -38,9 +40,9 @@ from poolbench.report.tables import (
 
 __all__ = [
     "DEFAULT_METRICS", "MANIFEST", "Design", "Report", "available_formats", "build", "check_destination",
-    "choose_metrics", "compare",
-    "context_label", "design", "display_comparison", "display_ranking", "display_summary", "environment_warnings",
-    "format_mean_std", "group_keys", "label", "latex_escape", "load", "metric_columns", "metric_label",
-    "parse_formats", "ranking_lines", "read_records", "safe_text", "summarize", "to_latex", "to_markdown",
+    "choose_metrics", "compare", "context_columns", "context_label", "design", "display_comparison",
+    "display_ranking", "display_summary", "environment_warnings", "format_mean_std", "group_keys", "label",
+    "latex_escape", "load", "metric_columns", "metric_label", "one_run_per_seed", "parse_formats",
+    "ranking_lines", "read_records", "safe_text", "summarize", "to_latex", "to_markdown",
     "treatment_label", "write_html", "write_plots", "write_report", "write_tables",
 ]  # fmt: skip

@@ -29,7 +29,7 @@ from poolbench import records
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
 from poolbench.errors import PoolbenchError, unknown_choice
 from poolbench.pooling.registry import CUSTOM
-from poolbench.report import stats
+from poolbench.report import protocol, stats
 
 DEFAULT_METRICS = ("mAP", "top1", "acc@1", "acc@5", "latency.infer_image_ms", "latency.peak_mem_mb")
 ENV_KEYS = ("env.torch", "env.device_name", "env.git_commit")
@@ -42,7 +42,7 @@ NOT_METRICS = ("cfg.", "choice.", "env.", "data.")
 BOOKKEEPING = ("seed", "feature_map_h", "feature_map_w", "failed_epoch", "pool_out_features", "num_params")
 # A record without these cannot be placed in a table or paired; the types they must have.
 IDENTITY_FIELDS: dict[str, type | tuple[type, ...]] = {"run_id": str, "status": str, SEED_KEY: int, POOLING_KEY: str}
-SIDE_BY_SIDE = "side_by_side.json"
+SIDE_BY_SIDE = records.SIDE_BY_SIDE
 # side_by_side.json row field -> report column, and the field holding its 95% interval.
 SIDE_BY_SIDE_COLUMNS = {
     "infer_image_ms": ("latency.infer_image_ms", "infer_image_ms_ci"),
@@ -51,6 +51,7 @@ SIDE_BY_SIDE_COLUMNS = {
     "pool_fwdbwd_ms": ("latency.pool_fwdbwd_ms", None),
     "peak_mem_mb": ("latency.peak_mem_mb", None),
 }
+_SIDE_BY_SIDE_METRICS = {column for column, _ in SIDE_BY_SIDE_COLUMNS.values()}
 RAW_RUN_DIR = "_run_dir_path"
 FROM_SIDE_BY_SIDE = "latency.from_side_by_side"  # per run: its latency columns come from side_by_side.json
 PER_RUN_LATENCY = "per run (measured after each run's training, not interleaved)"
@@ -94,6 +95,9 @@ class Report:
     notes: list[str] = field(default_factory=list)  # informational lines (not warnings)
     side_by_side: list[str] = field(default_factory=list)  # latency ratios from side_by_side.json
     run_dirs: dict[str, Path] = field(default_factory=dict)  # run_id -> its folder (for metrics.jsonl, env.json)
+    dropped: list[str] = field(default_factory=list)  # duplicates and unpaired runs: named, never silently lost
+    contexts: list[str] = field(default_factory=list)  # the keys whose values are independent data sets (ranks)
+    mre: float | None = None  # the user's minimally relevant effect (--mre), for the needed seeds
 
     @property
     def comparison_lines(self) -> list[str]:
@@ -101,8 +105,8 @@ class Report:
 
     @property
     def family_size(self) -> int:
-        """Number of paired t-tests the Holm adjustment runs over."""
-        return int(self.comparison["p_ttest"].notna().sum()) if not self.comparison.empty else 0
+        """Number of comparisons the Holm adjustment of the primary (sign-flip) p-values runs over."""
+        return int(self.comparison["p_perm"].notna().sum()) if not self.comparison.empty else 0
 
     @property
     def operators(self) -> list[str]:
@@ -119,9 +123,12 @@ class Report:
         ]
         if self.baseline is not None:
             lines.append(
-                f"baseline: {self.baseline}; {self.family_size} paired t-tests, p-values Holm-adjusted over all of them"
+                f"baseline: {self.baseline}; {self.family_size} paired comparisons, every kind of p-value "
+                "Holm-adjusted over all of them"
                 + ("; confounded pairs compared (--allow-confounded)" if self.allow_confounded else "")
             )
+        if self.dropped:
+            lines.append(f"left out: {len(self.dropped)} duplicate or unpaired entries (listed in report.json)")
         lines += [f"latency source of {metric}: {source}" for metric, source in self.latency_source.items()]
         return lines + [f"WARNING: {w}" for w in self.warnings]
 
@@ -235,7 +242,7 @@ def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, li
             completed.append(record)
             continue
         error = f": {record['error']}" if record.get("error") else ""
-        skipped.append(f"{record['run_id']} is {record['status']}{error}")
+        skipped.append(f"{record['run_id']} is {record.get('status_detail') or record['status']}{error}")
     mistyped = _mistyped(completed)
     skipped += [f"{completed[i]['run_id']}: {reason}" for i, reason in mistyped.items()]
     completed = [r for i, r in enumerate(completed) if i not in mistyped]
@@ -298,14 +305,12 @@ def read_side_by_side(
     path = Path(results_dir) / SIDE_BY_SIDE
     latency = [c for c in frame.columns if c.startswith("latency.") and _is_numeric_column(frame[c])]
     per_run = {c: PER_RUN_LATENCY for c in latency}
-    if not path.is_file():
-        return frame, per_run, [], []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data["rows"] if isinstance(data, dict) and data.get("schema") == 1 else None
-        if not isinstance(rows, list):
-            raise ValueError("not schema 1 with a list of rows")
-    except (OSError, ValueError, KeyError, RecursionError) as exc:
+        data = records.read_side_by_side(results_dir)
+        if data is None:
+            return frame, per_run, [], []
+        rows = data["rows"]
+    except (OSError, ValueError) as exc:
         return frame, per_run, [f"{safe_text(str(path))} ignored ({safe_text(str(exc))[:80]}); latency is per run"], []
     frame = frame.copy()
     frame[FROM_SIDE_BY_SIDE] = False
@@ -486,6 +491,37 @@ def design(frame: pd.DataFrame, baseline: str | None = None) -> Design:
     return Design(keys=context + [c for c in keys if _is_treatment(c)], hidden=hidden, confounded=confounded)
 
 
+def one_run_per_seed(frame: pd.DataFrame, keys: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """One run per (configuration, seed): the one place where duplicates are decided.
+
+    Two completed records with the same grouping keys and seed (a copied folder whose run id was
+    edited, a run repeated under another results folder) are the same measurement twice. The first
+    by folder name is used, on the baseline and the treatment side alike; each other one is named.
+    """
+    columns = [*keys, SEED_KEY]
+    if frame.empty or SEED_KEY not in frame.columns:
+        return frame, []
+    keyed = frame[columns].map(_column_key).astype(str)
+    order = frame["run_dir"].astype(str) if "run_dir" in frame.columns else frame["run_id"].astype(str)
+    frame = frame.loc[order.sort_values(kind="stable").index]
+    keyed = keyed.loc[frame.index]
+    duplicated = keyed.duplicated(keep="first")
+    lines = []
+    if duplicated.any():
+        kept_rows = keyed[~duplicated].itertuples(index=False)
+        first = {tuple(k): i for i, k in zip(frame.index[~duplicated], kept_rows, strict=True)}
+        for index in frame.index[duplicated]:
+            kept = frame.loc[first[tuple(keyed.loc[index])]]
+            row = frame.loc[index]
+            where = context_label(row, keys)
+            what = f"{treatment_label(row, keys)}{f' on {where}' if where else ''} seed {row[SEED_KEY]}"
+            lines.append(
+                f"duplicate: {what} is in {kept.get('run_dir', kept['run_id'])} and "
+                f"{row.get('run_dir', row['run_id'])}; only the first is used"
+            )
+    return frame[~duplicated].sort_index(), lines
+
+
 def group_keys(frame: pd.DataFrame) -> list[str]:
     """The grouping columns of :func:`design`."""
     return design(frame).keys
@@ -562,7 +598,9 @@ def summarize(frame: pd.DataFrame, metrics: Sequence[str], keys: Sequence[str]) 
         for metric in metrics:
             column = group[metric].astype(float)
             row[f"{metric}.mean"] = column.mean()
-            row[f"{metric}.std"] = column.std(ddof=1)
+            # a side-by-side figure is one measurement per configuration copied to its runs: no spread
+            single = metric in _SIDE_BY_SIDE_METRICS and bool(group.get(FROM_SIDE_BY_SIDE, pd.Series([False])).all())
+            row[f"{metric}.std"] = math.nan if single else column.std(ddof=1)
             row[f"{metric}.n"] = int(column.count())
             for bound in ("ci_low", "ci_high"):
                 if f"{metric}.{bound}" in group.columns:
@@ -602,13 +640,16 @@ def compare(
     *,
     confounded: Sequence[str] = (),
     side_by_side: Sequence[str] = (),
+    dropped: list[str] | None = None,
 ) -> pd.DataFrame:
     """Paired differences (operator − baseline) over seeds shared within each context.
 
     ``confounded`` context columns are left out of the pairing (used with ``allow_confounded``); the
     rows that pair across them name them in ``confounded_by``. Columns: context, pooling, baseline,
     metric, the statistics of :func:`poolbench.report.stats.paired`, ``p_ttest_holm`` /
-    ``p_wilcoxon_holm`` (Holm over every row), per_seed, mean, baseline_mean, confounded_by.
+    ``<p>_holm`` for every p-value of ``stats.P_VALUES`` (Holm over every row), per_seed, mean,
+    baseline_mean, confounded_by. Runs left out of the pairing (a seed without a partner, an operator
+    without a baseline run in its context) are named in ``dropped``.
     Metrics in ``side_by_side`` are not tested for pairs measured side by side (one value per
     configuration, no spread over seeds); their ratios are in :func:`side_by_side_lines`.
     """
@@ -620,9 +661,17 @@ def compare(
     treatment_keys = [k for k in keys if _is_treatment(k)]
     context_keys = [k for k in keys if not _is_treatment(k) and k not in confounded]
     rows: list[dict[str, Any]] = []
+    dropped = [] if dropped is None else dropped
     for _, context in _groups(frame, context_keys):
         base = context[context[POOLING_KEY] == baseline]
         if base.empty:
+            where = context_label(context.iloc[0], context_keys)
+            for _, treated in _groups(context, treatment_keys or [POOLING_KEY]):
+                dropped.append(
+                    f"unpaired: {treatment_label(treated.iloc[0], keys)}{f' on {where}' if where else ''}"
+                    f" has no '{baseline}' run to pair with ({len(treated)} runs, seeds "
+                    f"{_seed_list(treated[SEED_KEY])}): not compared"
+                )
             continue
         if base[SEED_KEY].duplicated().any():
             raise PoolbenchError(
@@ -633,6 +682,7 @@ def compare(
         others = context[context[POOLING_KEY] != baseline]
         for _, treated in _groups(others, treatment_keys or [POOLING_KEY]):
             first = treated.iloc[0]
+            _name_unpaired(dropped, first, keys, context_keys, baseline, treated[SEED_KEY], base[SEED_KEY])
             mixed = [label(c) for c in confounded if set(treated[c].map(_column_key)) != set(base[c].map(_column_key))]
             for metric in metrics:
                 if metric in side_by_side and (treated[FROM_SIDE_BY_SIDE].any() or base[FROM_SIDE_BY_SIDE].any()):
@@ -661,11 +711,33 @@ def compare(
     result = pd.DataFrame(rows)
     if result.empty:
         return result
-    result["p_ttest_holm"] = stats.holm(result["p_ttest"])
-    result["p_wilcoxon_holm"] = stats.holm(result["p_wilcoxon"])
+    for name in stats.P_VALUES:
+        result[f"{name}_holm"] = stats.holm(result[name])
     return result.sort_values(
         ["metric", "context", "pooling"], key=lambda c: c.map(order) if c.name == "metric" else c
     ).reset_index(drop=True)
+
+
+def _seed_list(seeds: Any) -> str:
+    return ", ".join(str(s) for s in sorted(set(seeds)))
+
+
+def _name_unpaired(
+    dropped: list[str],
+    first: pd.Series,
+    keys: Sequence[str],
+    context_keys: Sequence[str],
+    baseline: str,
+    treated: pd.Series,
+    base: pd.Series,
+) -> None:
+    """One line per side whose seeds have no partner on the other side."""
+    where = context_label(first, context_keys)
+    name = f"{treatment_label(first, keys)} vs {baseline}{f' on {where}' if where else ''}"
+    for side, own, other in ((treatment_label(first, keys), treated, base), (baseline, base, treated)):
+        lonely = set(own) - set(other)
+        if lonely:
+            dropped.append(f"unpaired: {name}: seeds {_seed_list(lonely)} of {side} have no partner, left out")
 
 
 def _fmt_p(p: float) -> str:
@@ -679,24 +751,50 @@ def _p_clause(p: float) -> str:
     return text if text.startswith("<") else f"= {text}"
 
 
+def _p_with_holm(row: dict[str, Any], name: str, title: str) -> str:
+    """``sign-flip p = 0.25 (Holm 0.5)``; empty where that test was not run."""
+    p = row.get(name, math.nan)
+    if not _present(p) or math.isnan(p):
+        return ""
+    return f", {title} p {_p_clause(p)} (Holm {_fmt_p(row[f'{name}_holm'])})"
+
+
+def too_few(row: dict[str, Any]) -> bool:
+    return int(row["n"]) < stats.DECIDE_MIN_N
+
+
+TOO_FEW = f"too few seeds to decide (n < {stats.DECIDE_MIN_N})"
+
+
 def _comparison_line(row: dict[str, Any]) -> str:
-    """``[ctx] dgmp vs avg: ΔmAP = +0.041 ± 0.012 (95% CI, bootstrap [...]), p = 0.03 (Holm 0.06), ...``."""
+    """``[ctx] dgmp vs avg: ΔmAP = +0.041 ± 0.012 (95% t-interval), sign-flip p = 0.03 (Holm 0.06), ...``.
+
+    Every p-value stands beside its Holm-adjusted value; below ``stats.DECIDE_MIN_N`` pairs the line
+    ends with a plain note that the comparison cannot decide.
+    """
+    from poolbench.report.power import power_clause
+
     where = f"[{row['context']}] " if row["context"] else ""
-    ci = "n/a" if math.isnan(row["ci95"]) else f"{row['ci95']:.3g}"
-    boot = "" if math.isnan(row["boot_low"]) else f", bootstrap [{row['boot_low']:+.3g}, {row['boot_high']:+.3g}]"
-    wilcoxon = (
-        ""
-        if math.isnan(row["p_wilcoxon"])
-        else f", Wilcoxon p {_p_clause(row['p_wilcoxon'])} (Holm {_fmt_p(row['p_wilcoxon_holm'])})"
+    if row.get("all_equal"):
+        interval = " (every seed's Δ is the same: no spread, no interval)"
+    elif math.isnan(row["ci95"]):
+        interval = " (no interval from one pair)"
+    else:
+        interval = f" ± {row['ci95']:.3g} (95% t-interval)"
+    tests = (
+        _p_with_holm(row, "p_perm", "sign-flip")
+        + _p_with_holm(row, "p_ttest", "t-test")
+        + _p_with_holm(row, "p_wilcoxon", "Wilcoxon")
     )
-    holm = "" if math.isnan(row["p_ttest_holm"]) else f" (Holm {_fmt_p(row['p_ttest_holm'])})"
     effect = "" if math.isnan(row["effect_dz"]) else f", d_z = {row['effect_dz']:+.2g}"
     better = round(row["p_improve"] * row["n"])
+    power = power_clause(row)
     confounded = f" — CONFOUNDED with {row['confounded_by']}" if row.get("confounded_by") else ""
+    note = f" — {TOO_FEW}" if too_few(row) else ""
     return (
-        f"{where}{row['pooling']} vs {row['baseline']}: Δ{row['metric']} = {row['mean_delta']:+.3g} ± {ci} (95% CI"
-        f"{boot}), p {_p_clause(row['p_ttest'])}{holm}{wilcoxon}{effect}, better in {better}/{row['n']} seeds, "
-        f"n = {row['n']}{confounded}"
+        f"{where}{row['pooling']} vs {row['baseline']}: Δ{row['metric']} = {row['mean_delta']:+.3g}{interval}"
+        f"{tests}{effect}, better in {better}/{row['n']} seeds, n = {row['n']}"
+        f"{f'; {power}' if power else ''}{confounded}{note}"
     )
 
 
@@ -718,19 +816,34 @@ def quality_metrics(metrics: Sequence[str]) -> list[str]:
     return [m for m in metrics if stats.higher_is_better(m) and not m.startswith("learned.")]
 
 
-def rank_operators(report: Report) -> dict[str, Any] | None:
-    """Average ranks, Friedman and Nemenyi over the contexts (datasets / backbones) of a report.
+DEFAULT_CONTEXTS = ("choice.dataset", "choice.model")
 
-    Each context is scored by its first quality metric that it recorded (mAP for a retrieval set,
-    acc@1 for a classification one): ranks make different metrics comparable. Only operators present
-    in every ranked context take part (a complete block design). None with fewer than 2 contexts or
-    2 operators.
+
+def context_columns(frame: pd.DataFrame, requested: Sequence[str] = ()) -> list[str]:
+    """The columns whose values are independent data sets for the rank tests: ``--contexts`` keys, or
+    the (dataset, backbone) pair by default. An unknown key names the recorded ones."""
+    if requested:
+        return list(dict.fromkeys(_column(frame, key.strip(), "--contexts key") for key in requested if key.strip()))
+    return [c for c in DEFAULT_CONTEXTS if c in frame.columns]
+
+
+def rank_operators(report: Report) -> dict[str, Any] | None:
+    """Average ranks, Friedman and Nemenyi over the contexts (independent data sets) of a report.
+
+    A context is a distinct value of ``report.contexts`` (dataset and backbone by default). Every other
+    varying key (an image size, a learning rate) is not a data set: an operator's score in a context is
+    its mean over those keys' values (an operator must have all of them). Each context is scored by its
+    first quality metric that it recorded (mAP for a retrieval set, acc@1 for a classification one):
+    ranks make different metrics comparable. Only operators present in every ranked context take part
+    (a complete block design). None with fewer than 2 contexts or 2 operators.
     """
     quality = quality_metrics(report.metrics)
-    context_keys = [k for k in report.keys if not _is_treatment(k)]
+    context_keys = [k for k in report.contexts if k in report.summary.columns and not _is_treatment(k)]
+    within = [k for k in report.keys if not _is_treatment(k) and k not in context_keys]
     if not quality or not context_keys:
         return None
-    scores: dict[str, dict[str, float]] = {}
+    scores: dict[str, dict[str, list[float]]] = {}
+    groups: dict[str, set[str]] = {}
     metric_of: dict[str, str] = {}
     for _, row in report.summary.iterrows():
         context = context_label(row, context_keys)
@@ -738,8 +851,13 @@ def rank_operators(report: Report) -> dict[str, Any] | None:
         if metric is None or not _present(row[f"{metric}.mean"]):
             continue
         metric_of[context] = metric
-        scores.setdefault(context, {})[treatment_label(row, report.keys)] = float(row[f"{metric}.mean"])
-    table = pd.DataFrame(scores).T
+        groups.setdefault(context, set()).add(context_label(row, within))
+        per_op = scores.setdefault(context, {}).setdefault(treatment_label(row, report.keys), [])
+        per_op.append(float(row[f"{metric}.mean"]))
+    # an operator's score in a context: its mean over every within-context group, or none if it misses one
+    table = pd.DataFrame(
+        {c: {op: float(np.mean(v)) for op, v in ops.items() if len(v) == len(groups[c])} for c, ops in scores.items()}
+    ).T
     if table.empty:
         return None
     complete = table[table.notna().sum(axis=1) >= 2].dropna(axis=1)  # contexts with a choice, then full columns
@@ -750,6 +868,9 @@ def rank_operators(report: Report) -> dict[str, Any] | None:
         scores=complete[sorted(complete.columns)],
         metric_of={c: metric_of[c] for c in complete.index},
         left_out=sorted(set(table.columns) - set(complete.columns)),
+        contexts=[label(k) for k in context_keys],
+        within=[label(k) for k in within],
+        cd_diagram=complete.shape[0] >= stats.CD_MIN_CONTEXTS and result["nemenyi"] is not None,
     )
     return result
 
@@ -757,11 +878,23 @@ def rank_operators(report: Report) -> dict[str, Any] | None:
 def ranking_lines(ranking: dict[str, Any]) -> list[str]:
     metrics = ", ".join(f"{m} ({c})" for c, m in ranking["metric_of"].items())
     ranks = ", ".join(f"{op} {r:.2f}" for op, r in ranking["average_ranks"].items())
-    lines = [f"average rank over {len(ranking['scores'])} contexts by {metrics} (1 = best): {ranks}"]
+    contexts = len(ranking["scores"])
+    what = " × ".join(ranking.get("contexts", [])) or "context"
+    lines = [f"average rank over {contexts} contexts ({what}) by {metrics} (1 = best): {ranks}"]
+    if ranking.get("within"):
+        lines.append(
+            f"within a context, {', '.join(ranking['within'])} are not data sets: each operator's score is its "
+            "mean over their values"
+        )
     if not math.isnan(ranking["friedman_p"]):
         lines.append(
             f"Friedman test: χ² = {ranking['friedman_stat']:.3g}, p {_p_clause(ranking['friedman_p'])}"
-            " (Nemenyi post-hoc in cd_diagram.png)"
+            + (" (Nemenyi post-hoc in cd_diagram.png)" if ranking.get("cd_diagram") else "")
+        )
+    if not ranking.get("cd_diagram") and ranking["nemenyi"] is not None:
+        lines.append(
+            f"no critical-difference diagram: {contexts} contexts, fewer than {stats.CD_MIN_CONTEXTS} "
+            "(the Nemenyi procedure assumes many independent data sets; autorank refuses fewer than 5)"
         )
     if ranking["left_out"]:
         lines.append(f"not ranked (missing in some context): {', '.join(ranking['left_out'])}")
@@ -775,11 +908,20 @@ def build(
     baseline: str | None = None,
     where: Sequence[str] = (),
     allow_confounded: bool = False,
+    contexts: Sequence[str] = (),
+    mre: float | None = None,
 ) -> Report:
+    from poolbench.report.power import power_columns
+
+    if mre is not None and not (math.isfinite(mre) and mre > 0):
+        raise PoolbenchError(f"--mre takes a positive effect size in the metric's unit, got {mre}")
     frame, skipped = load(results_dir, where)
+    frame, tuning = protocol.prepare(frame, frame.attrs[RAW_RUN_DIR])  # runs of poolbench tune (report/protocol.py)
     run_dirs = frame.attrs[RAW_RUN_DIR]
     frame, latency_source, sbs_warnings, sbs_rows = read_side_by_side(results_dir, frame)
+    rank_contexts = context_columns(frame, contexts)
     found = design(frame, baseline)
+    frame, dropped = one_run_per_seed(frame, found.keys)
     chosen = choose_metrics(frame, metrics)
     report = Report(
         runs=frame,
@@ -795,17 +937,24 @@ def build(
         filters=list(where),
         latency_source={m: s for m, s in latency_source.items() if m in chosen or m == "latency.infer_image_ms"},
         run_dirs=run_dirs,
+        dropped=dropped,
+        contexts=rank_contexts,
+        mre=mre,
     )
     if baseline is not None:
         side_by_side = [m for m, s in latency_source.items() if s != PER_RUN_LATENCY]
-        report.comparison = compare(
+        comparison = compare(
             frame,
             chosen,
             found.keys,
             baseline,
             confounded=list(found.confounded) if allow_confounded else [],
             side_by_side=side_by_side,
+            dropped=report.dropped,
         )
+        report.comparison = comparison
+        if not comparison.empty:
+            report.comparison = power_columns(comparison, report.family_size, mre)
         report.notes += [
             f"{m}: where it comes from {SIDE_BY_SIDE}, one interleaved measurement per configuration, shown with "
             "its interval and not tested over seeds"
@@ -814,4 +963,5 @@ def build(
         ]
     report.ranking = rank_operators(report)
     report.side_by_side = side_by_side_lines(sbs_rows, frame, found.keys)
+    protocol.attach(report, tuning)
     return report

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import html
 import json
 import math
 from pathlib import Path
@@ -16,12 +15,14 @@ from typing import Any
 
 import pandas as pd
 
+from poolbench import records
+from poolbench import text as esc
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
-from poolbench.report.core import SEED_KEY, Report, _present, label, ranking_lines, safe_text
-from poolbench.report.tables import display_comparison, display_ranking, display_summary
+from poolbench.report.core import SEED_KEY, Report, _present, label, ranking_lines
+from poolbench.report.tables import comparison_caption, display_comparison, display_ranking, display_summary
 
 PAGE = "report.html"
-FIGURES = ("pareto", "bars", "curves", "cd_diagram")
+FIGURES = ("pareto", "means", "curves", "cd_diagram")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
@@ -35,11 +36,12 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; white-space: pre-wr
 
 
 def _e(value: Any) -> str:
-    return html.escape(safe_text(str(value)))
+    return esc.html(value)
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, escape=True, border=0, na_rep="-")
+    shown = frame.map(lambda v: esc.plain(v) if isinstance(v, str) else v).rename(columns=esc.plain)
+    return shown.to_html(index=False, escape=True, border=0, na_rep="-")  # controls shown, HTML escaped
 
 
 def _override(key: str, value: Any) -> str:
@@ -107,8 +109,8 @@ def recorded_commands(report: Report) -> list[str]:
     for run_id, run_dir in zip(report.runs["run_id"], report.runs["run_dir"], strict=True):
         try:
             folder = report.run_dirs.get(run_id, Path(str(run_dir)))
-            env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
+            env = records.read_env(folder, root=report.results_dir)
+        except (OSError, ValueError):
             continue
         if isinstance(env, dict) and isinstance(env.get("command"), str):
             found[env["command"]] = None
@@ -144,6 +146,10 @@ def write_html(report: Report, out_dir: Path) -> list[Path]:
     if report.warnings:
         parts.append("<h2>Warnings</h2>")
         parts += [f'<div class="warning">{_e(w)}</div>' for w in report.warnings]
+    if report.dropped:
+        parts.append(f"<h2>Left out of the statistics ({len(report.dropped)})</h2><ul>")
+        parts += [f"<li>{_e(line)}</li>" for line in report.dropped]
+        parts.append("</ul>")
     if report.skipped:
         parts.append(f"<h2>Skipped records ({len(report.skipped)})</h2><ul>")
         parts += [f"<li>{_e(line)}</li>" for line in report.skipped]
@@ -154,11 +160,7 @@ def write_html(report: Report, out_dir: Path) -> list[Path]:
         if report.comparison.empty:
             parts.append("<p>No run shares a seed and configuration with a baseline run: nothing compared.</p>")
         else:
-            parts.append(
-                f'<p class="note">Holm-adjusted over the family of {report.family_size} paired t-tests of this report;'
-                " bootstrap: paired BCa, 9999 resamples, from 6 pairs; d_z: mean Δ / sd Δ;"
-                " P(better): share of seeds improved.</p>"
-            )
+            parts.append(f'<p class="note">{_e(comparison_caption(report))}</p>')
             parts.append(_table(display_comparison(report)))
     if report.ranking is not None:
         parts.append("<h2>Ranks across contexts</h2>")

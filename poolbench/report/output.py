@@ -1,14 +1,16 @@
 """Write a report's files so that ``--out`` holds exactly this report's files, or nothing changes.
 
-Everything is written into a fresh folder beside ``--out`` and swapped in at the end; a folder that
-holds files of something else than a poolbench report is never replaced. ``report.json`` in the
-folder states what produced it and lists its files.
+Everything is written into a fresh folder beside ``--out`` and swapped in at the end. ``report.json``
+in the folder states what produced it; ``.poolbench-manifest.json`` lists every file poolbench wrote
+there with its sha256, and decides alone what a later report may replace: a folder holding anything
+else (a file of the user's, a file changed since, a folder without a manifest) is refused, never replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -16,10 +18,13 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from poolbench import files, records
+from poolbench import text as esc
 from poolbench.errors import PoolbenchError
 from poolbench.report.core import Report, safe_text
 
-MANIFEST = "report.json"
+MANIFEST = "report.json"  # what produced the report (kept for readers of older reports)
+OWNED = ".poolbench-manifest.json"  # {"files": {name: sha256}}: what poolbench wrote, so may replace
 
 
 def _umask() -> int:
@@ -36,10 +41,55 @@ def check_destination(out_dir: Path) -> None:
         raise PoolbenchError(f"cannot write the report to {shown}: {safe_text(str(blocking))} is a file")
     if out_dir.exists() and not out_dir.is_dir():
         raise PoolbenchError(f"--out {shown} is a file, not a folder; choose a folder for the report")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise PoolbenchError(
-            f"--out {shown} holds files that are not a poolbench report; choose an empty or new folder"
-        )
+    if out_dir.is_symlink():
+        raise PoolbenchError(f"--out {shown} is a symlink; choose a folder for the report")
+    if out_dir.is_dir():
+        foreign = _not_ours(out_dir)
+        if foreign:
+            raise PoolbenchError(
+                f"--out {shown} holds {foreign}, which poolbench did not write (it is not in the folder's "
+                f"{OWNED}); nothing was changed: choose an empty or new folder, or move it away"
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with records.open_regular(path, OWNED) as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _not_ours(out_dir: Path) -> str | None:
+    """The first entry of ``out_dir`` that its manifest does not list as written by poolbench (or that was
+    changed since), shown; None when every entry is poolbench's own."""
+    try:
+        names = sorted(os.listdir(out_dir))
+    except OSError as exc:
+        return f"entries that cannot be listed ({exc.strerror or exc})"
+    if not names:
+        return None
+    try:
+        owned = records.read_json(out_dir / OWNED, OWNED).get("files")
+    except (OSError, ValueError, AttributeError):
+        owned = None
+    if not isinstance(owned, dict):
+        if names == [OWNED]:
+            return None
+        shown = ", ".join(f"'{esc.plain(n)}'" for n in names[:3]) + (f" and {len(names) - 3} more" if names[3:] else "")
+        return f"{shown} but no {OWNED}"
+    for name in names:
+        if name == OWNED:
+            continue
+        if name not in owned:
+            return f"'{esc.plain(name)}'"
+        try:
+            same = _sha256(out_dir / name) == owned[name]
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            return f"'{esc.plain(name)}' (changed since poolbench wrote it, or not a regular file)"
+    return None
 
 
 def write_report(report: Report, out_dir: Path, writers: Sequence[Callable[[Report, Path], list[Path]]]) -> list[Path]:
@@ -67,9 +117,13 @@ def write_report(report: Report, out_dir: Path, writers: Sequence[Callable[[Repo
             "warnings": report.warnings,
             "latency_source": report.latency_source,
             "skipped": report.skipped,
+            "left_out": report.dropped,
             "files": [p.name for p in written],
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        owned = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.name != OWNED}
+        files.atomic_write_json(staging / OWNED, {"written_by": "poolbench report", "files": owned})
+        check_destination(out_dir)  # again: a file may have appeared while the report was computed
         _swap(staging, out_dir)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)

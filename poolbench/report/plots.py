@@ -1,15 +1,15 @@
-"""Figures of a report: Pareto front, bars, training curves and the critical-difference diagram.
+"""Figures of a report: Pareto front, means with intervals, training curves and the critical-difference diagram.
 
 Conventions for every figure: human labels with units (:func:`metric_label`), operator names as
 given, one colour per operator across all figures (:func:`colours`), no empty panel, no panel for a
-metric whose operator means differ by less than the noise (:func:`varies`), 8-pt text on panels about
+metric whose operator means differ by less than the noise (:func:`varies`) unless one of its
+comparisons is significant after Holm, means as dots with intervals (never truncated bars), 8-pt text on panels about
 3.3 inches wide (a paper's single column), PNG and PDF. Each file carries the report's provenance
 in its metadata, and a confounded report says so on the figure itself.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from collections.abc import Callable, Sequence
@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from poolbench import records
+from poolbench import text as esc
 from poolbench.report import stats
 from poolbench.report.core import Report, _present, context_label, label, quality_metrics, safe_text, treatment_label
 
 PANEL_W, PANEL_H = 3.3, 2.3  # inches: one panel fits a paper's single column
 FONT = 8
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = records.METRICS
 # Human name (with unit) per record field; anything else is shown by its field name.
 METRIC_LABELS = {
     "mAP": "mAP",
@@ -49,6 +51,7 @@ METRIC_LABELS = {
     "cost.params": "parameters",
 }
 NOISE_FLOOR = 0.01  # relative: differences below 1% of the value are not worth a panel
+SIGNIFICANCE = 0.05  # a panel with a comparison below this Holm-adjusted p is always drawn
 
 
 def metric_label(metric: str) -> str:
@@ -57,6 +60,8 @@ def metric_label(metric: str) -> str:
         return METRIC_LABELS[metric]
     if metric.startswith("eval."):
         return f"held-out {metric_label(metric[5:])}"
+    if metric.startswith("val."):  # the validation split (dataset.val_share)
+        return f"validation {metric_label(metric[4:])}"
     if metric.startswith(("soft@", "hard@")):
         return f"{metric[:4]} top-{metric[5:]}"
     if metric.startswith("learned."):
@@ -103,6 +108,7 @@ def _pyplot() -> Any:
             "ytick.labelsize": FONT - 1,
             "legend.fontsize": FONT - 1,
             "pdf.fonttype": 42,  # embed TrueType: text stays text in the PDF
+            "text.parse_math": False,  # labels come from records: a name with $...$ is text, never mathtext
         }
     )
     return plt
@@ -110,6 +116,7 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, report: Report, out_dir: Path, stem: str) -> list[Path]:
     """PNG and PDF, with the provenance in their metadata and any confounding warning on the figure."""
+    _plain_texts(fig)
     header = [safe_text(line) for line in report.provenance()]
     out_dir.mkdir(parents=True, exist_ok=True)
     png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
@@ -144,11 +151,24 @@ def _legend(fig: Any, palette: dict[str, Any], operators: Sequence[str], kind: s
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), frameon=False, bbox_to_anchor=(0.5, 1))
 
 
+def _plain_texts(fig: Any) -> None:
+    """Every text of the figure (labels, ticks, legends, titles: names from records) made one printable line
+    per label line: control characters shown as escapes (``text.parse_math`` off keeps ``$`` literal)."""
+    import matplotlib.text
+
+    for artist in fig.findobj(matplotlib.text.Text):
+        label = artist.get_text()
+        shown = "\n".join(esc.plain(part) for part in label.split("\n"))
+        if shown != label:
+            artist.set_text(shown)
+
+
 def _finish(fig: Any, report: Report, caption: str, *, legend: bool = True) -> None:
     """Caption under the panels, any confounding warning in red under it, legend room above; tight layout.
 
     The figure grows by the height of the warning so that the panels keep their size.
     """
+    _plain_texts(fig)
     # characters per line of (FONT - 1) pt text; DejaVu Sans averages ~0.6 em per character
     width_chars = int(0.95 * fig.get_figwidth() * 72 / (0.6 * (FONT - 1)))
     warning = [
@@ -274,9 +294,24 @@ def summarize_for(report: Report, metrics: Sequence[str]) -> pd.DataFrame:
     return summarize(report.runs, present, report.keys)
 
 
-def bar_panels(report: Report) -> tuple[list[tuple[str, str, pd.DataFrame]], list[str]]:
-    """The (metric, context, rows) panels worth drawing, and one note per panel left out."""
+def _significant(report: Report, metric: str, context: str, fallback: str) -> bool:
+    """Whether a comparison of this panel is significant after Holm (primary sign-flip p < 0.05)."""
+    rows = report.comparison
+    if rows.empty or "p_perm_holm" not in rows.columns:
+        return False
+    names = rows["context"].map(lambda c: c or fallback)
+    chosen = rows[(rows["metric"] == metric) & (names == context)]
+    return bool((chosen["p_perm_holm"] < SIGNIFICANCE).any())
+
+
+def mean_panels(report: Report) -> tuple[list[tuple[str, str, pd.DataFrame]], list[str]]:
+    """The (metric, context, rows) panels worth drawing, and one note per panel left out.
+
+    A panel is left out only when no comparison in it is significant after Holm *and* its operators'
+    means differ by less than the noise (:func:`varies`).
+    """
     panels, omitted = [], []
+    fallback = _single_context(report)
     for name, rows in _context_parts(report, report.summary):
         for metric in report.metrics:
             part = rows[rows[f"{metric}.mean"].notna()]
@@ -287,18 +322,44 @@ def bar_panels(report: Report) -> tuple[list[tuple[str, str, pd.DataFrame]], lis
                 half_widths = (part[f"{metric}.ci_high"] - part[f"{metric}.ci_low"]) / 2
                 spreads = half_widths.where(half_widths.notna(), spreads)
             spreads = spreads.tolist()
-            if varies(part[f"{metric}.mean"].tolist(), spreads):
+            if _significant(report, metric, name, fallback) or varies(part[f"{metric}.mean"].tolist(), spreads):
                 panels.append((metric, name, part))
             else:
                 omitted.append(f"{metric_label(metric)} on {name}")
     return panels, omitted
 
 
-def plot_bars(report: Report, out_dir: Path) -> list[Path]:
-    """One panel per (metric, context) whose operators differ beyond noise; one bar per operator."""
-    panels, omitted = bar_panels(report)
+def mean_intervals(part: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Below/above error lengths: the 95% t-interval of the mean over seeds, the side-by-side interval
+    of a single interleaved measurement, and nothing for one measurement without an interval."""
+    from scipy import stats as scipy_stats
+
+    means = part[f"{metric}.mean"].to_numpy(float)
+    std = part[f"{metric}.std"].to_numpy(float)
+    n = part[f"{metric}.n"].to_numpy(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = np.where(n >= 2, scipy_stats.t.ppf(0.975, np.maximum(n - 1, 1)) * std / np.sqrt(n), np.nan)
+    half = np.nan_to_num(half)  # one measurement (n = 1 or a side-by-side copy): no spread drawn
+    below, above = half.copy(), half.copy()
+    if f"{metric}.ci_low" in part.columns:  # a side-by-side measurement: its interval
+        lows, highs = part[f"{metric}.ci_low"].to_numpy(float), part[f"{metric}.ci_high"].to_numpy(float)
+        has = ~np.isnan(lows) & ~np.isnan(highs)
+        below[has], above[has] = (means - lows)[has], (highs - means)[has]
+    return below, above
+
+
+def plot_means(report: Report, out_dir: Path) -> list[Path]:
+    """One panel per (metric, context): each operator's mean as a dot with its 95% interval.
+
+    Dots, not bars: a bar's length reads as the value, so a bar chart of accuracy must start at 0,
+    where the differences vanish; a zoomed bar axis exaggerates them.
+    """
+    panels, omitted = mean_panels(report)
     if omitted:
-        report.notes.append(f"bars.png leaves out (no difference beyond noise): {'; '.join(omitted)}")
+        report.notes.append(
+            "means.png leaves out (no comparison significant after Holm, no difference beyond the seed noise): "
+            + "; ".join(omitted)
+        )
     if not panels:
         return []
     plt = _pyplot()
@@ -308,28 +369,23 @@ def plot_bars(report: Report, out_dir: Path) -> list[Path]:
     for ax, (metric, name, part) in zip(axes, panels, strict=True):
         operators = list(part["_operator"])
         means = part[f"{metric}.mean"].to_numpy(float)
-        std = np.nan_to_num(part[f"{metric}.std"].to_numpy(float))
-        below, above = std.copy(), std.copy()
-        if f"{metric}.ci_low" in part.columns:  # a side-by-side measurement: its interval, not a seed std
-            lows, highs = part[f"{metric}.ci_low"].to_numpy(float), part[f"{metric}.ci_high"].to_numpy(float)
-            has = ~np.isnan(lows) & ~np.isnan(highs)
-            below[has], above[has] = (means - lows)[has], (highs - means)[has]
-        ax.bar(range(len(operators)), means, yerr=[below, above], capsize=2, color=[palette[o] for o in operators])
-        low, high = float(np.min(means - below)), float(np.max(means + above))
-        if high > low:
-            margin = 0.25 * (high - low)
-            bottom = max(0.0, low - margin) if low >= 0 else low - margin
-            ax.set_ylim(bottom, high + margin)
-            if bottom > 0:  # a zoomed axis must say so
-                ax.text(0.01, 0.98, f"axis starts at {bottom:.3g}", transform=ax.transAxes, va="top", color="grey")
+        below, above = mean_intervals(part, metric)
+        for i, operator in enumerate(operators):
+            ax.errorbar(
+                i, means[i], yerr=[[below[i]], [above[i]]], fmt="o", capsize=3, markersize=5, color=palette[operator]
+            )
         ax.set_xticks(range(len(operators)), operators, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(operators) - 0.4)
+        ax.margins(y=0.15)
         ax.set_ylabel(metric_label(metric))
         ax.set_title(name + ("" if stats.higher_is_better(metric) else " (lower is better)"))
         ax.grid(axis="y", alpha=0.3)
     interval = any("side_by_side" in source for source in report.latency_source.values())
-    caption = "mean ± std over seeds" + ("; side-by-side latency: its 95% interval" if interval else "")
+    caption = "dot: mean over seeds; line: 95% t-interval of the mean (none for a single measurement)" + (
+        "; side-by-side latency: its 95% interval" if interval else ""
+    )
     _finish(fig, report, caption, legend=False)
-    return _save(fig, report, out_dir, "bars")
+    return _save(fig, report, out_dir, "means")
 
 
 def read_curves(report: Report) -> pd.DataFrame:
@@ -337,17 +393,14 @@ def read_curves(report: Report) -> pd.DataFrame:
     context_keys = _figure_contexts(report)
     rows = []
     for _, run in report.runs.iterrows():
-        path = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"]))) / METRICS_FILE
+        folder = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"])))
         try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
+            lines = records.read_metrics(folder, root=report.results_dir)
+        except (OSError, ValueError) as exc:  # a FIFO, a symlink to /dev/zero, too large: its curve is left out
+            report.notes.append(f"{records.first_line(exc)}: no curve for run {run['run_id']}")
             continue
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+        for row in lines:
+            if not isinstance(row.get("epoch"), int):
                 continue
             values = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             rows.append(
@@ -365,7 +418,7 @@ def curve_quantities(curves: pd.DataFrame) -> list[str]:
     """loss, lr, every learned.<name>, every eval.<metric> — those present."""
     columns = set(curves.columns)
     learned = sorted(c for c in columns if c.startswith("learned."))
-    held_out = sorted(c for c in columns if c.startswith("eval."))
+    held_out = sorted(c for c in columns if c.startswith(("val.", "eval.")))
     return [c for c in ("loss", "lr") if c in columns] + learned + held_out
 
 
@@ -414,10 +467,10 @@ def plot_curves(report: Report, out_dir: Path) -> list[Path]:
 
 def plot_cd_diagram(report: Report, out_dir: Path) -> list[Path]:
     """Critical-difference diagram (Demšar 2006): average ranks, bars join operators the Nemenyi test
-    does not separate (α = 0.05). Needs ≥ 2 contexts and ≥ 3 operators."""
+    does not separate (α = 0.05). Needs ≥ 5 contexts and ≥ 3 operators."""
     ranking = report.ranking
-    if ranking is None or ranking["nemenyi"] is None:
-        return []
+    if ranking is None or ranking["nemenyi"] is None or not ranking.get("cd_diagram"):
+        return []  # fewer than stats.CD_MIN_CONTEXTS contexts: the report's lines say why there is none
     import scikit_posthocs
 
     plt = _pyplot()
@@ -438,7 +491,7 @@ def plot_cd_diagram(report: Report, out_dir: Path) -> list[Path]:
     return _save(fig, report, out_dir, "cd_diagram")
 
 
-PLOTS: tuple[Callable[[Report, Path], list[Path]], ...] = (plot_pareto, plot_bars, plot_curves, plot_cd_diagram)
+PLOTS: tuple[Callable[[Report, Path], list[Path]], ...] = (plot_pareto, plot_means, plot_curves, plot_cd_diagram)
 
 
 def write_plots(report: Report, out_dir: Path) -> list[Path]:

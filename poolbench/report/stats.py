@@ -2,11 +2,16 @@
 
 Every test comes from scipy, statsmodels or scikit-posthocs; this module only arranges the data.
 
-- Paired comparison of an operator with the baseline over shared seeds: mean Δ with a 95% t-interval,
-  paired t-test, Wilcoxon signed-rank (n ≥ 6), a paired bootstrap interval of the mean Δ
-  (``scipy.stats.bootstrap``, BCa, seeded; n ≥ 6), Cohen's d_z = mean Δ / sd Δ, and the probability of
-  improvement (share of seeds where the operator beats the baseline, in the metric's direction).
-- Holm–Bonferroni step-down adjustment over every p-value of one report (Holm 1979).
+- Paired comparison of an operator with the baseline over shared seeds. The primary p-value is the
+  sign-flip permutation test of the mean difference (``scipy.stats.permutation_test``, one sample,
+  ``permutation_type="samples"``): exact over all 2^n sign patterns up to n = 16, Monte Carlo with a
+  fixed seed beyond. It is valid at any n without assuming normality, and it cannot be fooled by
+  constant or quantised differences: with n pairs its smallest two-sided p is 2 / 2^n (0.25 at n = 3).
+  Beside it: the paired t-test (left out where all differences are equal, where scipy returns p = 0),
+  the Wilcoxon signed-rank test (n >= 6), the mean Δ with its 95% t-interval (the one interval whose
+  coverage the tests prove at n = 3..20, see ``tests/test_report_stats.py``), Cohen's
+  d_z = mean Δ / sd Δ (n >= 3) and the share of seeds where the operator beats the baseline.
+- Holm–Bonferroni step-down adjustment over every p-value of one kind in a report (Holm 1979).
 - Across contexts (datasets / backbones): ranks per context, average ranks, Friedman test and the
   Nemenyi post-hoc test behind the critical-difference diagram (Demšar, JMLR 7, 2006).
 """
@@ -22,14 +27,30 @@ import pandas as pd
 
 # Smallest n at which a two-sided exact Wilcoxon signed-rank test can reach p < 0.05 (2/2^6).
 WILCOXON_MIN_N = 6
-# Below 6 pairs a bootstrap has too few distinct resamples (10 for n = 3) and its interval is far too
-# narrow (it excluded 0 where the t-interval did not, on 3 seeds): not reported.
-BOOTSTRAP_MIN_N = 6
-BOOTSTRAP_RESAMPLES = 9999
-BOOTSTRAP_SEED = 0  # fixed: the same records give the same report
+# Below this many pairs a comparison cannot decide anything (the sign-flip test cannot reach p < 0.0625
+# at n = 4, and a standard deviation from 4 differences is itself very uncertain): said on every line.
+DECIDE_MIN_N = 5
+# d_z needs a standard deviation worth the name: from 2 differences it is one absolute difference.
+EFFECT_MIN_N = 3
+# The sign-flip test is exact while 2^n <= this; beyond, this many random sign patterns (fixed seed).
+PERMUTATIONS = 2**16
+PERMUTATION_SEED = 0  # fixed: the same records give the same report
+CONFIDENCE = 0.95
+# Demšar's critical-difference diagram needs many independent data sets; autorank refuses fewer than 5.
+CD_MIN_CONTEXTS = 5
+# Differences that agree to this precision, relative to the compared values, are "all equal": the
+# rounding noise of a quantised metric (1/|test set| steps, often stored as float32, whose relative
+# precision is 6e-8) must not pass for a spread, while a real step of 1/100,000 still counts.
+EQUAL_RTOL = 1e-6
 # Metrics where a smaller value is better: time, memory, cost and loss.
 LOWER_IS_BETTER = ("latency.", "cost.", "loss", "train.train_loss", "wall_time_s", "train.train_seconds")
 LOWER_IS_BETTER_SUFFIXES = ("_ms", "_mb", "_s", "_seconds", "loss")
+P_VALUES = ("p_perm", "p_ttest", "p_wilcoxon")  # every p-value of a comparison; each gets a ``<name>_holm``
+P_DESCRIPTIONS = {
+    "p_perm": "sign-flip permutation test of the mean Δ (exact up to 16 pairs; primary)",
+    "p_ttest": "paired t-test (not shown where all Δ are equal)",
+    "p_wilcoxon": f"Wilcoxon signed-rank test (from {WILCOXON_MIN_N} pairs)",
+}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -39,61 +60,96 @@ def higher_is_better(metric: str) -> bool:
     return not metric.endswith(LOWER_IS_BETTER_SUFFIXES)
 
 
-def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean(a - b, axis=axis)
+def all_equal(deltas: np.ndarray, scale: float | None = None) -> bool:
+    """Whether the differences carry no spread: every one the same up to the floating noise of the values
+    they come from (``scale``, their magnitude; a float32 metric of 0.61 carries ~1e-8 of it)."""
+    if len(deltas) == 0:
+        return True
+    scale = max(float(np.max(np.abs(deltas))) if scale is None else scale, 1e-300)
+    return float(np.ptp(deltas)) <= EQUAL_RTOL * scale
 
 
-def paired(values: np.ndarray, base: np.ndarray, *, higher_better: bool = True) -> dict[str, float]:
-    """Statistics of ``values − base`` over paired seeds (NaN where n is too small to say anything)."""
+def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def sign_flip_p(deltas: np.ndarray, scale: float | None = None) -> float:
+    """Two-sided p of the sign-flip permutation test of mean(deltas) = 0 (exact up to 16 pairs).
+
+    ``scale``: the magnitude of the compared values, for :func:`all_equal`."""
     from scipy import stats
 
+    deltas = np.asarray(deltas, dtype=float)
+    if len(deltas) == 0:
+        return math.nan
+    if not np.any(deltas):
+        return 1.0  # every sign pattern gives the same (zero) mean
+    if all_equal(deltas, scale):  # floating noise must not split the tie: exactly 2 of the 2^n patterns reach |mean|
+        return min(1.0, 2.0 / 2 ** len(deltas))
+    result = stats.permutation_test(
+        (deltas,),
+        _mean,
+        permutation_type="samples",  # one sample: the signs are permuted
+        vectorized=True,
+        n_resamples=PERMUTATIONS,
+        alternative="two-sided",
+        rng=np.random.default_rng(PERMUTATION_SEED),
+    )
+    return float(result.pvalue)
+
+
+def t_interval(deltas: np.ndarray, confidence: float = CONFIDENCE) -> tuple[Any, Any]:
+    """Half-width of the t-interval of the mean over the last axis, and the standard deviation (NaN
+    below 2 values). Vectorised: the coverage tests run it on thousands of simulated samples at once."""
+    from scipy import stats
+
+    deltas = np.asarray(deltas, dtype=float)
+    n = deltas.shape[-1]
+    if n < 2:
+        return math.nan, math.nan
+    std = np.std(deltas, axis=-1, ddof=1)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+    return (float(half), float(std)) if deltas.ndim == 1 else (half, std)
+
+
+def paired(values: np.ndarray, base: np.ndarray, *, higher_better: bool = True) -> dict[str, Any]:
+    """Statistics of ``values − base`` over paired seeds (NaN where n or the data cannot say it)."""
+    from scipy import stats
+
+    values, base = np.asarray(values, dtype=float), np.asarray(base, dtype=float)
     deltas = values - base
     n = len(deltas)
-    out: dict[str, float] = {
+    scale = float(max(np.max(np.abs(values), initial=0.0), np.max(np.abs(base), initial=0.0)))
+    equal = all_equal(deltas, scale)
+    out: dict[str, Any] = {
         "n": n,
         "mean_delta": float(deltas.mean()),
         "std_delta": math.nan,
         "ci95": math.nan,
         "ci_low": math.nan,
         "ci_high": math.nan,
-        "boot_low": math.nan,
-        "boot_high": math.nan,
+        "p_perm": sign_flip_p(deltas, scale),
         "p_ttest": math.nan,
         "p_wilcoxon": math.nan,
         "effect_dz": math.nan,
         "p_improve": float(np.mean(deltas > 0 if higher_better else deltas < 0)),
+        "all_equal": bool(equal and n >= 2),
     }
     if n < 2:
         return out
-    std = float(np.std(deltas, ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
-    out.update(std_delta=std, ci95=half, ci_low=out["mean_delta"] - half, ci_high=out["mean_delta"] + half)
-    with warnings.catch_warnings():  # constant differences: scipy warns and returns nan, which is what we show
+    half, std = t_interval(deltas)
+    out["std_delta"] = std
+    if equal:  # no spread to estimate: an interval of width ~0 and a t-test p of 0 would be false certainty
+        return out
+    out.update(ci95=half, ci_low=out["mean_delta"] - half, ci_high=out["mean_delta"] + half)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out["p_ttest"] = float(stats.ttest_rel(values, base).pvalue)
-        if n >= WILCOXON_MIN_N and np.any(deltas != 0):
-            out["p_wilcoxon"] = float(stats.wilcoxon(values, base).pvalue)
-        if std > 0:
-            out["effect_dz"] = out["mean_delta"] / std
-        if std > 0 and n >= BOOTSTRAP_MIN_N:
-            out["boot_low"], out["boot_high"] = bootstrap_interval(values, base)
+        out["p_ttest"] = float(stats.ttest_1samp(deltas, 0.0).pvalue)
+        if n >= WILCOXON_MIN_N:
+            out["p_wilcoxon"] = float(stats.wilcoxon(deltas).pvalue)
+    if n >= EFFECT_MIN_N:
+        out["effect_dz"] = out["mean_delta"] / std
     return out
-
-
-def bootstrap_interval(values: np.ndarray, base: np.ndarray) -> tuple[float, float]:
-    """95% paired bootstrap (BCa) interval of the mean difference, deterministic (fixed seed)."""
-    from scipy import stats
-
-    result = stats.bootstrap(
-        (values, base),
-        _mean_difference,
-        paired=True,
-        vectorized=True,
-        n_resamples=BOOTSTRAP_RESAMPLES,
-        confidence_level=0.95,
-        rng=np.random.default_rng(BOOTSTRAP_SEED),
-    )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def holm(p_values: pd.Series) -> pd.Series:

@@ -18,8 +18,11 @@ from typing import Any
 
 import pandas as pd
 
+from poolbench import text as esc
 from poolbench.errors import PoolbenchError, unknown_choice
-from poolbench.report.core import FORMATS, Report, _fmt_p, _present, label
+from poolbench.report.core import FORMATS, TOO_FEW, Report, _fmt_p, _present, label, ranking_lines, too_few
+from poolbench.report.power import MAX_SEEDS
+from poolbench.report.stats import DECIDE_MIN_N, P_DESCRIPTIONS
 
 
 def format_mean_std(mean: float, std: float, n: int | None = None, *, latex: bool = False) -> str:
@@ -69,12 +72,26 @@ def display_summary(report: Report, *, latex: bool = False) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+def _num(value: float, fmt: str = "+.3g") -> str:
+    if not _present(value) or math.isnan(value):
+        return "n/a"
+    return "none" if math.isinf(value) else f"{value:{fmt}}"
+
+
+def _count(value: float) -> str:
+    if not _present(value) or math.isnan(value):
+        return "n/a"
+    return f">{MAX_SEEDS}" if math.isinf(value) else str(int(value))
+
+
 def display_comparison(report: Report) -> pd.DataFrame:
+    """The comparison as shown and exported to md/tex/html: every p-value beside its Holm-adjusted value."""
     rows = []
     with_context = report.comparison["context"].astype(bool).any()
     for row in report.comparison.to_dict("records"):
         ci = "" if math.isnan(row["ci95"]) else f" ± {row['ci95']:.3g}"
-        boot = "" if math.isnan(row["boot_low"]) else f"[{row['boot_low']:+.3g}, {row['boot_high']:+.3g}]"
+        few = too_few(row)
+        needed = row.get("n_needed", math.nan)
         rows.append(
             {
                 **({"context": row["context"]} if with_context else {}),
@@ -82,17 +99,39 @@ def display_comparison(report: Report) -> pd.DataFrame:
                 "vs": row["baseline"],
                 "metric": row["metric"] + ("" if row["higher_is_better"] else " (lower is better)"),
                 "Δ mean ± 95% CI": f"{row['mean_delta']:+.3g}{ci}",
-                "bootstrap 95% CI": boot or "n/a",
+                "p (sign-flip)": _fmt_p(row["p_perm"]),
+                "p Holm": _fmt_p(row["p_perm_holm"]),
                 "p (t-test)": _fmt_p(row["p_ttest"]),
-                "p Holm": _fmt_p(row["p_ttest_holm"]),
+                "t-test Holm": _fmt_p(row["p_ttest_holm"]),
                 "p (Wilcoxon)": _fmt_p(row["p_wilcoxon"]),
-                "d_z": "n/a" if math.isnan(row["effect_dz"]) else f"{row['effect_dz']:+.2g}",
-                "P(better)": f"{row['p_improve']:.2f}",
+                "Wilcoxon Holm": _fmt_p(row["p_wilcoxon_holm"]),
+                "d_z": _num(row["effect_dz"], "+.2g") + (" (few seeds)" if few and _present(row["effect_dz"]) else ""),
+                "P(better)": f"{row['p_improve']:.2f}" + (" (few seeds)" if few else ""),
                 "n": str(row["n"]),
+                "MDE": _num(row.get("mde", math.nan), ".3g"),
+                "n needed": _count(needed),
+                "note": TOO_FEW if few else "",
                 **({"confounded by": row["confounded_by"]} if report.allow_confounded else {}),
             }
         )
     return pd.DataFrame(rows)
+
+
+def comparison_caption(report: Report) -> str:
+    """What every number of the comparison table is (the same text in md, tex and html)."""
+    from poolbench.report.power import POWER, family_alpha
+
+    target = f"Δ = {report.mre:g} (--mre)" if report.mre is not None else "the observed Δ"
+    return (
+        f"Paired differences against {report.baseline} over matching seeds (one run per configuration and seed). "
+        f"Δ mean ± 95% t-interval (none where every Δ is equal). p (sign-flip): {P_DESCRIPTIONS['p_perm']}; "
+        f"p (t-test): {P_DESCRIPTIONS['p_ttest']}; p (Wilcoxon): {P_DESCRIPTIONS['p_wilcoxon']}; each beside its "
+        f"Holm-adjusted value over the {report.family_size} comparisons. d_z = mean Δ / sd Δ (from 3 pairs); "
+        f"P(better): share of seeds improved. MDE: smallest true Δ detected with {POWER:.0%} power at the "
+        f"current n and alpha = 0.05 / {report.family_size} = {family_alpha(report.family_size):.3g} (Holm's strictest "
+        f"step; statsmodels TTestPower; 'none' where the sign-flip test cannot reach that alpha); n needed: pairs "
+        f"to detect {target} likewise. Below {DECIDE_MIN_N} pairs a comparison cannot decide."
+    )
 
 
 def display_ranking(ranking: dict[str, Any]) -> pd.DataFrame:
@@ -111,32 +150,20 @@ def _cell(value: Any) -> str:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    def escape(cell: object) -> str:
-        return str(cell).replace("|", r"\|").replace("\n", " ")
+    escape = esc.markdown  # cells and headers come from records: data, never Markdown
 
     lines = ["| " + " | ".join(escape(c) for c in table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}"}
-_LATEX_SPECIAL |= {"~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "$": r"\$", "Δ": r"$\Delta$", "±": r"$\pm$"}
-_LATEX_SPECIAL |= {"\n": " ", "\r": " "}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+latex_escape = esc.latex  # every special character literal: no \input or \write18 from a record
 
 
 def to_latex(table: pd.DataFrame, caption: str, comments: Sequence[str] = ()) -> str:
     """A booktabs table; cells already in math mode (``$...$``) are kept as they are."""
 
-    def math_cell(value: object) -> str:
-        text = str(value)
-        if text.startswith("$"):
-            math_part, _, rest = text[1:].partition("$")
-            return f"${math_part}$" + latex_escape(rest)
-        return latex_escape(text)
+    math_cell = esc.latex_cell  # only poolbench's own $number \pm number$ stays math
 
     spec = "l" * len(table.columns)
     lines = [f"% {latex_escape(line)}" for line in comments]
@@ -172,13 +199,15 @@ def parse_formats(text: str | Sequence[str] | None) -> list[str]:
 
 
 def _csv(frame: pd.DataFrame, path: Path, header: Sequence[str]) -> None:
-    text = "".join(f"# {line}\n" for line in header) + frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
+    comments = "".join(f"# {esc.plain(line)}\n" for line in header)  # one line each, whatever a record holds
+    text = comments + frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
     path.write_text(text, encoding="utf-8")
 
 
 def _markdown(frame: pd.DataFrame, path: Path, header: Sequence[str], caption: str) -> None:
-    lines = [f"**{line}**" if line.startswith("WARNING") else line for line in header]
-    path.write_text("  \n".join(lines) + "\n\n" + caption + "\n\n" + to_markdown(frame), encoding="utf-8")
+    lines = [f"**{esc.markdown(line)}**" if line.startswith("WARNING") else esc.markdown(line) for line in header]
+    body = "  \n".join(lines) + "\n\n" + esc.markdown(caption) + "\n\n" + to_markdown(frame)
+    path.write_text(body, encoding="utf-8")
 
 
 def write_tables(report: Report, out_dir: Path, formats: Sequence[str]) -> list[Path]:
@@ -198,15 +227,12 @@ def write_tables(report: Report, out_dir: Path, formats: Sequence[str]) -> list[
     ]
     if not report.comparison.empty:
         shown = display_comparison(report)
-        caption = (
-            f"Paired differences against {report.baseline} over matching seeds (mean ± 95% t-interval, paired "
-            f"bootstrap interval, paired t-test with Holm-adjusted p over {report.family_size} tests, Cohen's d_z, "
-            "share of seeds improved)"
-        )
+        caption = comparison_caption(report)
         tables.append(("comparison", report.comparison, shown, shown, caption))
     if report.ranking is not None:
         shown = display_ranking(report.ranking)
-        caption = "Rank of each operator per context (1 = best) and average rank"
+        caveats = [line for line in ranking_lines(report.ranking) if line.startswith(("within", "no critical"))]
+        caption = " ".join(["Rank of each operator per context (1 = best) and average rank.", *caveats])
         tables.append(("ranking", shown, shown, shown, caption))
     for name, raw, shown, shown_tex, caption in tables:
         if "csv" in formats:

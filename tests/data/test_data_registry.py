@@ -113,3 +113,22 @@ def test_augmented_batches_are_reproducible(workers: int) -> None:
     plain.train.labels = plain.train.labels[:64]
     assert not all(torch.equal(a, b) for a, b in zip(first, batches(plain.train, workers, 5), strict=True))
     assert data.test.transform is None  # test items are never augmented
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_cfg_prints_every_key_with_required_ones_shown_missing(
+    name: str, run_cli, capsys: pytest.CaptureFixture[str]  # noqa: ANN001
+) -> None:
+    """`poolbench train --cfg dataset=NAME` shows the option's keys instead of stopping on a required one."""
+    import yaml
+
+    assert run_cli("train", "--cfg", f"dataset={name}") == 0
+    out = capsys.readouterr().out
+    shown = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith("#")))
+    option = schema.options("dataset")[name]
+    assert set(shown["dataset"]) == set(option.node())
+    required = required_keys(option)
+    assert all(shown["dataset"][key] == "???" for key in required)
+    assert [line.split()[2] for line in out.splitlines() if line.startswith("# missing:")] == [
+        f"dataset.{key}" for key in required]
+    assert ("# run directory: (set the missing keys first)" in out) == bool(required)

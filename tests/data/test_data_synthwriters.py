@@ -103,7 +103,8 @@ def test_training_crops_follow_torch_seed(tmp_path: Path) -> None:
         ({"test_writers": 1}, ConfigError, "test_writers must be an integer >= 2"),
         ({"fonts": ["scrips"]}, ConfigError, "Did you mean 'scripts'"),
         ({"patch_sise": 3}, ConfigError, "patch_size"),
-        ({"patch_size": 128}, ConfigError, "larger than page_size"),
+        ({"patch_size": 128}, ConfigError, "larger than dataset.page_size"),
+        ({"page_size": 33}, ConfigError, "page_size must be an integer >= 48"),
         ({"task": "classification"}, ConfigError, "retrieval"),
     ],
 )

@@ -56,8 +56,10 @@ def test_evaluate_classification(tiny_classification: DataBundle) -> None:
     result = evaluate(
         model, tiny_classification, device=torch.device("cpu"), batch_size=6, progress=lambda *a: calls.append(a)
     )
-    assert set(result) == {"acc@1", "acc@5"} and 0 <= result["acc@1"] <= result["acc@5"] == 1.0  # 4 classes
+    assert set(result) == {"acc@1"} and 0 <= result["acc@1"] <= 1.0  # 4 classes: acc@5 would be 1 by construction
     assert calls[-1] == ("evaluate", 3, 3)
+    with pytest.raises(ValueError, match="has no 'val' split"):
+        evaluate(model, tiny_classification, device=torch.device("cpu"), batch_size=6, split="val")
 
 
 @pytest.mark.parametrize(

@@ -187,3 +187,30 @@ def test_a_really_full_disk_is_reported_as_one(tmp_path: Path) -> None:
         assert list(disk.iterdir()) == []  # no partial temp file left
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+SMALL_WRITERS = [
+    "dataset.page_size=96", "dataset.patch_size=32", "dataset.train_writers=5", "dataset.test_writers=3",
+    "dataset.test_pages_per_writer=2", "dataset.train_patches_per_page=4", "trainer.writers_per_batch=2",
+    "trainer.epochs=1", "trainer.steps_per_epoch=2", "trainer.latency.enabled=false", "trainer.num_threads=1",
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "metrics"),
+    [
+        ([*TINY, "dataset.val_share=0.2"], ("acc@1", "acc@5")),
+        (["dataset=synthwriters", *SMALL_WRITERS, "dataset.val_share=2"], ("mAP", "top1", "soft@4")),
+    ],
+    ids=["classification", "retrieval"],
+)
+def test_records_carry_validation_metrics_beside_the_test_ones(
+    tmp_path: Path, overrides: list[str], metrics: tuple[str, ...]
+) -> None:
+    cache = f"dataset.cache_dir={tmp_path / 'cache'}" if "dataset=synthwriters" in overrides else "seed=0"
+    record = run.execute(compose([*overrides, f"results_dir={tmp_path / 'runs'}", cache]))
+    for metric in metrics:
+        assert 0.0 <= record[metric] <= 1.0 and 0.0 <= record[f"val.{metric}"] <= 1.0
+    assert record.get("data.val_size", record.get("data.val_writers", 0)) >= 2  # the split's size is recorded
+    plain = run.execute(compose([*overrides[:-1], f"results_dir={tmp_path / 'plain'}", cache]))
+    assert not any(k.startswith("val.") for k in plain) and metrics[0] in plain

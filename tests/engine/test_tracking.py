@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,12 +30,40 @@ def test_eval_every_records_eval_metrics_without_changing_training(
     rows, plain_rows = rows_of(tmp_path / "eval"), rows_of(tmp_path / "plain")
     assert [r["loss"] for r in rows] == [r["loss"] for r in plain_rows]
     assert ["eval.acc@1" in r for r in rows] == [False, True, False]  # epochs 2, 4, ... only
-    assert 0.0 <= rows[1]["eval.acc@1"] <= 1.0 and "eval.acc@5" in rows[1]
+    assert 0.0 <= rows[1]["eval.acc@1"] <= 1.0 and "eval.acc@5" not in rows[1]  # 4 classes: acc@5 is 1 by construction
 
 
 def test_eval_every_on_retrieval_records_map(tiny_retrieval: DataBundle, tmp_path: Path) -> None:
     train(tiny_retrieval, tmp_path, eval_every=1)
     assert all(0.0 <= r["eval.mAP"] <= 1.0 for r in rows_of(tmp_path))
+
+
+def with_val(data: DataBundle) -> DataBundle:
+    """The bundle with a validation split shaped like its test split (a copy of it: only the routing of
+    the curves is under test here; the splits' disjointness is tested per dataset in tests/data)."""
+    return dataclasses.replace(data, val=data.test, val_page_writers=data.page_writers)
+
+
+@pytest.mark.parametrize("kind", ["retrieval", "classification"])
+def test_eval_every_curves_are_on_the_validation_split_and_warn_once_without_one(
+    kind: str, tiny_retrieval: DataBundle, tiny_classification: DataBundle, tmp_path: Path
+) -> None:
+    from poolbench.engine import fit
+
+    data = tiny_retrieval if kind == "retrieval" else tiny_classification
+    metric = "mAP" if kind == "retrieval" else "acc@1"
+    for name, bundle in (("val", with_val(data)), ("none", data)):
+        lines: list[str] = []
+        fit(small_model(bundle), bundle, {**TRAINER, "epochs": 3, "eval_every": 1}, device=torch.device("cpu"),
+            seed=0, run_dir=tmp_path / name, pool_lr_mult=1.0, log=lines.append)
+        rows = rows_of(tmp_path / name)
+        warnings = [line for line in lines if "TEST split" in line]
+        if name == "val":
+            assert all(0.0 <= r[f"val.{metric}"] <= 1.0 for r in rows)
+            assert not any(k.startswith("eval.") for r in rows for k in r) and warnings == []
+        else:
+            assert all(f"eval.{metric}" in r and not any(k.startswith("val.") for k in r) for r in rows)
+            assert len(warnings) == 1 and "nothing" in warnings[0] and "dataset.val_share" in warnings[0]
 
 
 class UnitPool(nn.Module):
@@ -121,3 +150,13 @@ def test_unusable_checkpoint_is_one_line_naming_the_file(
         train(tiny_retrieval, tmp_path, resume=True)
     message = str(info.value)
     assert str(path) in message and "trainer.overwrite=true" in message and "\n" not in message
+
+
+def test_report_curves_show_the_validation_metrics() -> None:
+    import pandas as pd
+
+    from poolbench.report import plots
+
+    curves = pd.DataFrame([{"epoch": 1, "loss": 1.0, "val.mAP": 0.5, "eval.mAP": 0.4}])
+    assert plots.curve_quantities(curves) == ["loss", "eval.mAP", "val.mAP"]
+    assert plots.metric_label("val.mAP") == "validation mAP"
