@@ -19,7 +19,6 @@ from typing import Annotated, Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -125,7 +124,17 @@ def _store_generated_nodes() -> None:
     Called before every composition, so operators registered since (plugins) are options too."""
     from poolbench import pooling
 
+    _import_schema_owners()
     store = ConfigStore.instance()
+    # What the nodes are made from: storing them costs ~1 s (OmegaConf builds every node), so they are
+    # stored again only when an operator or option was (un)registered since, or the store was emptied.
+    sources = (
+        tuple((kind, spec) for kind in ("global", "local") for spec in pooling.specs(kind)),
+        tuple((group, name, opt) for group in schema.groups() for name, opt in schema.options(group).items()),
+    )  # the objects themselves (held, compared by value), not their ids, which a new object may reuse
+    global _STORED
+    if _STORED is not None and _STORED[0] == sources and _STORED[1] is store and "poolbench_base.yaml" in store.repo:
+        return
     for group, kind in (("pooling", "global"), ("local_pooling", "local")):
         store.repo[group] = {}  # exactly the registered operators (a test may have unregistered one)
         for spec in pooling.specs(kind):
@@ -135,11 +144,15 @@ def _store_generated_nodes() -> None:
         store.store(group=group, name=pooling.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
     store.store(group="augment", name=AUTO_AUGMENT, node={"name": AUTO_AUGMENT})
-    _import_schema_owners()
     for group in schema.groups():
         for name, opt in schema.options(group).items():
             store.store(group=group, name=name, node=opt.node())
     store.store(name="poolbench_base", node=schema.defaults(RunSettings))
+    _STORED = sources, store
+
+
+# (what the generated nodes were made from, the ConfigStore they went to): see _store_generated_nodes
+_STORED: tuple[Any, ConfigStore] | None = None
 
 
 def _import_schema_owners() -> None:
@@ -170,21 +183,39 @@ def compose_many(override_sets: Sequence[Sequence[str]]) -> list[DictConfig]:
 
 
 def iter_composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig]:
-    """Each override set's composed and validated config, valid only until the next one is yielded.
+    """Each override set's composed and validated config, valid only until the next one is yielded."""
+    for cfg, _ in _iter_configs(override_sets, need_config=True):
+        assert cfg is not None
+        yield cfg
+
+
+def iter_identified(override_sets: Sequence[Sequence[str]]) -> Iterator[tuple[dict[str, Any], str]]:
+    """Each override set's validated config as resolved plain values (what ``OmegaConf.to_container(cfg,
+    resolve=True)`` gives; valid only until the next one is yielded) and its :func:`run_id`: a sweep's plan."""
+    for _, values in _iter_configs(override_sets, need_config=False):
+        yield values, run_id(values)
+
+
+def _iter_configs(
+    override_sets: Sequence[Sequence[str]], *, need_config: bool
+) -> Iterator[tuple[DictConfig | None, dict[str, Any]]]:
+    """Compose many configs fast: ``(cfg, its resolved values)`` per override set (``cfg`` None when not
+    ``need_config`` and the values could be had without it).
 
     Hydra's compose (search path, defaults list, merges) is paid once per distinct combination of
-    group choices (``pooling=dgmp model=resnet50``): each run's value overrides (``trainer.lr=0.1``)
-    are applied by Hydra's own override code to that combination's config, which is validated
-    exactly as ``compose`` validates. Plain ``key=value`` overrides
-    of existing values are applied in place and undone after the yield (copying a config costs more
-    than composing the rest of a run's plan); anything else (``+key``, ``~key``, dict or list values)
-    works on a copy; what Hydra would route elsewhere (``hydra.*``, package overrides) takes the full
-    compose.
+    group choices (``pooling=dgmp model=resnet50``), and so is resolving that combination's config
+    (see :class:`_Base`). Each run's value overrides (``trainer.lr=0.1``) are applied by Hydra's own
+    override code, and the result validated exactly as ``compose`` validates; a group's content
+    checked once (its schema, the model's architecture, the operator built) is not checked again for
+    the next run that has the same content. Plain ``key=value`` overrides of existing values are
+    applied in place and undone after the yield (copying a config costs more than composing the rest
+    of a run's plan); anything else (``+key``, ``~key``, dict or list values) works on a copy; what
+    Hydra would route elsewhere (``hydra.*``, package overrides) takes the full compose.
     """
     parser = OverridesParser.create()
     parsed: dict[str, Override] = {}  # the same override strings recur across a grid: parse each once
-    # group choices → (their composed defaults, never edited; a working copy that runs are edited on)
-    bases: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}
+    bases: dict[tuple[str, ...], _Base] = {}  # group choices → their composed config
+    checked: set[str] = set()  # group contents already validated in this plan (see validate_config)
     for overrides in override_sets:
         _reject_foreign(list(overrides))
         groups = tuple(o for o in overrides if _is_group_override(o))
@@ -200,26 +231,168 @@ def iter_composed(override_sets: Sequence[Sequence[str]]) -> Iterator[DictConfig
         elsewhere = any(o.package is not None or o.key_or_group.split(".")[0] in routed for o in value_overrides)
         slow = elsewhere or any(parsed[text].is_sweep_override() for text in overrides)
         if slow or plugins.requested(overrides) or plugins.from_env():  # plugins' hashes join the identity
-            yield compose(list(overrides))  # its own path, or its error message (a sweep is one config)
+            cfg = compose(list(overrides))  # its own path, or its error message (a sweep is one config)
+            yield cfg, OmegaConf.to_container(cfg, resolve=True)  # type: ignore[misc]
             continue
         if groups not in bases:
-            reference = _reference(groups)  # cached by config: never edited here
-            bases[groups] = reference, copy.deepcopy(reference)
-        reference, working = bases[groups]
-        if _names_target(reference, value_overrides):  # a `_target_`'s source hash joins the identity
-            yield compose(list(overrides))
+            bases[groups] = _Base.of(_reference(groups))  # the reference is cached by config: never edited
+        base = bases[groups]
+        if _names_target(base.reference, value_overrides):  # a `_target_`'s source hash joins the identity
+            cfg = compose(list(overrides))
+            yield cfg, OmegaConf.to_container(cfg, resolve=True)  # type: ignore[misc]
             continue
-        undo = _undo_list(working, value_overrides)
-        cfg = working if undo is not None else copy.deepcopy(reference)
         try:
-            ConfigLoaderImpl._apply_overrides_to_config(value_overrides, cfg)
-            validate_config(cfg)
-            yield cfg
+            resolved = None if need_config else base.values_with(value_overrides)
+            if resolved is not None:
+                yield None, _validate_values(resolved, checked)
+                continue
+            undo = _undo_list(base.working, value_overrides)
+            cfg = base.working if undo is not None else copy.deepcopy(base.reference)
+            try:
+                apply_value_overrides(value_overrides, cfg)
+                yield cfg, validate_config(cfg, checked=checked)
+            finally:
+                for parent, leaf, raw in reversed(undo or []):
+                    parent[leaf] = raw
         except HydraException as exc:
             raise ConfigError(_composition_message(exc)) from None
+
+
+# An interpolation that reads one absolute key (``${dataset.steps_per_epoch}``): resolvable by lookup.
+_KEY_INTERPOLATION = re.compile(r"\$\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\}")
+
+
+@dataclass
+class _Base:
+    """One combination of group choices, composed: the config (``reference``, never edited), a working
+    copy that runs are edited on in place, and the working copy's resolved values.
+
+    Resolving a whole config is most of the cost of planning a run. A run whose value overrides each
+    set one existing plain value differs from its base only at those leaves and at the interpolations
+    that read them, so its resolved values are the base's with those leaves replaced (each override's
+    stored value found once, by Hydra applying it to the working copy and undoing it) and every
+    ``${key}`` interpolation looked up again; nodes on the way are copied, the rest is shared.
+    """
+
+    reference: DictConfig
+    working: DictConfig
+    values: dict[str, Any]
+    # (path, ${key} text) of every interpolation leaf; None when one cannot be looked up that way
+    interpolations: list[tuple[str, str]] | None
+    stored: dict[str, tuple[str, Any] | None] = field(default_factory=dict)  # override text → (path, value)
+
+    @classmethod
+    def of(cls, reference: DictConfig) -> _Base:
+        working = copy.deepcopy(reference)
+        try:
+            values = OmegaConf.to_container(working, resolve=True)
+        except OmegaConfBaseException:
+            return cls(reference, working, {}, None)  # reported, with its key, when a run resolves it
+        found: list[tuple[str, str]] | None = []
+
+        def walk(node: DictConfig, prefix: str) -> bool:
+            for key in node:
+                child = node._get_node(key)
+                if OmegaConf.is_interpolation(node, str(key)):
+                    text = str(child._value())  # type: ignore[union-attr]
+                    if isinstance(child, DictConfig | ListConfig) or not _KEY_INTERPOLATION.fullmatch(text):
+                        return False
+                    found.append((f"{prefix}{key}", text))
+                    continue
+                nested_ok = walk(child, f"{prefix}{key}.") if isinstance(child, DictConfig) else True
+                if not nested_ok or (isinstance(child, ListConfig) and not _plain_list(child)):
+                    return False
+            return True
+
+        if not walk(working, ""):
+            found = None
+        return cls(reference, working, values, found)  # type: ignore[arg-type]
+
+    def values_with(self, overrides: Sequence[Override]) -> dict[str, Any] | None:
+        """The resolved values of the base with ``overrides`` applied; None when they need the config."""
+        if self.interpolations is None:
+            return None
+        changes: dict[str, Any] = {}
+        for override in overrides:
+            if override.input_line not in self.stored:
+                self.stored[override.input_line] = self._stored_value(override)
+            entry = self.stored[override.input_line]
+            if entry is None:
+                return None
+            changes[entry[0]] = entry[1]
+        out = dict(self.values)
+        for path, value in changes.items():
+            _set_path(out, path, value)
+        targets = {path for path, _ in self.interpolations}
+        for path, text in self.interpolations:
+            if path in changes:
+                continue  # overridden by a plain value
+            key = _KEY_INTERPOLATION.fullmatch(text).group(1)  # type: ignore[union-attr]
+            if key in targets and key not in changes:
+                return None  # an interpolation of an interpolation: leave it to OmegaConf
+            value = _get_path(out, key)
+            if value is _ABSENT or isinstance(value, dict | list):
+                return None
+            _set_path(out, path, value)
+        return out
+
+    def _stored_value(self, override: Override) -> tuple[str, Any] | None:
+        """(path, value as the config stores it) for an override of one existing plain value; None otherwise."""
+        value = override.value()
+        if isinstance(value, str) and "${" in value:
+            return None  # an interpolation: resolved by OmegaConf, on the config
+        undo = _undo_list(self.working, [override])
+        if not undo:
+            return None
+        parent, leaf, raw = undo[0]
+        try:
+            apply_value_overrides([override], self.working)
+            return override.key_or_group, "???" if OmegaConf.is_missing(parent, leaf) else parent[leaf]
         finally:
-            for parent, leaf, raw in reversed(undo or []):
-                parent[leaf] = raw
+            parent[leaf] = raw
+
+
+_ABSENT = object()
+
+
+def _get_path(values: Mapping[str, Any], path: str) -> Any:
+    node: Any = values
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _set_path(values: dict[str, Any], path: str, value: Any) -> None:
+    """Set a leaf, copying the dicts on its way (they may be shared with the base's values)."""
+    *parents, leaf = path.split(".")
+    holder = values
+    for part in parents:
+        holder[part] = dict(holder[part])
+        holder = holder[part]
+    holder[leaf] = value
+
+
+def _plain_list(node: ListConfig) -> bool:
+    """A list of plain values: no interpolation, no nested container."""
+    return not any(
+        OmegaConf.is_interpolation(node, i) or isinstance(node._get_node(i), DictConfig | ListConfig)
+        for i in range(len(node))
+    )
+
+
+def apply_value_overrides(overrides: Sequence[Override], cfg: DictConfig) -> None:
+    """Apply parsed value overrides (``key=v``, ``+key=v``, ``++key=v``, ``~key``) to a composed config,
+    with Hydra's own semantics and error messages (an unknown key, adding an existing one, ...).
+
+    The one place poolbench calls a private Hydra API: Hydra has no public function for this step of
+    its compose, and re-composing per run costs ~10x more (a 10,000-run plan in minutes). Its
+    signature and behaviour are pinned by tests/test_config.py::test_hydra_override_adapter, which
+    fails loudly when a Hydra upgrade changes them."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    ConfigLoaderImpl._apply_overrides_to_config(list(overrides), cfg)
 
 
 def _names_target(reference: DictConfig, overrides: Sequence[Override]) -> bool:
@@ -372,69 +545,107 @@ def _composition_message(exc: HydraException) -> str:
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, DictConfig | Mapping):
-        out: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    _collect_leaves(node, prefix, out)
+    return out
+
+
+def _collect_leaves(node: Any, prefix: str, out: dict[str, Any]) -> None:
+    # Plain dicts first: a sweep's plan flattens every run, and an ABC isinstance check costs 10x more.
+    if type(node) is dict or isinstance(node, DictConfig | Mapping):
         for key in node:
-            out.update(_leaves(node[key], f"{prefix}{key}."))
-        return out
-    if isinstance(node, ListConfig):
-        return {prefix[:-1]: list(node)}
-    return {prefix[:-1]: node}
+            _collect_leaves(node[key], f"{prefix}{key}.", out)
+    elif isinstance(node, ListConfig):
+        out[prefix[:-1]] = list(node)
+    else:
+        out[prefix[:-1]] = node
 
 
-def flatten(cfg: DictConfig) -> dict[str, Any]:
-    """Resolved config as ``{'trainer.epochs': 4, ...}``."""
-    return _leaves(OmegaConf.to_container(cfg, resolve=True))
+def flatten(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Resolved config as ``{'trainer.epochs': 4, ...}``. Here and in :func:`identity`,
+    :func:`config_hash` and :func:`run_id`, ``cfg`` is a config or its resolved values (plain
+    containers, as ``OmegaConf.to_container(cfg, resolve=True)`` gives them)."""
+    return _leaves(_resolved(cfg))
 
 
-def validate_config(cfg: DictConfig) -> None:
+def _resolved(cfg: DictConfig | Mapping[str, Any]) -> Mapping[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg  # type: ignore[return-value]
+
+
+def validate_config(cfg: DictConfig, *, checked: set[str] | None = None) -> dict[str, Any]:
     """Check a composed config: the root keys and every group against its schema (types, ranges,
-    choices, unknown and removed keys), the model's architecture, and the operators by constructing them."""
+    choices, unknown and removed keys), the model's architecture, and the operators by constructing them.
+
+    Returns the resolved config as plain containers (what :func:`flatten` reads). ``checked`` (a set
+    kept across many configs, e.g. a sweep's runs) remembers the group contents that passed: a group
+    whose resolved content was checked before is not checked again (every check reads only its group).
+    """
     try:
         root = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         raise ConfigError(f"cannot resolve {key or 'the config'}: {str(exc).splitlines()[0]}") from None
-    own = {k: v for k, v in root.items() if k not in (*GROUPS, "choices", *PRESET_KEYS)}  # type: ignore[union-attr]
+    return _validate_values(root, checked)  # type: ignore[arg-type]
+
+
+def _validate_values(root: dict[str, Any], checked: set[str] | None = None) -> dict[str, Any]:
+    """:func:`validate_config` on a config's resolved values; returns them."""
+    own = {k: v for k, v in root.items() if k not in (*GROUPS, "choices", *PRESET_KEYS)}
     schema.check(own, RunSettings, "")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:<index>, got {cfg.device!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(root["device"])):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:<index>, got {root['device']!r}")
+    seen = checked if checked is not None else set()
     for group in SCHEMA_GROUPS:
-        choice = cfg.choices.get(group)
+        choice = root["choices"].get(group)
         opt = schema.options(group).get(choice)
-        if opt is None:
+        if opt is None or _seen(seen, ("schema", group, choice), root[group]):
             continue
-        node = root[group] if not opt.meta.get("open") else {  # type: ignore[index]
-            k: v for k, v in root[group].items() if k in schema.defaults(opt.schema)  # type: ignore[index]
+        node = root[group] if not opt.meta.get("open") else {
+            k: v for k, v in root[group].items() if k in schema.defaults(opt.schema)
         }  # an open option's other keys are its factory's arguments (models.custom)
         schema.check(node, opt.schema, group, label=f"{group}={choice}")
         fixed = opt.node().get("name")
-        if fixed is not None and root[group].get("name") != fixed:  # type: ignore[index]
+        if fixed is not None and root[group].get("name") != fixed:
             raise ConfigError(f"{group}.name is set by the option; choose another option with {group}=<name>")
-    _validate_model(cfg)
-    _validate_pooling(cfg)
+    if not _seen(seen, ("model",), root["model"]):
+        _validate_model(root["model"])
+    if not _seen(seen, ("pooling",), [root[group] for group in OPEN_GROUPS]):
+        _validate_pooling(root)
+    return root
 
 
-def _validate_model(cfg: DictConfig) -> None:
+def _seen(seen: set[str], what: tuple[Any, ...], content: Any) -> bool:
+    """Whether ``content`` (resolved, plain) passed the check ``what`` before; remember it as passed
+    (a check that then fails raises, and the caller stops)."""
+    if schema.collecting_missing():
+        return False  # unset required keys pass inside the block: nothing learnt for outside it
+    key = json.dumps([what, content], sort_keys=True, default=repr)
+    if key in seen:
+        return True
+    seen.add(key)
+    return False
+
+
+def _validate_model(model_node: Mapping[str, Any]) -> None:
     """An architecture the backbone library does not know (``model.arch``), found without building."""
     from poolbench import models
 
-    models.check(cfg.model)
+    models.check(model_node)
 
 
-def _validate_pooling(cfg: DictConfig) -> None:
+def _validate_pooling(root: Mapping[str, Any]) -> None:
     from poolbench import pooling
 
     for group in OPEN_GROUPS:
-        lr_mult = cfg[group].get("lr_mult", 1.0)
+        lr_mult = root[group].get("lr_mult", 1.0)
         if not isinstance(lr_mult, int | float) or lr_mult < 0:
             raise ConfigError(f"{group}.lr_mult must be a number >= 0, got {lr_mult!r}")
-    pooling.from_config(cfg.pooling, "global")
-    if cfg.local_pooling.name != "none":
-        pooling.from_config(cfg.local_pooling, "local")
+    pooling.from_config(root["pooling"], "global")
+    if root["local_pooling"].get("name") != "none":
+        pooling.from_config(root["local_pooling"], "local")
 
 
-def identity(cfg: DictConfig) -> dict[str, Any]:
+def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The part of the resolved config that determines a run's results."""
     flat = flatten(cfg)
     return {
@@ -444,19 +655,22 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def config_hash(cfg: DictConfig) -> str:
+def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
     """Stable 12-hex-digit fingerprint of :func:`identity`."""
     blob = json.dumps(identity(cfg), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def run_id(cfg: DictConfig) -> str:
+def run_id(cfg: DictConfig | Mapping[str, Any]) -> str:
     """Readable, deterministic and collision-free run id: same config, same id. Every part is reduced
     to letters, digits, '.', '_' and '+', so no value can make it a path."""
     from poolbench import models, pooling
 
-    parts = (pooling.label(cfg.pooling), models.label(cfg.model), cfg.dataset.name, f"s{cfg.seed}")
-    return "-".join(_path_safe(str(p)) for p in parts) + "-" + config_hash(cfg)
+    values = _resolved(cfg)
+    parts = (
+        pooling.label(values["pooling"]), models.label(values["model"]), values["dataset"]["name"], f"s{values['seed']}"
+    )
+    return "-".join(_path_safe(str(p)) for p in parts) + "-" + config_hash(values)
 
 
 def _path_safe(text: str) -> str:

@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from poolbench import files, provenance, records
 from poolbench.config import config_hash, flatten, run_id
 from poolbench.config import run_dir as run_dir_of
-from poolbench.engine.policies import should_resume
 from poolbench.environment import capture_env
 from poolbench.errors import PoolbenchError, Terminated
 from poolbench.records import CHECKPOINT
@@ -190,6 +189,8 @@ def _run(
     """Train in ``run_dir`` (or, when replacing a completed run, in its staging folder, swapped in at the end)."""
     records.check_run_dir(run_dir)  # a planted symlink in its place would make the run write elsewhere
     if not replacing:
+        from poolbench.engine.policies import should_resume
+
         resuming = should_resume(cfg.trainer.resume, run_dir / CHECKPOINT, overwrite=bool(cfg.trainer.overwrite))
         return _train(cfg, run_dir, built, resuming, progress, log, run_dir=run_dir)
     staged = records.staging_dir(run_dir)

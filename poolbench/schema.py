@@ -20,6 +20,7 @@ a default or re-check a type.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 from collections.abc import Mapping, Sequence
@@ -74,6 +75,11 @@ class collect_missing:  # noqa: N801 - used like a function: ``with collect_miss
 
     def __exit__(self, *exc: object) -> None:
         _MISSING.pop()
+
+
+def collecting_missing() -> bool:
+    """Whether a :class:`collect_missing` block is open (a check passing now may not pass outside it)."""
+    return bool(_MISSING)
 
 
 @dataclass(frozen=True)
@@ -136,9 +142,18 @@ def defaults(schema: type) -> dict[str, Any]:
     return _defaults(schema)
 
 
+@functools.cache
+def _layout(schema: type) -> tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]:
+    """A schema's resolved type hints, field names and defaults, worked out once per dataclass:
+    ``get_type_hints`` evaluates every annotation string (``compile`` per field), and a sweep checks
+    thousands of configs against the same few schemas. Read-only: callers never edit what it returns."""
+    names = tuple(f.name for f in dataclasses.fields(schema))
+    return get_type_hints(schema, include_extras=True), names, _defaults(schema)
+
+
 def required_fields(schema: type) -> list[str]:
     """The fields of ``schema`` marked :class:`Required` (the values a user must give)."""
-    hints = get_type_hints(schema, include_extras=True)
+    hints = _layout(schema)[0]
     return [
         f.name for f in dataclasses.fields(schema) if any(isinstance(m, Required) for m in _unwrap(hints[f.name])[1])
     ]
@@ -155,14 +170,12 @@ def check(node: Any, schema: type, prefix: str, *, label: str | None = None) -> 
     """
     if not isinstance(node, Mapping):
         raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys to values, got {node!r}")
-    hints = get_type_hints(schema, include_extras=True)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints, fields, defaults_ = _layout(schema)
     dot = f"{prefix}." if prefix else ""
     for key in node:
         if key not in fields:
             where = f" for {label}" if label else ""
             raise ConfigError(f"unknown config key '{dot}{key}'{where}. Valid: {', '.join(fields)}")
-    defaults_ = _defaults(schema)
     for key in fields:
         dotted = f"{dot}{key}"
         if key not in node:

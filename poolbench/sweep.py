@@ -226,16 +226,15 @@ def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRu
     combinations = expand(overrides)
     planned: dict[str, PlannedRun] = {}
     listings: dict[Path, set[str]] = {}
-    configs = config.iter_composed([full for full, _ in combinations])
+    configs = config.iter_identified([full for full, _ in combinations])
     for full, swept in combinations:
         try:
-            cfg = next(configs)
+            cfg, identifier = next(configs)  # cfg: the run's resolved values
         except ConfigError as exc:
             raise ConfigError(f"{' '.join(swept)}: {exc}" if swept else str(exc)) from None
-        identifier = run_id(cfg)
         if identifier in planned:
             continue
-        results_dir = Path(cfg.results_dir).resolve()  # one syscall per path component: cheap
+        results_dir = Path(cfg["results_dir"]).resolve()  # one syscall per path component: cheap
         if results_dir not in listings:
             listings[results_dir] = _listing(results_dir)
         run_dir = results_dir / identifier  # run ids are plain folder names (config.run_id)
@@ -243,7 +242,7 @@ def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRu
         extra = [f"results_dir={_quoted(str(results_dir))}"]
         if name is not None and cfg.get("sweep_name") is None:
             extra.append(f"sweep_name={_quoted(name)}")
-        overwrite = bool(cfg.trainer.overwrite)
+        overwrite = bool(cfg["trainer"]["overwrite"])
         listed = listings[results_dir]
         known = identifier in listed or records.lock_path(run_dir).name in listed  # one listdir, not 10,000 stats
         status, wall_time = run_status(run_dir, overwrite) if known else ("new", None)

@@ -11,15 +11,26 @@ one forward+backward (``poolbench.engine.latency.peak_memory_mb``), op / referen
 
     python scripts/bench_operators.py --kind local --shape 32x64x112x112 --threads 2 --rounds 5
     python scripts/bench_operators.py --kind global --shape 32x2048x7x7 --threads 1 --rounds 15
+    python scripts/bench_operators.py --kind local --ops softpool lpnorm max --threads 2 --contention 2
+
+``--contention N`` starts a competing process that keeps N threads busy (another PyTorch job doing
+matrix products, as on a shared workstation or node) for the whole measurement, and stops it at the
+end (also on Ctrl-C). Targets (issue 22): under a 2-thread competitor every operator's fwd+bwd ratio
+to its fastest public formulation stays <= 1.2x (<= 1.5x where that formulation is numerically
+unsafe), and the quiet-machine ratios do not regress.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +139,41 @@ def bench(kind: str, names: list[str], shape: tuple[int, ...], geometry: tuple[i
             print(f"| {name} | {other} | {' | '.join(cells)} | {mem} |", flush=True)
 
 
+# The competitor: N threads of float32 matrix products, forever (killed by the parent).
+_LOAD = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+a = torch.rand(768, 768)
+print("ready", flush=True)
+while True:
+    a = torch.tanh(a @ a)
+"""
+
+
+@contextlib.contextmanager
+def contention(threads: int) -> Iterator[None]:
+    """A competing process keeping ``threads`` threads busy while the block runs (nothing when 0)."""
+    if threads <= 0:
+        yield
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    load = subprocess.Popen(
+        [sys.executable, "-c", _LOAD, str(threads)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert load.stdout is not None
+        load.stdout.readline()  # "ready": torch imported and the loop about to start
+        time.sleep(2.0)  # let the scheduler see it as a steady load
+        yield
+    finally:
+        load.terminate()
+        try:
+            load.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            load.kill()
+            load.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=("global", "local"), default="local")
@@ -136,6 +182,9 @@ def main() -> None:
     parser.add_argument("--ops", nargs="*", help="operator names (default: every registered one)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--contention", type=int, default=0, metavar="N", help="run a competing N-thread process meanwhile (default 0)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     default_shape = "32x64x112x112" if args.kind == "local" else "32x2048x7x7"
@@ -144,11 +193,15 @@ def main() -> None:
     names = args.ops or (pooling.local_names() if args.kind == "local" else pooling.names())
     cpu = platform.processor() or platform.machine()
     geometry_text = f", k,s,p = {args.geometry}" if args.kind == "local" else ""
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu}, "
-        f"shape {'x'.join(map(str, shape))}{geometry_text}, {args.rounds} rounds"
-    )
-    bench(args.kind, names, shape, geometry, args.rounds)  # type: ignore[arg-type]
+    competing = f", a competing {args.contention}-thread process" if args.contention else ", no competing load"
+    with contention(args.contention):
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu}, "
+            f"shape {'x'.join(map(str, shape))}{geometry_text}, {args.rounds} rounds{competing}, "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
+        bench(args.kind, names, shape, geometry, args.rounds)  # type: ignore[arg-type]
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -152,3 +152,59 @@ def test_float_keys_accept_ints_in_any_notation() -> None:
     assert compose(["trainer.lr=1"]).trainer.lr == 1
     assert compose(["trainer.lr=1e-2"]).trainer.lr == pytest.approx(0.01)
     assert compose(["trainer.grad_clip=5"]).trainer.grad_clip == 5
+
+
+def test_planner_values_and_run_ids_are_those_of_compose() -> None:
+    """The planner's resolved values (the base's, patched per run) equal compose's, run ids included:
+    plain values, a key another key interpolates, an overridden interpolation, an interpolated value,
+    adds, repeated keys, and runs that fall back to the config."""
+    from omegaconf import OmegaConf
+
+    from poolbench.config import iter_identified
+
+    override_sets = [
+        ["dataset=digits", "pooling=gem", "trainer.lr=0.03", "seed=2"],
+        ["dataset=digits", "pooling=gem", "trainer.lr=0.1", "seed=2", "pooling.p=4"],
+        ["pooling=dgmp", "dataset.steps_per_epoch=3"],  # trainer.steps_per_epoch reads it
+        ["pooling=dgmp", "dataset.steps_per_epoch=3", "trainer.steps_per_epoch=7"],
+        ["pooling=dgmp", "trainer.steps_per_epoch=null"],
+        ["pooling=avg", "trainer.eval_batch_size=${trainer.batch_size}"],
+        ["pooling=avg", "++trainer.lr=0.5", "seed=3"],
+        ["pooling=avg", "trainer.epochs=2", "trainer.epochs=3"],
+        ["pooling=gem", "trainer.latency={enabled: false, batch_size: 8, warmup: 1, repeats: 2}"],
+        ["pooling=avg", "dataset.steps_per_epoch=3"],  # after the in-place edits of the earlier runs
+        ["experiment=quick", "pooling=lse", "seed=1"],
+    ]
+    planned = [(dict(values), identifier) for values, identifier in iter_identified(override_sets)]
+    for overrides, (values, identifier) in zip(override_sets, planned, strict=True):
+        cfg = compose(overrides)
+        assert identifier == run_id(cfg), overrides
+        assert values == OmegaConf.to_container(cfg, resolve=True), overrides
+    with pytest.raises(ConfigError, match="unknown config key 'trainer.nope'"):
+        list(iter_identified([["pooling=avg"], ["pooling=avg", "trainer.nope=1"]]))
+    with pytest.raises(ConfigError, match="trainer.lr must be > 0"):
+        list(iter_identified([["trainer.lr=0.1"], ["trainer.lr=-1"]]))
+
+
+def test_hydra_override_adapter() -> None:
+    """poolbench's one use of a private Hydra API (config.apply_value_overrides): fails loudly when a
+    Hydra upgrade renames it or changes what it does, before a sweep plans wrong configs."""
+    import inspect
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from poolbench.config import apply_value_overrides
+
+    assert list(inspect.signature(ConfigLoaderImpl._apply_overrides_to_config).parameters) == ["overrides", "cfg"]
+    parse = OverridesParser.create().parse_overrides
+    cfg = OmegaConf.create({"a": 1, "b": {"c": "x", "d": [1, 2]}, "e": 2})
+    OmegaConf.set_struct(cfg, True)
+    apply_value_overrides(parse(["a=5", "b.c=${a}", "+b.new=0.5", "++e=3", "~b.d", "++f=7"]), cfg)
+    assert OmegaConf.to_container(cfg, resolve=True) == {"a": 5, "b": {"c": 5, "new": 0.5}, "e": 3, "f": 7}
+    with pytest.raises(HydraException, match="Could not override 'b.nope'"):
+        apply_value_overrides(parse(["b.nope=1"]), cfg)
+    with pytest.raises(HydraException, match="Could not append to config. An item is already at 'a'"):
+        apply_value_overrides(parse(["+a=1"]), cfg)

@@ -36,7 +36,13 @@ def _cluster_problem() -> str | None:
 
 
 PROBLEM = _cluster_problem()
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))]
+# One cluster with one node: its tests run one after another on one pytest-xdist worker.
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("slurm"),
+    pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM)),
+]
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
 BASE = ["dataset=digits", "trainer.latency.enabled=false", "trainer.deterministic=true", "device=cpu"]

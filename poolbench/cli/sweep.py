@@ -93,16 +93,42 @@ class LiveView:
         return Group(*parts)
 
 
-def _plan_table(planned: list[PlannedRun]) -> Table:
-    table = Table(title=f"{len(planned)} runs", title_justify="left")
+# A --dry-run lists every run up to this many; a larger plan prints its first runs and a summary (--list: all).
+LIST_LIMIT = 50
+
+
+def _plan_table(planned: list[PlannedRun], limit: int | None = None) -> Table:
+    shown = planned if limit is None else planned[:limit]
+    title = f"{len(planned)} runs" + (f" (the first {len(shown)})" if len(shown) < len(planned) else "")
+    table = Table(title=title, title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("run id", no_wrap=True)
     for column in ("swept overrides", "status", "action"):
         table.add_column(column)
-    for i, run in enumerate(planned, 1):
+    for i, run in enumerate(shown, 1):
         style = STATUS_STYLE[run.status]
         table.add_row(str(i), escape(run.run_id), escape(" ".join(run.swept)), f"[{style}]{run.status}[/]", run.action)
     return table
+
+
+def _plan_summary(planned: list[PlannedRun]) -> list[str]:
+    """A large plan in a few lines: runs per status and per action, and the values of each swept key."""
+    statuses = Counter(run.status for run in planned)
+    actions = Counter(run.action for run in planned)
+    axes: dict[str, dict[str, None]] = {}
+    for run in planned:
+        for override in run.swept:
+            key, _, value = override.partition("=")
+            axes.setdefault(key, {})[value] = None
+    lines = [
+        "status: " + ", ".join(f"{n} {status}" for status, n in statuses.most_common()),
+        "action: " + ", ".join(f"{n} {action}" for action, n in actions.most_common()),
+    ]
+    for key, values in axes.items():
+        shown = list(values)
+        more = f", … ({len(shown)} values)" if len(shown) > 8 else ""
+        lines.append(f"{key}: {', '.join(shown[:8])}{more}")
+    return lines
 
 
 def _summary(state: SweepState) -> str:
@@ -154,6 +180,9 @@ def sweep(
         show_default=False,
     ),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="List the runs and what would happen; run nothing."),
+    list_all: bool = typer.Option(
+        False, "--list", help=f"With --dry-run: list every run (default: a summary beyond {LIST_LIMIT} runs)."
+    ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once (threads per run = cores // jobs)."),
     executor: Executor = typer.Option(
         Executor.local,
@@ -199,7 +228,12 @@ def sweep(
         if not planned:
             return
     if dry_run:
-        console.print(_plan_table(planned))
+        large = len(planned) > LIST_LIMIT and not list_all
+        console.print(_plan_table(planned, limit=LIST_LIMIT if large else None))
+        if large:
+            console.print(f"… {len(planned) - LIST_LIMIT} more runs (--list prints every run)", highlight=False)
+            for line in _plan_summary(planned):
+                console.print(line, highlight=False, markup=False)
         to_run = sum(p.status in sweeping.TO_RUN for p in planned)
         console.print(f"{to_run} of {len(planned)} runs would start; nothing was run (--dry-run)")
         return

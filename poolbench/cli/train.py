@@ -63,7 +63,6 @@ def train(
 
     from poolbench.config import compose
     from poolbench.config import run_dir as run_dir_of
-    from poolbench.run import execute
 
     overrides = use_plugins(plugin_specs, overrides or [])
     if cfg:  # the composed keys, required ones still unset shown as ??? (missing) rather than refused
@@ -80,6 +79,8 @@ def train(
         where = run_dir_of(config) if not missing else "(set the missing keys first)"
         console.print(f"# run directory: {where}", style="dim", highlight=False, markup=False)
         return
+    from poolbench.run import execute  # the training code: not loaded for --cfg
+
     config = compose(overrides)
     bars = ProgressBars(console, enabled=not quiet)
     try:

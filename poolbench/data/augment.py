@@ -21,13 +21,14 @@ names in its ``meta["augment"]`` — the one the literature uses for it:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
-
-from torchvision.transforms import v2
+from typing import TYPE_CHECKING, Annotated
 
 from poolbench.data.common import Transform
 from poolbench.errors import ConfigError
 from poolbench.schema import Range, option
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 Probability = Annotated[float, Range(ge=0, le=1)]
 AreaFraction = Annotated[float, Range(gt=0, le=1)]
@@ -53,6 +54,8 @@ class CifarAugment:
     hflip: Probability = 0.5
 
     def transform(self, size: int) -> Transform | None:
+        from torchvision.transforms import v2  # here, not at import: composing a config needs no torchvision
+
         return v2.Compose([v2.RandomCrop(size, padding=self.padding), v2.RandomHorizontalFlip(self.hflip)])
 
 
@@ -60,6 +63,8 @@ def _resized_crop(size: int, scale: tuple[float, float], ratio: tuple[float, flo
     if scale[0] > scale[1] or ratio[0] > ratio[1]:
         raise ConfigError(f"augment={recipe}: min_scale/min_ratio must not exceed max_scale/max_ratio, "
                           f"got scale {scale} and ratio {ratio}")
+    from torchvision.transforms import v2
+
     return v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True)
 
 
@@ -75,6 +80,8 @@ class ImagenetAugment:
     hflip: Probability = 0.5
 
     def transform(self, size: int) -> Transform | None:
+        from torchvision.transforms import v2
+
         crop = _resized_crop(size, (self.min_scale, self.max_scale), (self.min_ratio, self.max_ratio), self.name)
         return v2.Compose([crop, v2.RandomHorizontalFlip(self.hflip)])
 
@@ -95,6 +102,8 @@ class DocumentAugment:
     contrast: Annotated[float, Range(ge=0, le=1)] = 0.1
 
     def transform(self, size: int) -> Transform | None:
+        from torchvision.transforms import v2
+
         crop = _resized_crop(size, (self.min_scale, self.max_scale), (self.min_ratio, self.max_ratio), self.name)
         return v2.Compose([
             crop,

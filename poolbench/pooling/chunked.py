@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +111,83 @@ def _spans(planes: Tensor) -> Iterator[slice]:
     count, step = planes.shape[0], _step(planes)
     for start in range(0, count, step):
         yield slice(start, min(start + step, count))
+
+
+# ---------------------------------------------------------------- chunk loops under contention
+# On a CPU with several intra-op threads, every op over a chunk is one parallel region that ends in
+# a barrier: when another process takes a core, the region waits for the descheduled thread, op after
+# op (SoftPool fwd+bwd read 3x its peer's time under a competing 2-thread load, native kernels 1x).
+# `_each_span` runs the chunks instead as independent tasks on as many threads as torch uses, each
+# thread's ops single-threaded: a descheduled thread delays only its own chunk while the others take
+# the next ones, and there are no per-op barriers. Each task writes its own rows of preallocated
+# outputs, so the result is the same, bit for bit, as the serial loop's. Chunks are 1/threads the
+# size, so the temporaries in flight (and the peak memory) stay those of the serial loop.
+_POOL_LOCK = threading.Lock()
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, threads, pool)
+_WORKER = threading.local()
+
+
+def _chunk_pool(threads: int) -> ThreadPoolExecutor:
+    """The pool of ``threads`` chunk workers, each with one intra-op thread (made once per thread count)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None and _POOL[:2] == (os.getpid(), threads):
+            return _POOL[2]
+        ready = threading.Barrier(threads)
+
+        def start() -> None:
+            _WORKER.active = True
+            torch.get_num_threads()  # its first query: torch gives this thread the current count, 1
+            ready.wait()
+
+        # torch sets a thread's OpenMP thread count from the global count the first time the thread
+        # asks for it: 1 while the workers start, then the caller's count again (which it keeps).
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="poolbench-chunks")
+            for started in [pool.submit(start) for _ in range(threads)]:
+                started.result()
+        finally:
+            torch.set_num_threads(previous)
+        if _POOL is not None and _POOL[0] == os.getpid():  # a forked child has none of its parent's threads
+            _POOL[2].shutdown(wait=False)
+        _POOL = (os.getpid(), threads, pool)
+        return pool
+
+
+def _threads_for(planes: Tensor) -> int:
+    """Chunk workers for a loop over ``planes``: torch's thread count for a plain CPU tensor; 1 (the
+    serial loop) on a device, for a tensor subclass, inside a worker, and under a dispatch mode
+    (FakeTensorMode, a memory tracker, tracing), which is per thread and would not see the workers' ops."""
+    if (
+        planes.device.type != "cpu"
+        or type(planes) is not Tensor
+        or getattr(_WORKER, "active", False)
+        or torch._C._len_torch_dispatch_stack() > 0
+    ):
+        return 1
+    return torch.get_num_threads()
+
+
+def _each_span(planes: Tensor, body: Callable[[slice], None]) -> None:
+    """``body(span)`` for spans of planes covering them all, each writing only its own rows; on
+    several CPU threads as independent tasks (see _chunk_pool), else in a loop."""
+    threads = _threads_for(planes)
+    step = max(1, _step(planes) // threads)
+    spans = [slice(start, min(start + step, planes.shape[0])) for start in range(0, planes.shape[0], step)]
+    if threads <= 1 or len(spans) < 2:
+        for span in spans:
+            body(span)
+        return
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def task(span: slice) -> None:  # grad and inference mode are per thread: the caller's
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            body(span)
+
+    for done in [_chunk_pool(threads).submit(task, span) for span in spans]:
+        done.result()
 
 
 def _row_chunks(planes: Tensor, flagged: Callable[[], Tensor]) -> Iterator[Tensor]:
@@ -230,12 +310,10 @@ class PowerMean(torch.autograd.Function):
         scale = planes.new_ones((planes.shape[0], 1, 1), dtype=work)
         rescaled = False
         if eps is not None and eps**p < torch.finfo(work).tiny:  # the root of ~0 has an infinite slope
-            for span in _spans(planes):
-                rescale(span)
+            _each_span(planes, rescale)
             rescaled = True
         else:
-            for span in _spans(planes):
-                direct(span)
+            _each_span(planes, direct)
             # x^p overflowed (a total is inf; amax propagates NaN): rescale those planes, not where
             # the input itself is inf or NaN
             if totals.numel() and not bool(totals.amax().isfinite()):
@@ -288,8 +366,7 @@ class PowerMean(torch.autograd.Function):
             if grad.dtype != work:
                 grad[span] = back
 
-        for span in _spans(planes):
-            gradient(span)
+        _each_span(planes, gradient)
         return grad.view(x.shape), None, None, None
 
 
@@ -324,8 +401,7 @@ class SoftPool(torch.autograd.Function):
             window.sum(weights, out=masses[span])
             window.sum(weights.mul_(shifted), out=offsets[span])
 
-        for span in _spans(planes):
-            sums(span)
+        _each_span(planes, sums)
         offsets.div_(masses)  # y − m
         out = (offsets + peaks).to(x.dtype)
         offsets.sub_(1.0)  # y − m − 1, what the backward needs
@@ -363,8 +439,7 @@ class SoftPool(torch.autograd.Function):
             else:
                 grad[span] = inner.mul_(weights)
 
-        for span in _spans(planes):
-            gradient(span)
+        _each_span(planes, gradient)
         for rows in fallback_rows:  # their rows above hold garbage (S may be 0): overwritten
             with torch.enable_grad():
                 leaf = planes[rows].to(work).requires_grad_()

@@ -335,3 +335,55 @@ def test_min_is_minus_max_of_minus_x_bit_for_bit_with_ties() -> None:
     old = old_min(ref_x, 3, 2, 1)
     (ref_grad,) = torch.autograd.grad(old, ref_x, cotangent)
     assert torch.equal(new, old) and torch.equal(grad, ref_grad)
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", ["power", "lpnorm", "l2", "softpool"])
+def test_chunks_on_worker_threads_match_the_serial_loop_bit_for_bit(
+    name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several torch threads the chunks run as tasks on single-threaded workers (issue 22: no
+    per-op barriers under contention): values and gradients are those of the serial loop, bit for
+    bit, in train, eval and inference mode, and the caller keeps its thread count."""
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS_CPU", 1 << 12)  # many chunks at a small size
+    x = (torch.rand(3, 10, 33, 31, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 - 1).to(dtype)
+    x[0, 0] = 1e4  # overflows x^p in float32: the rescaled planes run after the chunk loop
+    pool = create_local(name, kernel_size=3, stride=2, padding=1)
+    cotangent = torch.randn(3, 10, 17, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    def run() -> tuple[Tensor, Tensor, Tensor]:
+        leaf = x.clone().requires_grad_()
+        out = pool(leaf)
+        (grad,) = torch.autograd.grad(out, leaf, cotangent)
+        with torch.inference_mode():
+            inferred = pool(x)
+        return out.detach(), grad, inferred
+
+    used = []
+    threads_for = chunked._threads_for
+    monkeypatch.setattr(chunked, "_threads_for", lambda planes: used.append(threads_for(planes)) or used[-1])
+    pooled = run()
+    assert used and set(used) == {2} and torch.get_num_threads() == 2
+    monkeypatch.setattr(chunked, "_threads_for", lambda planes: 1)
+    for a, b in zip(pooled, run(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_chunk_workers_are_single_threaded_and_dispatch_modes_keep_the_serial_loop() -> None:
+    pool = chunked._chunk_pool(2)
+    assert {pool.submit(torch.get_num_threads).result() for _ in range(4)} == {1}
+    assert torch.get_num_threads() == 2
+    planes = torch.zeros(4, 8, 8)
+    assert chunked._threads_for(planes) == 2
+    # a memory tracker (a dispatch mode) sees only its own thread's ops: the loop stays on it
+    peak_memory_mb(lambda: chunked._threads_for(planes) == 1 or pytest.fail("pooled"), torch.device("cpu"))
