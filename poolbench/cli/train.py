@@ -73,11 +73,11 @@ def train(
         shown = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
         for key, _ in missing:
             OmegaConf.update(shown, key, "???")
-        console.print(OmegaConf.to_yaml(shown), highlight=False, markup=False, end="")
+        console.print(OmegaConf.to_yaml(shown), highlight=False, markup=False, end="", soft_wrap=True)  # YAML: never re-wrapped
         for key, hint in missing:
             console.print(f"# missing: {key} is required: {hint}", highlight=False, markup=False, soft_wrap=True)
         where = run_dir_of(config) if not missing else "(set the missing keys first)"
-        console.print(f"# run directory: {where}", style="dim", highlight=False, markup=False)
+        console.print(f"# run directory: {where}", style="dim", highlight=False, markup=False, soft_wrap=True)
         return
     from poolbench.run import execute  # the training code: not loaded for --cfg
 
