@@ -523,7 +523,10 @@ def check_resumable(spec: Spec) -> dict[str, Any] | None:
     existing = read_protocol(spec.folder)
     if existing is None:
         return None
-    if existing.get("fingerprint") != spec.fingerprint or existing.get("final_seeds") != spec.final_seeds:
+    recorded_seeds = existing.get("final_seeds") or []
+    # More --seeds extends the final stage (the tuning is untouched); fewer would drop finished final runs.
+    more_seeds = spec.final_seeds[: len(recorded_seeds)] == recorded_seeds
+    if existing.get("fingerprint") != spec.fingerprint or not more_seeds:
         mine = spec.protocol()
         differs = sorted(k for k in mine if k not in ("fingerprint", "storage") and existing.get(k) != mine[k])
         raise ConfigError(

@@ -349,6 +349,29 @@ def test_another_protocol_under_the_same_name_is_refused(
     assert sorted(p for p in (tmp_path / "tune").rglob("*") if p.is_file()) == before
 
 
+def test_more_final_seeds_extend_the_final_stage_and_retune_nothing(
+    run_cli: Callable[..., int], tmp_path: Path, capsys: pytest.CaptureFixture[str], faked: None
+) -> None:
+    args = ["pooling=avg,max", LR, *BASE, "--trials", "2", "--name", "grow", f"results_dir={tmp_path}"]
+    assert run_cli("tune", *args, "--seeds", "2") == 0
+    folder = tmp_path / "tune" / "grow"
+    trials_before = {p: p.stat().st_mtime_ns for p in (folder / tune.TRIALS).rglob(records.RECORD)}
+    finals_before = {p: p.stat().st_mtime_ns for p in (folder / tune.FINAL).rglob(records.RECORD)}
+    assert run_cli("tune", *args, "--seeds", "4") == 0
+    protocol = json.loads((folder / tune.PROTOCOL).read_text())
+    assert protocol["final_seeds"] == [1, 2, 3, 4]
+    assert {p: p.stat().st_mtime_ns for p in (folder / tune.TRIALS).rglob(records.RECORD)} == trials_before
+    finals = {p: p.stat().st_mtime_ns for p in (folder / tune.FINAL).rglob(records.RECORD)}
+    assert len(finals) == 8 and all(finals[p] == t for p, t in finals_before.items())  # old seeds kept
+    for result in protocol["results"].values():
+        assert sorted(records.read_record(folder / tune.FINAL / r)["seed"] for r in result["final_run_ids"]) == [
+            1, 2, 3, 4,
+        ]  # fmt: skip
+    capsys.readouterr()
+    assert run_cli("tune", *args, "--seeds", "3") == 2  # fewer would leave finished final runs out
+    assert "another protocol" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ for real
 
 
