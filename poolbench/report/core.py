@@ -28,8 +28,8 @@ import pandas as pd
 from poolbench import records
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
 from poolbench.errors import PoolbenchError, unknown_choice
-from poolbench.pooling.registry import CUSTOM
 from poolbench.report import protocol, stats
+from poolbench.schema import CUSTOM
 
 DEFAULT_METRICS = ("mAP", "top1", "acc@1", "acc@5", "latency.infer_image_ms", "latency.peak_mem_mb")
 ENV_KEYS = ("env.torch", "env.device_name", "env.git_commit")
@@ -111,7 +111,7 @@ class Report:
     @property
     def operators(self) -> list[str]:
         """Every treatment label of the report, sorted: the order colours are assigned in."""
-        return sorted({treatment_label(row, self.keys) for _, row in self.runs.iterrows()})
+        return sorted(set(treatment_labels(self.runs, self.keys)))
 
     def provenance(self) -> list[str]:
         """What produced this report (stated at the top of every exported file), warnings last."""
@@ -220,6 +220,16 @@ def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str]]:
     """Completed runs under ``results_dir`` (filtered by ``key=value[,value...]``) and the skipped ones."""
+    frame, skipped, _ = load_runs(results_dir, where)
+    return frame, skipped
+
+
+def load_runs(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str], dict[str, Path]]:
+    """:func:`load`, plus each kept run's folder by run id (its name may not be valid UTF-8).
+
+    The folders are kept beside the frame, never in ``frame.attrs``: pandas deep-copies ``attrs`` into
+    every Series and frame derived from it, which made a report quadratic in the number of records.
+    """
     results_dir = Path(results_dir)
     if results_dir.exists() and not results_dir.is_dir():
         raise PoolbenchError(f"results directory {safe_text(str(results_dir))} is a file, not a folder of runs")
@@ -261,8 +271,7 @@ def load(results_dir: Path, where: Sequence[str] = ()) -> tuple[pd.DataFrame, li
     if frame.empty:
         raise PoolbenchError(f"no completed run matches --where {' '.join(where)}")
     frame = frame.reset_index(drop=True)
-    frame.attrs[RAW_RUN_DIR] = {run_id: run_dirs[run_id] for run_id in frame["run_id"]}
-    return frame, skipped
+    return frame, skipped, {run_id: run_dirs[run_id] for run_id in frame["run_id"]}
 
 
 def _column(frame: pd.DataFrame, key: str, what: str) -> str:
@@ -492,7 +501,7 @@ def design(frame: pd.DataFrame, baseline: str | None = None) -> Design:
     treatment = [c for c in keys if _is_treatment(c)] or ([POOLING_KEY] if POOLING_KEY in frame.columns else [])
     confounded: dict[str, dict[str, list[str]]] = {}
     if treatment:
-        labels = [treatment_label(row, keys) for _, row in frame.iterrows()]
+        labels = treatment_labels(frame, keys)
         base_labels = {lab for lab, op in zip(labels, frame[POOLING_KEY], strict=True) if op == baseline}
         for column in context:
             values: dict[str, set[Any]] = {}
@@ -632,6 +641,26 @@ def treatment_label(row: dict[str, Any] | pd.Series, keys: Sequence[str]) -> str
     ]
     name = str(row.get(POOLING_KEY, row.get("pooling", "?")))
     return f"{name} ({', '.join(params)})" if params else name
+
+
+def _label_rows(frame: pd.DataFrame, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of ``frame`` as dicts of only ``columns`` (those present): what the labels read, without
+    building a Series per row (``iterrows`` costs milliseconds a row on a wide frame)."""
+    present = [c for c in dict.fromkeys(columns) if c in frame.columns]
+    if not present:
+        return [{} for _ in range(len(frame))]
+    return frame[present].to_dict("records")
+
+
+def treatment_labels(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """:func:`treatment_label` of every row of ``frame``, in order."""
+    columns = [POOLING_KEY, "pooling", *(k for k in keys if k.startswith("cfg.pooling."))]
+    return [treatment_label(row, keys) for row in _label_rows(frame, columns)]
+
+
+def context_labels(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """:func:`context_label` of every row of ``frame``, in order."""
+    return [context_label(row, keys) for row in _label_rows(frame, [k for k in keys if not _is_treatment(k)])]
 
 
 def _present(value: Any) -> bool:
@@ -931,9 +960,8 @@ def build(
 
     if mre is not None and not (math.isfinite(mre) and mre > 0):
         raise PoolbenchError(f"--mre takes a positive effect size in the metric's unit, got {mre}")
-    frame, skipped = load(results_dir, where)
-    frame, tuning = protocol.prepare(frame, frame.attrs[RAW_RUN_DIR])  # runs of poolbench tune (report/protocol.py)
-    run_dirs = frame.attrs[RAW_RUN_DIR]
+    frame, skipped, run_dirs = load_runs(results_dir, where)
+    frame, tuning = protocol.prepare(frame, run_dirs)  # runs of poolbench tune (report/protocol.py)
     frame, latency_source, sbs_warnings, sbs_rows = read_side_by_side(results_dir, frame)
     rank_contexts = context_columns(frame, contexts)
     found = design(frame, baseline)

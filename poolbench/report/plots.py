@@ -22,7 +22,15 @@ import pandas as pd
 from poolbench import records
 from poolbench import text as esc
 from poolbench.report import stats
-from poolbench.report.core import Report, _present, context_label, label, quality_metrics, safe_text, treatment_label
+from poolbench.report.core import (
+    Report,
+    _present,
+    context_labels,
+    label,
+    quality_metrics,
+    safe_text,
+    treatment_labels,
+)
 
 PANEL_W, PANEL_H = 3.3, 2.3  # inches: one panel fits a paper's single column
 FONT = 8
@@ -203,8 +211,8 @@ def _context_parts(report: Report, summary: pd.DataFrame) -> list[tuple[str, pd.
     if "choice.pooling" not in summary.columns and "choice.pooling" in report.runs.columns:
         summary["choice.pooling"] = report.runs["choice.pooling"].iloc[0]  # one operator: not a grouping key
     context_keys = _figure_contexts(report)
-    summary["_context"] = [context_label(row, context_keys) for _, row in summary.iterrows()]
-    summary["_operator"] = [treatment_label(row, report.keys) for _, row in summary.iterrows()]
+    summary["_context"] = context_labels(summary, context_keys)
+    summary["_operator"] = treatment_labels(summary, report.keys)
     fallback = _single_context(report)
     return [(name or fallback, part) for name, part in summary.groupby("_context", sort=True)]
 
@@ -392,12 +400,16 @@ def read_curves(report: Report) -> pd.DataFrame:
     """Per-epoch rows of every run's metrics.jsonl with its operator and context (malformed lines skipped)."""
     context_keys = _figure_contexts(report)
     rows = []
-    for _, run in report.runs.iterrows():
-        folder = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"])))
+    runs = report.runs
+    operators = treatment_labels(runs, report.keys)
+    contexts = context_labels(runs, context_keys)
+    folders = runs["run_dir"] if "run_dir" in runs.columns else pd.Series([None] * len(runs))
+    for run_id, run_dir, operator, context in zip(runs["run_id"], folders, operators, contexts, strict=True):
+        folder = report.run_dirs.get(run_id, Path(str(run_dir)))
         try:
             lines = records.read_metrics(folder, root=report.results_dir)
         except (OSError, ValueError) as exc:  # a FIFO, a symlink to /dev/zero, too large: its curve is left out
-            report.notes.append(f"{records.first_line(exc)}: no curve for run {run['run_id']}")
+            report.notes.append(f"{records.first_line(exc)}: no curve for run {run_id}")
             continue
         for row in lines:
             if not isinstance(row.get("epoch"), int):
@@ -406,9 +418,9 @@ def read_curves(report: Report) -> pd.DataFrame:
             rows.append(
                 {
                     **values,
-                    "_run": run["run_id"],
-                    "_operator": treatment_label(run, report.keys),
-                    "_context": context_label(run, context_keys),
+                    "_run": run_id,
+                    "_operator": operator,
+                    "_context": context,
                 }
             )
     return pd.DataFrame(rows)
