@@ -22,15 +22,9 @@ import pandas as pd
 from poolbench import records
 from poolbench import text as esc
 from poolbench.report import stats
-from poolbench.report.core import (
-    Report,
-    _present,
-    context_labels,
-    label,
-    quality_metrics,
-    safe_text,
-    treatment_labels,
-)
+from poolbench.report.columns import context_labels, label, present, safe_text, treatment_labels
+from poolbench.report.comparison import quality_metrics
+from poolbench.report.core import Report
 
 PANEL_W, PANEL_H = 3.3, 2.3  # inches: one panel fits a paper's single column
 FONT = 8
@@ -93,10 +87,10 @@ def colours(report: Report) -> dict[str, Any]:
 def varies(means: Sequence[float], spreads: Sequence[float]) -> bool:
     """Whether operator means differ by more than the noise: the typical seed std (or interval
     half-width) of one operator, and at least 1% of the value."""
-    means_arr = np.asarray([m for m in means if _present(m)], dtype=float)
+    means_arr = np.asarray([m for m in means if present(m)], dtype=float)
     if len(means_arr) < 2:
         return len(means_arr) == 1
-    spread_arr = np.asarray([s for s in spreads if _present(s)], dtype=float)
+    spread_arr = np.asarray([s for s in spreads if present(s)], dtype=float)
     noise = max(float(np.median(spread_arr)) if len(spread_arr) else 0.0, NOISE_FLOOR * abs(means_arr.mean()))
     return float(means_arr.max() - means_arr.min()) > noise
 
@@ -228,7 +222,7 @@ def _latency_metric(report: Report) -> str | None:
 def _x_error(row: pd.Series, metric: str) -> Any:
     """Side-by-side interval when there is one (asymmetric), else the seed std."""
     low, high = row.get(f"{metric}.ci_low"), row.get(f"{metric}.ci_high")
-    if low is not None and _present(low) and _present(high):
+    if low is not None and present(low) and present(high):
         return [[row[f"{metric}.mean"] - low], [high - row[f"{metric}.mean"]]]
     return np.nan_to_num(row[f"{metric}.std"])
 
@@ -298,8 +292,8 @@ def plot_pareto(report: Report, out_dir: Path) -> list[Path]:
 def summarize_for(report: Report, metrics: Sequence[str]) -> pd.DataFrame:
     from poolbench.report.core import summarize
 
-    present = [m for m in dict.fromkeys(metrics) if m in report.runs.columns]
-    return summarize(report.runs, present, report.keys)
+    recorded = [m for m in dict.fromkeys(metrics) if m in report.runs.columns]
+    return summarize(report.runs, recorded, report.keys)
 
 
 def _significant(report: Report, metric: str, context: str, fallback: str) -> bool:
