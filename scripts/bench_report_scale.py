@@ -37,6 +37,11 @@ OPERATORS = ("avg", "gem")
 def record(pooling: str, seed: int, rng: np.random.Generator) -> dict[str, Any]:
     """One completed retrieval run, with the fields a trained run records."""
     base = {"avg": 0.62, "gem": 0.64}[pooling]
+    defaults = {
+        "name": pooling,
+        "lr_mult": 10.0 if pooling == "gem" else 1.0,
+        **({"p": 3.0} if pooling == "gem" else {}),
+    }
     run_id = f"{pooling}-resnet18-synthwriters-s{seed}-{seed * 7919 % 10**6:06d}"
     return {
         "run_id": run_id,
@@ -55,11 +60,15 @@ def record(pooling: str, seed: int, rng: np.random.Generator) -> dict[str, Any]:
         "cfg.seed": seed,
         "cfg.pooling.name": pooling,
         "cfg.pooling.lr_mult": 10.0 if pooling == "gem" else 1.0,
+        **({"cfg.pooling.p": 3.0} if pooling == "gem" else {}),
         "cfg.trainer.epochs": 4,
         "cfg.trainer.lr": 0.01,
         "cfg.results_dir": "results/runs",
         "cfg.sweep_name": "scale",
         "cfg.grid.seed": "range(0,N)",
+        # what a run records about its parts (poolbench.provenance), so the report composes no option
+        "part.pooling.label": pooling,
+        "part.pooling.defaults": json.dumps(defaults, sort_keys=True),
         "env.torch": "2.5.1",
         "env.device_name": "x86_64",
         "env.git_commit": "abc123",
