@@ -29,6 +29,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 
 from poolbench.errors import ConfigError, unknown_choice
 
+# The option of a group that instantiates any class given as ``_target_`` (Hydra's convention); here, not in
+# the torch-bound pooling registry, so torch-free readers of records (the report) can name it.
+CUSTOM = "custom"
+
 
 @dataclass(frozen=True)
 class Range:

@@ -41,7 +41,8 @@ LIGHT_COMMANDS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("sweep", "--dry-run", "pooling=avg,max", "seed=0,1"), MODEL_CODE),
     (("list", "groups"), MODEL_CODE),
     (("list",), MODEL_CODE),
-    (("report", "{results}", "--baseline", "avg", "--no-plots", "--out", "{out}"), MODEL_CODE),
+    # records keep their options' defaults (part.<group>.defaults), so report tables compose nothing: no torch
+    (("report", "{results}", "--baseline", "avg", "--no-plots", "--out", "{out}"), (*MODEL_CODE, "torch")),
 ]
 
 PROBE = """
@@ -72,6 +73,7 @@ def _write_records(folder: Path) -> None:
                 "dataset": "synthwriters", "seed": seed, "choice.dataset": "synthwriters",
                 "choice.model": "smallcnn", "choice.pooling": pooling, "choice.local_pooling": "none",
                 "cfg.seed": seed, "cfg.pooling.name": pooling, "mAP": value,
+                "part.pooling.defaults": json.dumps({"name": pooling, "lr_mult": 1.0}),  # as provenance writes it
             }  # fmt: skip
             records.atomic_write_json(folder / run_id / records.RECORD, record)
 

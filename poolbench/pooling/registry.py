@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 from torch import nn
 
 from poolbench.errors import ConfigError, unknown_choice
+from poolbench.schema import CUSTOM  # the option that instantiates a `_target_` class
 
 Kind = Literal["global", "local"]
 # Constructor arguments every local operator takes; they are not listed as operator parameters.
@@ -28,8 +29,6 @@ LOCAL_DEFAULTS = {"kernel_size": 2, "stride": None, "padding": 0}  # LocalPool's
 # Keys of a pooling/local_pooling config node that are not constructor parameters of the operator
 # (local pools take the geometry too, but from models.py's choice, not as an operator parameter).
 NODE_KEYS = ("name", "lr_mult", "_target_", "_source_sha256", *LOCAL_GEOMETRY)  # plugins.SOURCE_KEY
-# The config option that instantiates any nn.Module class given as ``_target_`` (Hydra's convention).
-CUSTOM = "custom"
 GROUP_OF: dict[Kind, str] = {"global": "pooling", "local": "local_pooling"}
 
 

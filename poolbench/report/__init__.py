@@ -1,28 +1,20 @@
-"""``poolbench report``: aggregation and statistics (core, stats), tables, figures, HTML, atomic output."""
+"""``poolbench report``: loading, design, comparison and statistics (core builds the report from them),
+tables, figures, HTML, atomic output."""
 
+from poolbench.report.columns import context_label, label, safe_text, treatment_label
+from poolbench.report.comparison import compare, ranking_lines
 from poolbench.report.core import (
     DEFAULT_METRICS,
-    Design,
     Report,
     build,
     choose_metrics,
-    compare,
-    context_columns,
-    context_label,
-    design,
     environment_warnings,
-    group_keys,
-    label,
-    load,
     metric_columns,
-    one_run_per_seed,
-    ranking_lines,
-    read_records,
-    safe_text,
     summarize,
-    treatment_label,
 )
+from poolbench.report.design import Design, context_columns, design, group_keys, one_run_per_seed
 from poolbench.report.html import write_html
+from poolbench.report.loading import load, read_records
 from poolbench.report.output import MANIFEST, check_destination, write_report
 from poolbench.report.plots import metric_label, write_plots
 from poolbench.report.tables import (

@@ -18,7 +18,9 @@ import pandas as pd
 from poolbench import records
 from poolbench import text as esc
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
-from poolbench.report.core import SEED_KEY, Report, _present, label, ranking_lines
+from poolbench.report.columns import SEED_KEY, label, present
+from poolbench.report.comparison import ranking_lines
+from poolbench.report.core import Report
 from poolbench.report.tables import comparison_caption, display_comparison, display_ranking, display_summary
 
 PAGE = "report.html"
@@ -101,7 +103,7 @@ def reproduce_command(run: pd.Series, seeds: list[Any]) -> str:
         key = str(column)[4:]
         if not str(column).startswith("cfg.") or key == SEED_KEY or key.startswith(NON_IDENTITY_KEYS):
             continue
-        if not _present(value):
+        if not present(value):
             continue
         default = defaults.get(key, "<absent>")
         default_text = json.dumps(default) if isinstance(default, list) else default

@@ -21,7 +21,8 @@ from pathlib import Path
 from poolbench import files, records
 from poolbench import text as esc
 from poolbench.errors import PoolbenchError
-from poolbench.report.core import Report, safe_text
+from poolbench.report.columns import safe_text
+from poolbench.report.core import Report
 
 MANIFEST = "report.json"  # what produced the report (kept for readers of older reports)
 OWNED = ".poolbench-manifest.json"  # {"files": {name: sha256}}: what poolbench wrote, so may replace

@@ -22,7 +22,9 @@ import pandas as pd
 from poolbench import records
 from poolbench import text as esc
 from poolbench.report import stats
-from poolbench.report.core import Report, _present, context_label, label, quality_metrics, safe_text, treatment_label
+from poolbench.report.columns import context_labels, label, present, safe_text, treatment_labels
+from poolbench.report.comparison import quality_metrics
+from poolbench.report.core import Report
 
 PANEL_W, PANEL_H = 3.3, 2.3  # inches: one panel fits a paper's single column
 FONT = 8
@@ -85,10 +87,10 @@ def colours(report: Report) -> dict[str, Any]:
 def varies(means: Sequence[float], spreads: Sequence[float]) -> bool:
     """Whether operator means differ by more than the noise: the typical seed std (or interval
     half-width) of one operator, and at least 1% of the value."""
-    means_arr = np.asarray([m for m in means if _present(m)], dtype=float)
+    means_arr = np.asarray([m for m in means if present(m)], dtype=float)
     if len(means_arr) < 2:
         return len(means_arr) == 1
-    spread_arr = np.asarray([s for s in spreads if _present(s)], dtype=float)
+    spread_arr = np.asarray([s for s in spreads if present(s)], dtype=float)
     noise = max(float(np.median(spread_arr)) if len(spread_arr) else 0.0, NOISE_FLOOR * abs(means_arr.mean()))
     return float(means_arr.max() - means_arr.min()) > noise
 
@@ -203,8 +205,8 @@ def _context_parts(report: Report, summary: pd.DataFrame) -> list[tuple[str, pd.
     if "choice.pooling" not in summary.columns and "choice.pooling" in report.runs.columns:
         summary["choice.pooling"] = report.runs["choice.pooling"].iloc[0]  # one operator: not a grouping key
     context_keys = _figure_contexts(report)
-    summary["_context"] = [context_label(row, context_keys) for _, row in summary.iterrows()]
-    summary["_operator"] = [treatment_label(row, report.keys) for _, row in summary.iterrows()]
+    summary["_context"] = context_labels(summary, context_keys)
+    summary["_operator"] = treatment_labels(summary, report.keys)
     fallback = _single_context(report)
     return [(name or fallback, part) for name, part in summary.groupby("_context", sort=True)]
 
@@ -220,7 +222,7 @@ def _latency_metric(report: Report) -> str | None:
 def _x_error(row: pd.Series, metric: str) -> Any:
     """Side-by-side interval when there is one (asymmetric), else the seed std."""
     low, high = row.get(f"{metric}.ci_low"), row.get(f"{metric}.ci_high")
-    if low is not None and _present(low) and _present(high):
+    if low is not None and present(low) and present(high):
         return [[row[f"{metric}.mean"] - low], [high - row[f"{metric}.mean"]]]
     return np.nan_to_num(row[f"{metric}.std"])
 
@@ -290,8 +292,8 @@ def plot_pareto(report: Report, out_dir: Path) -> list[Path]:
 def summarize_for(report: Report, metrics: Sequence[str]) -> pd.DataFrame:
     from poolbench.report.core import summarize
 
-    present = [m for m in dict.fromkeys(metrics) if m in report.runs.columns]
-    return summarize(report.runs, present, report.keys)
+    recorded = [m for m in dict.fromkeys(metrics) if m in report.runs.columns]
+    return summarize(report.runs, recorded, report.keys)
 
 
 def _significant(report: Report, metric: str, context: str, fallback: str) -> bool:
@@ -392,12 +394,16 @@ def read_curves(report: Report) -> pd.DataFrame:
     """Per-epoch rows of every run's metrics.jsonl with its operator and context (malformed lines skipped)."""
     context_keys = _figure_contexts(report)
     rows = []
-    for _, run in report.runs.iterrows():
-        folder = report.run_dirs.get(run["run_id"], Path(str(run["run_dir"])))
+    runs = report.runs
+    operators = treatment_labels(runs, report.keys)
+    contexts = context_labels(runs, context_keys)
+    folders = runs["run_dir"] if "run_dir" in runs.columns else pd.Series([None] * len(runs))
+    for run_id, run_dir, operator, context in zip(runs["run_id"], folders, operators, contexts, strict=True):
+        folder = report.run_dirs.get(run_id, Path(str(run_dir)))
         try:
             lines = records.read_metrics(folder, root=report.results_dir)
         except (OSError, ValueError) as exc:  # a FIFO, a symlink to /dev/zero, too large: its curve is left out
-            report.notes.append(f"{records.first_line(exc)}: no curve for run {run['run_id']}")
+            report.notes.append(f"{records.first_line(exc)}: no curve for run {run_id}")
             continue
         for row in lines:
             if not isinstance(row.get("epoch"), int):
@@ -406,9 +412,9 @@ def read_curves(report: Report) -> pd.DataFrame:
             rows.append(
                 {
                     **values,
-                    "_run": run["run_id"],
-                    "_operator": treatment_label(run, report.keys),
-                    "_context": context_label(run, context_keys),
+                    "_run": run_id,
+                    "_operator": operator,
+                    "_context": context,
                 }
             )
     return pd.DataFrame(rows)

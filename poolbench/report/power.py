@@ -177,6 +177,8 @@ def propose_seeds(
     """
     from poolbench import records
     from poolbench.report import core
+    from poolbench.report.columns import group_frames, is_treatment
+    from poolbench.report.design import design
 
     if not (math.isfinite(delta) and delta > 0):
         raise PoolbenchError(f"--seeds-for takes a positive effect size in the metric's unit, got {delta}")
@@ -199,8 +201,8 @@ def propose_seeds(
             f"found {len(frame)} completed runs; run the grid with 2 or more seeds first"
         )
     frame = frame[frame[chosen].notna()]
-    keys = core.design(frame).keys if len(frame) > 1 else []
-    groups = [g[chosen].to_numpy(float) for _, g in core._groups(frame, keys)] if len(frame) else []
+    keys = design(frame).keys if len(frame) > 1 else []
+    groups = [g[chosen].to_numpy(float) for _, g in group_frames(frame, keys)] if len(frame) else []
     variances = [(len(g) - 1, float(np.var(g, ddof=1))) for g in groups if len(g) >= 2]
     df = sum(d for d, _ in variances)
     if df == 0:
@@ -209,8 +211,8 @@ def propose_seeds(
             f"(found {len(frame)} completed runs with {chosen}); run it with seed=range(0,3) first"
         )
     sd_run = math.sqrt(sum(d * v for d, v in variances) / df)
-    treatments = [k for k in keys if core._is_treatment(k)]
-    contexts = [k for k in keys if not core._is_treatment(k)]
+    treatments = [k for k in keys if is_treatment(k)]
+    contexts = [k for k in keys if not is_treatment(k)]
     n_treatments = frame.groupby(treatments).ngroups if treatments else 1
     n_contexts = frame.groupby(contexts).ngroups if contexts else 1
     comparisons = max(1, (n_treatments - 1) * n_contexts)

@@ -96,9 +96,7 @@ def prepare(frame: pd.DataFrame, run_dirs: dict[str, Path]) -> tuple[pd.DataFram
                 if isinstance(p, dict)}
         tuning.renamed = {f"cfg.{k}": f"tuned.{k}" for k in sorted(keys) if f"cfg.{k}" in frame.columns}
         if tuning.renamed:
-            attrs = dict(frame.attrs)
             frame = frame.rename(columns=tuning.renamed)
-            frame.attrs.update(attrs)
     return frame, tuning
 
 

@@ -20,7 +20,9 @@ import pandas as pd
 
 from poolbench import text as esc
 from poolbench.errors import PoolbenchError, unknown_choice
-from poolbench.report.core import FORMATS, TOO_FEW, Report, _fmt_p, _present, label, ranking_lines, too_few
+from poolbench.report.columns import label, present
+from poolbench.report.comparison import TOO_FEW, format_p, ranking_lines, too_few
+from poolbench.report.core import FORMATS, Report
 from poolbench.report.power import MAX_SEEDS
 from poolbench.report.stats import DECIDE_MIN_N, P_DESCRIPTIONS
 
@@ -65,7 +67,7 @@ def display_summary(report: Report, *, latex: bool = False) -> pd.DataFrame:
         if f"{metric}.ci_low" in report.summary.columns:
             lows, highs = report.summary[f"{metric}.ci_low"], report.summary[f"{metric}.ci_high"]
             cells = [
-                format_interval(m, lo, hi) if _present(lo) and _present(hi) and _present(m) else cell
+                format_interval(m, lo, hi) if present(lo) and present(hi) and present(m) else cell
                 for cell, m, lo, hi in zip(cells, means, lows, highs, strict=True)
             ]
         columns[metric] = cells
@@ -73,13 +75,13 @@ def display_summary(report: Report, *, latex: bool = False) -> pd.DataFrame:
 
 
 def _num(value: float, fmt: str = "+.3g") -> str:
-    if not _present(value) or math.isnan(value):
+    if not present(value) or math.isnan(value):
         return "n/a"
     return "none" if math.isinf(value) else f"{value:{fmt}}"
 
 
 def _count(value: float) -> str:
-    if not _present(value) or math.isnan(value):
+    if not present(value) or math.isnan(value):
         return "n/a"
     return f">{MAX_SEEDS}" if math.isinf(value) else str(int(value))
 
@@ -99,13 +101,13 @@ def display_comparison(report: Report) -> pd.DataFrame:
                 "vs": row["baseline"],
                 "metric": row["metric"] + ("" if row["higher_is_better"] else " (lower is better)"),
                 "Δ mean ± 95% CI": f"{row['mean_delta']:+.3g}{ci}",
-                "p (sign-flip)": _fmt_p(row["p_perm"]),
-                "p Holm": _fmt_p(row["p_perm_holm"]),
-                "p (t-test)": _fmt_p(row["p_ttest"]),
-                "t-test Holm": _fmt_p(row["p_ttest_holm"]),
-                "p (Wilcoxon)": _fmt_p(row["p_wilcoxon"]),
-                "Wilcoxon Holm": _fmt_p(row["p_wilcoxon_holm"]),
-                "d_z": _num(row["effect_dz"], "+.2g") + (" (few seeds)" if few and _present(row["effect_dz"]) else ""),
+                "p (sign-flip)": format_p(row["p_perm"]),
+                "p Holm": format_p(row["p_perm_holm"]),
+                "p (t-test)": format_p(row["p_ttest"]),
+                "t-test Holm": format_p(row["p_ttest_holm"]),
+                "p (Wilcoxon)": format_p(row["p_wilcoxon"]),
+                "Wilcoxon Holm": format_p(row["p_wilcoxon_holm"]),
+                "d_z": _num(row["effect_dz"], "+.2g") + (" (few seeds)" if few and present(row["effect_dz"]) else ""),
                 "P(better)": f"{row['p_improve']:.2f}" + (" (few seeds)" if few else ""),
                 "n": str(row["n"]),
                 "MDE": _num(row.get("mde", math.nan), ".3g"),
@@ -146,7 +148,7 @@ def display_ranking(ranking: dict[str, Any]) -> pd.DataFrame:
 
 
 def _cell(value: Any) -> str:
-    return "-" if not _present(value) else str(value)
+    return "-" if not present(value) else str(value)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
