@@ -364,10 +364,59 @@ def load_run(run_dir: Path, *, model: bool = False, root: Path | None = None) ->
     cfg = read_config(run_dir, root=root)
     loaded = LoadedRun(run_dir, cfg, record)
     if model:
-        from poolbench.bench import rebuild_model
-
         loaded.model, loaded.geometry = rebuild_model(cfg, record, load_checkpoint(run_dir, root=root)["model"])
     return loaded
+
+
+def _geometry(record: dict[str, Any], cfg: Any, state: dict[str, Any]) -> tuple[int, int, int]:
+    """(in_channels, input_size, num_classes) of a run: its record's fields when it has them, else
+    the checkpoint's first convolution and head, and the dataset config's input/image size."""
+    in_channels = record.get("in_channels")
+    if not isinstance(in_channels, int):
+        conv = next((t for k, t in state.items() if k.startswith("features.") and t.dim() == 4), None)
+        if conv is None:
+            raise ValueError("cannot tell the input channels: no convolution in the checkpoint")
+        in_channels = int(conv.shape[1])
+    input_size = record.get("input_size")
+    if not isinstance(input_size, int):
+        dataset = cfg.get("dataset", {})
+        input_size = dataset.get("input_size") or dataset.get("image_size")
+        if not isinstance(input_size, int):
+            raise ValueError("cannot tell the input size: the record has no input_size")
+    num_classes = record.get("num_classes")
+    if not isinstance(num_classes, int):
+        head = state.get("head.weight")
+        num_classes = int(head.shape[0]) if head is not None and record.get("task") == "classification" else 2
+    return in_channels, input_size, num_classes
+
+
+def rebuild_model(cfg: Any, record: dict[str, Any], state: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
+    """The model of a run's config and record with the weights ``state``, and its geometry
+    (in_channels, input_size, num_classes); what :func:`load_run` rebuilds with."""
+    import torch
+
+    from poolbench import plugins
+    from poolbench.models import build_model
+
+    in_channels, input_size, num_classes = _geometry(record, cfg, state)
+    task = str(record.get("task", ""))
+    torch.manual_seed(0)
+    with plugins.rebuilding():  # the folder's plugins and `_target_` code only if named by the user
+        plugins.load_recorded(cfg)
+        net = build_model(
+            cfg.model,
+            cfg.pooling,
+            cfg.local_pooling,
+            in_channels=in_channels,
+            input_size=input_size,
+            num_classes=num_classes,
+            task=task,
+        )
+    net.load_state_dict(state)
+    expected = (record.get("feature_map_h"), record.get("feature_map_w"))
+    if tuple(net.feature_map_size) != expected:
+        raise ValueError(f"rebuilt feature map {net.feature_map_size} differs from the record's {expected}")
+    return net, (in_channels, input_size, num_classes)
 
 
 def check_writable(results_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """The one timing, memory and cost stack: used by every run's latency, ``poolbench bench`` and the
-side-by-side pass (:func:`poolbench.bench.side_by_side`).
+side-by-side pass (:func:`poolbench.side_by_side.side_by_side`); :func:`timed_fns` builds the timed
+functions of a model for both.
 
 Timing. Every sample is one call of a closure timed by ``timeit.Timer`` with torch.utils.benchmark's
 clock (``torch.utils.benchmark.utils.timer.timer``), which synchronises the accelerator before each
@@ -516,6 +517,40 @@ def pool_fns(pool: nn.Module, fmap: torch.Tensor, amp: Any) -> tuple[Callable[[]
     return forward, forward_backward
 
 
+def timed_fns(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    amp: torch.dtype | None,
+    loss: str,
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    margin: float = TRIPLET_MARGIN,
+) -> dict[str, Callable[[], object]]:
+    """The timed functions of a model on the batch ``x``, the same for a run's latency and side by side:
+    ``infer`` (eval mode, inference mode, autocast to ``amp``), ``train`` (one step of ``loss`` with
+    ``optimizer(copy)`` on a copy of the model), ``pool_fwd`` and, when the pool's output has a
+    gradient, ``pool_fwdbwd`` (a copy of the global pool alone on the model's feature map of ``x``).
+
+    Leaves ``model`` in eval mode; the caller restores its mode.
+    """
+    model.eval()
+
+    def infer() -> torch.Tensor:
+        with torch.inference_mode(), autocast(x.device, amp):
+            return model(x)
+
+    with torch.no_grad(), autocast(x.device, amp):
+        fmap = model.features(x).float()
+    trainee = copy.deepcopy(model).train()
+    train = train_step_fn(trainee, x, step_labels(trainee, x, loss), loss, optimizer(trainee), amp, margin)
+    fns: dict[str, Callable[[], object]] = {"infer": infer, "train": train}
+    pool_forward, pool_backward = pool_fns(copy.deepcopy(model.pool), fmap, amp)
+    fns["pool_fwd"] = pool_forward
+    if pool_backward is not None:
+        fns["pool_fwdbwd"] = pool_backward
+    return fns
+
+
 def measure_latency(
     model: nn.Module,
     *,
@@ -546,26 +581,18 @@ def measure_latency(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         x = torch.randn(batch_size, *input_shape, device=device).contiguous(memory_format=_input_memory_format(model))
-
-        def infer() -> torch.Tensor:
-            with torch.inference_mode(), autocast(device, dtype):
-                return model(x)
-
-        model.eval()
         try:
-            with torch.no_grad(), autocast(device, dtype):
-                fmap = model.features(x).float()
-            trainee = copy.deepcopy(model).train()
-            optimizer = build_optimizer(trainee, optimizer="adam", lr=1e-5, weight_decay=0.0)
-            train_step = train_step_fn(trainee, x, step_labels(trainee, x, train_loss), train_loss, optimizer, dtype)
-            pool_fwd, pool_fwdbwd = pool_fns(copy.deepcopy(model.pool), fmap, dtype)
-            fns = {"infer": infer, "train": train_step, "pool_fwd": pool_fwd}
-            if pool_fwdbwd is not None:
-                fns["pool_fwdbwd"] = pool_fwdbwd
+            fns = timed_fns(
+                model,
+                x,
+                amp=dtype,
+                loss=train_loss,
+                optimizer=lambda trainee: build_optimizer(trainee, optimizer="adam", lr=1e-5, weight_decay=0.0),
+            )
             samples, errors = interleaved_samples(fns, warmup=warmup, rounds=repeats)
             if errors:
                 raise RuntimeError(f"latency measurement failed: {'; '.join(errors.values())}")
-            peak_mem_mb = peak_memory_mb(train_step, device)
+            peak_mem_mb = peak_memory_mb(fns["train"], device)
         finally:
             model.train(was_training)
     (infer_ms, infer_iqr), (train_ms, train_iqr) = median_iqr(samples["infer"]), median_iqr(samples["train"])
