@@ -12,8 +12,8 @@ Two modes (side-by-side timing of completed runs is :mod:`poolbench.side_by_side
 How the numbers are taken: one timing, memory and cost stack, :mod:`poolbench.engine.latency`.
 The compared variants are timed in rounds (each round times every variant once, shuffled), so a
 load spike from other processes hits them alike; ratios are medians of per-round ratios. Peak
-memory is measured in a separate untimed call (:func:`~poolbench.engine.latency.peak_memory_mb`).
-Flops are forward flops (:func:`~poolbench.engine.latency.count_flops`).
+memory is measured in a separate untimed call (:func:`~poolbench.engine.memory.peak_memory_mb`).
+Flops are forward flops (:func:`~poolbench.engine.flops.count_flops`).
 """
 
 from __future__ import annotations
@@ -33,17 +33,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from poolbench.engine.flops import count_flops, measure_cost
 from poolbench.engine.latency import (
-    count_flops,
     first_line,
     interleaved_samples,
-    measure_cost,
     median_iqr,
     paired_ratios,
-    peak_memory_mb,
     timing_warnings,  # noqa: F401  (operator and model modes' check, called by the CLI through bench)
     train_step_fn,
 )
+from poolbench.engine.memory import peak_memory_mb
 from poolbench.engine.policies import build_optimizer, loss_name, resolve_device
 from poolbench.errors import ConfigError, unknown_choice
 from poolbench.pooling.reference import reference_for

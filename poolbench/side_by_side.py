@@ -20,16 +20,16 @@ import torch
 from torch import nn
 
 from poolbench import records
+from poolbench.engine.flops import measure_cost
 from poolbench.engine.latency import (
     first_line,
     interleaved_samples,
     interval,
-    measure_cost,
     median_iqr,
     paired_ratios,
-    peak_memory_mb,
     timing_warnings,
 )
+from poolbench.engine.memory import peak_memory_mb
 from poolbench.engine.policies import build_optimizer, loss_name, resolve_device
 from poolbench.errors import ConfigError, PoolbenchError, unknown_choice
 

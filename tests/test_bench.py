@@ -13,7 +13,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from poolbench import bench, records, side_by_side
-from poolbench.engine.latency import peak_memory_mb
+from poolbench.engine.memory import peak_memory_mb
 from poolbench.errors import ConfigError
 
 DOCUMENTED_COLUMNS = (
