@@ -33,8 +33,6 @@ from poolbench.schema import Range, Required
 
 # Groups whose options are typed schemas (poolbench.schema); the others are checked by their owners.
 SCHEMA_GROUPS = ("dataset", "model", "augment", "trainer")
-# augment=auto (the default) stands for the dataset's own recipe (its option's meta "augment").
-AUTO_AUGMENT = "auto"
 # Root keys that only an experiment preset sets.
 PRESET_KEYS = ("grid",)
 
@@ -143,6 +141,8 @@ def _store_generated_nodes() -> None:
         custom = {"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
         store.store(group=group, name=pooling.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
+    from poolbench.data.augment import AUTO_AUGMENT
+
     store.store(group="augment", name=AUTO_AUGMENT, node={"name": AUTO_AUGMENT})
     for group in schema.groups():
         for name, opt in schema.options(group).items():
@@ -447,6 +447,8 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS}
+    from poolbench.data.augment import AUTO_AUGMENT, default_augment  # augment=auto: its one definition
+
     if choices["augment"] == AUTO_AUGMENT:
         # The dataset's own recipe, composed like an explicit augment=<recipe>: the same training is
         # the same run, and the record names the recipe that ran.
@@ -456,13 +458,6 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
         del cfg["hydra"]
         cfg.choices = choices
     return cfg
-
-
-def default_augment(dataset: str | None) -> str:
-    """The augmentation recipe the literature uses for a dataset option (``augment=auto``)."""
-    dataset_option = schema.options("dataset").get(str(dataset))
-    recipe = dataset_option.meta.get("augment", "none") if dataset_option else "none"
-    return recipe if recipe in group_options("augment") else "none"
 
 
 class _open:
