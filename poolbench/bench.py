@@ -35,7 +35,6 @@ from torch import nn
 
 from poolbench.engine.flops import count_flops, measure_cost
 from poolbench.engine.latency import (
-    first_line,
     interleaved_samples,
     median_iqr,
     paired_ratios,
@@ -44,7 +43,7 @@ from poolbench.engine.latency import (
 )
 from poolbench.engine.memory import peak_memory_mb
 from poolbench.engine.policies import build_optimizer, loss_name, resolve_device
-from poolbench.errors import ConfigError, unknown_choice
+from poolbench.errors import ConfigError, first_line, unknown_choice
 from poolbench.pooling.reference import reference_for
 
 Shape = tuple[int, int, int, int]

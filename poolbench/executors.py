@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from poolbench import records
 from poolbench.config import compose, run_id
-from poolbench.errors import PoolbenchError
+from poolbench.errors import PoolbenchError, message_line
 
 if TYPE_CHECKING:
     from poolbench.sweep import PlannedRun
@@ -296,7 +296,7 @@ class _SubmititPool(Pool):
             with self.log.capture():
                 outcome: Outcome = handle.result()
         except Exception as exc:  # submitit's FailedJobError / UncompletedJobError: killed, timed out, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = message_line(exc)
             return Outcome(run.run_id, "failed", error=f"job {handle.job_id}: {first} (log: {log})")
         if outcome.status == "failed":
             outcome.error = f"{outcome.error} (log: {log})"

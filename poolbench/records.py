@@ -40,8 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from poolbench.errors import PoolbenchError
+from poolbench.errors import PoolbenchError, message_line
 from poolbench.files import atomic_write_json, atomic_write_text  # noqa: F401  (the writers of records)
+
+first_line = message_line  # the name poolbench.report reads it by
 
 # ----------------------------------------------------------------------------- the run folder's files
 # The one list of what a run folder holds; every module that reads or writes one imports the names.
@@ -242,7 +244,7 @@ def read_config(run_dir: Path, *, root: Path | None = None) -> Any:
             raise ValueError(f"more than {YAML_MAX_NODES} nodes once its aliases are expanded (an alias bomb?)")
         cfg = OmegaConf.load(io.StringIO(text))
     except (yaml.YAMLError, OmegaConfBaseException, RecursionError) as exc:
-        raise ValueError(f"{path}: not a readable config ({first_line(exc)})") from None
+        raise ValueError(f"{path}: not a readable config ({message_line(exc)})") from None
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     if not isinstance(cfg, DictConfig):
@@ -262,7 +264,7 @@ def load_checkpoint(run_dir: Path, *, root: Path | None = None) -> dict[str, Any
     except (OSError, UnsafeFileError):
         raise
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ...: whatever the bytes make torch raise
-        raise ValueError(f"{path}: not a usable checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
+        raise ValueError(f"{path}: not a usable checkpoint ({type(exc).__name__}: {message_line(exc)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"{path}: not a poolbench checkpoint (no model state)")
     return state
@@ -278,11 +280,6 @@ def read_side_by_side(results_dir: Path) -> dict[str, Any] | None:
             or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path}: not schema {SIDE_BY_SIDE_SCHEMA} with a list of rows")
     return data
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def read_record(run_dir: Path, *, root: Path | None = None) -> dict[str, Any] | None:

@@ -22,7 +22,6 @@ from torch import nn
 from poolbench import records
 from poolbench.engine.flops import measure_cost
 from poolbench.engine.latency import (
-    first_line,
     interleaved_samples,
     interval,
     median_iqr,
@@ -31,7 +30,7 @@ from poolbench.engine.latency import (
 )
 from poolbench.engine.memory import peak_memory_mb
 from poolbench.engine.policies import build_optimizer, loss_name, resolve_device
-from poolbench.errors import ConfigError, PoolbenchError, unknown_choice
+from poolbench.errors import ConfigError, PoolbenchError, first_line, unknown_choice
 
 SIDE_BY_SIDE = records.SIDE_BY_SIDE
 SIDE_BY_SIDE_ROUNDS = 10

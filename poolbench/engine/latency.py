@@ -39,7 +39,7 @@ from torch import nn
 from poolbench.engine.memory import peak_memory_mb
 from poolbench.engine.policies import LOSSES, amp_dtype, autocast, build_optimizer
 from poolbench.environment import cpu_model
-from poolbench.errors import ConfigError
+from poolbench.errors import ConfigError, first_line
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
@@ -119,11 +119,6 @@ def time_fn(fn: Callable[[], object], *, device: torch.device, warmup: int, repe
     times = [timer.timeit(1) * 1e3 for _ in range(repeats)]
     median, iqr = median_iqr(times)
     return TimingStats(median_ms=median, iqr_ms=iqr, mean_ms=float(np.mean(times)), n=repeats)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 # -------------------------------------------------------------------------------------- statistics
