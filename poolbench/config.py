@@ -452,7 +452,7 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
     if choices["augment"] == AUTO_AUGMENT:
         # The dataset's own recipe, composed like an explicit augment=<recipe>: the same training is
         # the same run, and the record names the recipe that ran.
-        kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "augment"]
+        kept = [o for o in overrides if override_key(o) != "augment"]
         return _compose_raw([*kept, f"augment={default_augment(choices['dataset'])}"])
     with _open(cfg):
         del cfg["hydra"]
@@ -494,7 +494,7 @@ def _reject_foreign(overrides: list[str]) -> None:
             raise ConfigError(
                 f"unknown option '{override.split('=', 1)[0]}'; overrides look like key=value (see --help)"
             )
-        key = override.lstrip("+~").split("=", 1)[0]
+        key = override_key(override)
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
             raise ConfigError(
                 f"'{override}': poolbench does not use Hydra's own settings; runs go to results_dir=..., "
@@ -507,7 +507,7 @@ def _parse_error_message(exc: OverrideParseException) -> str:
 
 
 def _is_group_override(override: str) -> bool:
-    key = override.lstrip("+~").split("=", 1)[0]
+    key = override_key(override)
     return key in GROUPS
 
 
@@ -681,5 +681,10 @@ def run_dir(cfg: DictConfig) -> Path:
     return path
 
 
+def override_key(override: str) -> str:
+    """The config key an override sets, adds (``+``) or deletes (``~``): ``+trainer.lr=0.1`` -> ``trainer.lr``."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def override_keys(overrides: Iterable[str]) -> list[str]:
-    return [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    return [override_key(o) for o in overrides]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from poolbench import records
-from poolbench.config import compose, run_id
+from poolbench.config import compose, override_key, run_id
 from poolbench.errors import PoolbenchError, message_line
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def default_threads(jobs: int) -> int:
 
 def job_overrides(run: PlannedRun, threads: int | None, device: str | None) -> list[str]:
     extra = [] if run.status == "failed" else ["trainer.resume=true"]  # a failed run starts over
-    keys = {o.lstrip("+~").split("=", 1)[0] for o in run.overrides}
+    keys = {override_key(o) for o in run.overrides}
     if threads is not None and "trainer.num_threads" not in keys:
         extra.append(f"trainer.num_threads={threads}")
     if device is not None and "device" not in keys:

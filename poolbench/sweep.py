@@ -243,7 +243,7 @@ def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRu
         listed = listings[results_dir]
         known = identifier in listed or records.lock_path(run_dir).name in listed  # one listdir, not 10,000 stats
         status, wall_time = run_status(run_dir, overwrite) if known else ("new", None)
-        kept = [o for o in full if o.lstrip("+").split("=", 1)[0] != "results_dir"]
+        kept = [o for o in full if config.override_key(o) != "results_dir"]
         planned[identifier] = PlannedRun(kept + extra, swept, identifier, run_dir, status, wall_time)
     configs.close()
     return list(planned.values())
