@@ -454,13 +454,13 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
         # the same run, and the record names the recipe that ran.
         kept = [o for o in overrides if override_key(o) != "augment"]
         return _compose_raw([*kept, f"augment={default_augment(choices['dataset'])}"])
-    with _open(cfg):
+    with _struct_lifted(cfg):
         del cfg["hydra"]
         cfg.choices = choices
     return cfg
 
 
-class _open:
+class _struct_lifted:
     """Temporarily lift OmegaConf's struct flag (Hydra sets it on composed configs)."""
 
     def __init__(self, cfg: DictConfig) -> None:

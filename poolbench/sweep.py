@@ -333,7 +333,7 @@ def run_sweep(
                 break
             state.start(run)
             notify(state)
-            _record(state, run_one(job_overrides(run, None, None)), fail_fast)
+            _count_outcome(state, run_one(job_overrides(run, None, None)), fail_fast)
             notify(state)
         return state
     if executor == "local":
@@ -350,7 +350,7 @@ def run_sweep(
     return state
 
 
-def _record(state: SweepState, outcome: Outcome, fail_fast: bool) -> None:
+def _count_outcome(state: SweepState, outcome: Outcome, fail_fast: bool) -> None:
     state.finish(outcome)
     if outcome.status == "failed" and fail_fast:
         state.stopped = True
@@ -379,7 +379,7 @@ def _drive(
             if outcome is not None:
                 del in_flight[slot]
                 state.tasks.pop(run.run_id, None)
-                _record(state, outcome, fail_fast)
+                _count_outcome(state, outcome, fail_fast)
                 changed = True
         if state.stopped and queue:  # --fail-fast: let started runs finish, start no more
             queue.clear()
