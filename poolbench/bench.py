@@ -1,6 +1,6 @@
 """Latency, memory, bandwidth and flops of pooling operators and of whole models with each pooling.
 
-Three modes:
+Two modes (side-by-side timing of completed runs is :mod:`poolbench.side_by_side`):
 
 - :func:`bench_operators`: every global/local operator on given (B, C, H, W) inputs, ``forward``
   (eval mode, no autograd: inference) and ``forward+backward`` (train mode, gradients of the input
@@ -8,14 +8,12 @@ Three modes:
   reference formulation of the same maths (``poolbench.pooling.reference.reference_for``).
 - :func:`bench_models`: backbone × global pooling, ``inference`` and ``train step`` (forward, loss,
   backward, optimiser step).
-- :func:`side_by_side`: every distinct configuration among completed runs, rebuilt from its
-  checkpoint and timed interleaved with the others, written to ``<results_dir>/side_by_side.json``.
 
 How the numbers are taken: one timing, memory and cost stack, :mod:`poolbench.engine.latency`.
 The compared variants are timed in rounds (each round times every variant once, shuffled), so a
 load spike from other processes hits them alike; ratios are medians of per-round ratios. Peak
-memory is measured in a separate untimed call (:func:`~poolbench.engine.latency.peak_memory_mb`).
-Flops are forward flops (:func:`~poolbench.engine.latency.count_flops`).
+memory is measured in a separate untimed call (:func:`~poolbench.engine.memory.peak_memory_mb`).
+Flops are forward flops (:func:`~poolbench.engine.flops.count_flops`).
 """
 
 from __future__ import annotations
@@ -35,21 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from poolbench import records
+from poolbench.engine.flops import count_flops, measure_cost
 from poolbench.engine.latency import (
-    count_flops,
-    first_line,
     interleaved_samples,
-    interval,
-    measure_cost,
     median_iqr,
     paired_ratios,
-    peak_memory_mb,
-    timing_warnings,
+    timing_warnings,  # noqa: F401  (operator and model modes' check, called by the CLI through bench)
     train_step_fn,
 )
+from poolbench.engine.memory import peak_memory_mb
 from poolbench.engine.policies import build_optimizer, loss_name, resolve_device
-from poolbench.errors import ConfigError, PoolbenchError, unknown_choice
+from poolbench.errors import ConfigError, first_line, unknown_choice
 from poolbench.pooling.reference import reference_for
 
 Shape = tuple[int, int, int, int]
@@ -610,7 +604,7 @@ def _safe_component(text: str) -> str:
 
 def write_results(rows: Sequence[BenchRow], env: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """<out_dir>/<UTC timestamp>-<host>.csv and .json (rows plus environment); atomic writes, only inside out_dir."""
-    from poolbench.files import atomic_write_json, atomic_write_text
+    from poolbench.files import atomic_write_json, atomic_write_text, json_safe
 
     out_dir = check_out_dir(out_dir)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -627,340 +621,5 @@ def write_results(rows: Sequence[BenchRow], env: dict[str, Any], out_dir: Path) 
     writer.writerows(records)
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
     atomic_write_text(csv_path, buffer.getvalue())
-    atomic_write_json(json_path, {"environment": env, "columns": list(COLUMNS), "rows": _finite(records)})
+    atomic_write_json(json_path, {"environment": env, "columns": list(COLUMNS), "rows": json_safe(records)})
     return csv_path, json_path
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe copy: NaN and ±inf become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-# ----------------------------------------------------------------------------------- side by side
-
-SIDE_BY_SIDE = records.SIDE_BY_SIDE
-SIDE_BY_SIDE_ROUNDS = 10
-SIDE_BY_SIDE_SCHEMA = records.SIDE_BY_SIDE_SCHEMA
-
-
-@dataclass
-class _RunConfig:
-    """One distinct configuration among the runs, rebuilt and ready to time."""
-
-    run_ids: list[str]
-    pooling: str
-    local_pooling: str
-    model: str
-    input: str  # BxCxHxW of the timing batch
-    amp: str
-    device: torch.device
-    fns: dict[str, Callable[[], Any]]
-    batch_size: int
-    cost: dict[str, int]
-
-
-def _completed_runs(results_dir: Path) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
-    """(run folder, record) of every completed run under ``results_dir``, and one line per skipped record.
-
-    The folder is where the record was found, never the record's own ``run_dir`` field (a record
-    is untrusted text and may name any path).
-    """
-    found, problems = records.iter_records(results_dir)
-    runs = []
-    for record in found:
-        if record.get("status") == "completed" and isinstance(record.get("run_id"), str):
-            runs.append((Path(record["run_dir"]), record))
-        elif isinstance(record.get("run_id"), str):
-            problems.append(f"{record['run_id']} is {record.get('status_detail') or record['status']}")
-    return runs, problems
-
-
-def _geometry(record: dict[str, Any], cfg: Any, state: dict[str, torch.Tensor]) -> tuple[int, int, int]:
-    """(in_channels, input_size, num_classes) of a run: its record's fields when it has them, else
-    the checkpoint's first convolution and head, and the dataset config's input/image size."""
-    in_channels = record.get("in_channels")
-    if not isinstance(in_channels, int):
-        conv = next((t for k, t in state.items() if k.startswith("features.") and t.dim() == 4), None)
-        if conv is None:
-            raise ValueError("cannot tell the input channels: no convolution in the checkpoint")
-        in_channels = int(conv.shape[1])
-    input_size = record.get("input_size")
-    if not isinstance(input_size, int):
-        dataset = cfg.get("dataset", {})
-        input_size = dataset.get("input_size") or dataset.get("image_size")
-        if not isinstance(input_size, int):
-            raise ValueError("cannot tell the input size: the record has no input_size")
-    num_classes = record.get("num_classes")
-    if not isinstance(num_classes, int):
-        head = state.get("head.weight")
-        num_classes = int(head.shape[0]) if head is not None and record.get("task") == "classification" else 2
-    return in_channels, input_size, num_classes
-
-
-def _rebuild(run_dir: Path, record: dict[str, Any], root: Path | None = None) -> tuple[Any, nn.Module, tuple]:
-    """(config, model with the checkpoint's weights on CPU, geometry) of a completed run."""
-    loaded = records.load_run(run_dir, model=True, root=root)
-    return loaded.config, loaded.model, loaded.geometry
-
-
-def rebuild_model(cfg: Any, record: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[nn.Module, tuple]:
-    """The model of a run's config and record with the weights ``state``, and its geometry
-    (in_channels, input_size, num_classes); what :func:`poolbench.records.load_run` rebuilds with."""
-    from poolbench import plugins
-    from poolbench.models import build_model
-
-    in_channels, input_size, num_classes = _geometry(record, cfg, state)
-    task = str(record.get("task", ""))
-    torch.manual_seed(0)
-    with plugins.rebuilding():  # the folder's plugins and `_target_` code only if named by the user
-        plugins.load_recorded(cfg)
-        net = build_model(
-            cfg.model,
-            cfg.pooling,
-            cfg.local_pooling,
-            in_channels=in_channels,
-            input_size=input_size,
-            num_classes=num_classes,
-            task=task,
-        )
-    net.load_state_dict(state)
-    expected = (record.get("feature_map_h"), record.get("feature_map_w"))
-    if tuple(net.feature_map_size) != expected:
-        raise ValueError(f"rebuilt feature map {net.feature_map_size} differs from the record's {expected}")
-    return net, (in_channels, input_size, num_classes)
-
-
-def _config_key(cfg: Any, geometry: tuple[int, int, int], device: torch.device) -> str:
-    """What makes two runs time alike: model, global and local pooling configs, input, batch, AMP, device.
-
-    Learned values (DGMP's λ) are not part of it: runs differing only in seed share one timing,
-    taken with the first run's checkpoint.
-    """
-    from omegaconf import OmegaConf
-
-    parts = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "pooling": OmegaConf.to_container(cfg.pooling, resolve=True),
-        "local_pooling": OmegaConf.to_container(cfg.local_pooling, resolve=True),
-        "geometry": geometry,
-        "batch": int(cfg.trainer.latency.batch_size),
-        "amp": str(cfg.trainer.amp),
-        "device": str(device),
-    }
-    return repr(sorted(parts.items()))
-
-
-def _timed_config(
-    run_ids: list[str],
-    record: dict[str, Any],
-    cfg: Any,
-    net: nn.Module,
-    device: torch.device,
-    geometry: tuple[int, int, int],
-) -> _RunConfig:
-    """The four timed functions of one configuration: inference, train step, pool forward, pool fwd+bwd."""
-    import copy
-
-    from poolbench.engine.latency import pool_fns, step_labels
-    from poolbench.engine.policies import amp_dtype, autocast
-
-    in_channels, input_size, _ = geometry
-    batch = int(cfg.trainer.latency.batch_size)
-    amp = amp_dtype(str(cfg.trainer.amp), device)
-    task = str(record["task"])
-    loss = loss_name(str(cfg.trainer.get("loss", "auto")), task)
-    net = net.to(device).eval()
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, in_channels, input_size, input_size, device=device, generator=generator)
-
-    def infer() -> torch.Tensor:
-        with torch.inference_mode(), autocast(device, amp):
-            return net(x)
-
-    trainee = copy.deepcopy(net).train()
-    optimizer = build_optimizer(
-        trainee,
-        optimizer=str(cfg.trainer.optimizer),
-        lr=float(cfg.trainer.lr),
-        weight_decay=float(cfg.trainer.weight_decay),
-        momentum=float(cfg.trainer.get("momentum", 0.9)),
-        amsgrad=bool(cfg.trainer.get("amsgrad", False)),
-        pool_lr_mult=float(cfg.pooling.get("lr_mult", 1.0)),
-        local_pool_lr_mult=float(cfg.local_pooling.get("lr_mult", 1.0)),
-    )
-    labels = step_labels(trainee, x, loss)
-    margin = float(cfg.trainer.get("margin", 0.1))
-    fns = {"infer": infer, "train": train_step_fn(trainee, x, labels, loss, optimizer, amp, margin)}
-    with torch.no_grad(), autocast(device, amp):
-        fmap = net.features(x).float()
-    pool_forward, pool_backward = pool_fns(copy.deepcopy(net.pool), fmap, amp)
-    fns["pool_fwd"] = pool_forward
-    if pool_backward is not None:
-        fns["pool_fwdbwd"] = pool_backward
-    return _RunConfig(
-        run_ids=run_ids,
-        pooling=str(record["pooling"]),
-        local_pooling=str(record.get("local_pooling", "none")),
-        model=str(record["model"]),
-        input=shape_str(x.shape),
-        amp=str(cfg.trainer.amp),
-        device=device,
-        fns=fns,
-        batch_size=batch,
-        cost=measure_cost(net, x.shape[1:], device=device),
-    )
-
-
-def _collect(
-    results_dir: Path, run_ids: Sequence[str] | None, note: Callable[[str], None]
-) -> tuple[list[_RunConfig], list[dict[str, str]]]:
-    """The distinct configurations of the chosen completed runs, rebuilt; and the runs skipped, with why."""
-    runs, problems = _completed_runs(results_dir)
-    skipped = [{"run_id": "-", "reason": problem} for problem in problems]
-    for problem in problems:
-        note(f"skipped: {problem}")
-    if run_ids is not None:
-        known = {record["run_id"] for _, record in runs}
-        for run_id in run_ids:
-            if run_id not in known:
-                raise ConfigError(unknown_choice("completed run", run_id, sorted(known)))
-        runs = [(d, r) for d, r in runs if r["run_id"] in set(run_ids)]
-    groups: dict[str, tuple[list[str], Path, dict[str, Any], Any, nn.Module, torch.device, tuple]] = {}
-    for run_dir, record in sorted(runs, key=lambda run: run[1]["run_id"]):
-        try:
-            cfg, net, geometry = _rebuild(run_dir, record, root=results_dir)
-            device = resolve_device(str(cfg.get("device", "auto")))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, PoolbenchError) as exc:
-            skipped.append({"run_id": record["run_id"], "reason": first_line(exc)})
-            note(f"skipped {record['run_id']}: {first_line(exc)}")
-            continue
-        key = _config_key(cfg, geometry, device)
-        if key in groups:
-            groups[key][0].append(record["run_id"])
-        else:
-            groups[key] = ([record["run_id"]], run_dir, record, cfg, net, device, geometry)
-    configs = []
-    for ids, _, record, cfg, net, device, geometry in groups.values():
-        try:
-            configs.append(_timed_config(ids, record, cfg, net, device, geometry))
-        except (ValueError, RuntimeError, ConfigError) as exc:
-            skipped.extend({"run_id": run_id, "reason": first_line(exc)} for run_id in ids)
-            note(f"skipped {', '.join(ids)}: {first_line(exc)}")
-    return configs, skipped
-
-
-def _baseline_of(config: _RunConfig, configs: Sequence[_RunConfig], baseline: str | None) -> int | None:
-    """Index of the configuration that differs from ``config`` only in its global pooling, which is ``baseline``."""
-    if baseline is None:
-        return None
-
-    def setting(c: _RunConfig) -> tuple:
-        return c.model, c.local_pooling, c.input, c.amp, str(c.device)
-
-    return next(
-        (i for i, other in enumerate(configs) if other.pooling == baseline and setting(other) == setting(config)), None
-    )
-
-
-def side_by_side(
-    results_dir: Path,
-    run_ids: Sequence[str] | None = None,
-    *,
-    baseline: str | None = None,
-    progress: Callable[[str], None] | None = None,
-    rounds: int = SIDE_BY_SIDE_ROUNDS,
-    warmup: int = 2,
-) -> Path:
-    """Time every distinct configuration of the completed runs under ``results_dir`` side by side.
-
-    Each configuration (model, global and local pooling configs, input shape, latency batch size,
-    AMP, device) is rebuilt from its first run's ``config.yaml`` and ``checkpoint.pt`` (so learned
-    parameters such as DGMP's λ are the trained ones) and timed interleaved with all the others in
-    ``rounds`` rounds: inference of one batch (reported per image), one train step (the run's
-    optimiser, groups and loss), the global pool alone forward and forward+backward. Peak memory
-    is that of one train step. Intervals are 95% bootstrap intervals of the median over rounds;
-    ``ratio_infer`` is the median of per-round ratios to the ``baseline`` pooling's configuration
-    with everything else equal (null without one). Writes ``<results_dir>/side_by_side.json``.
-    """
-    from poolbench.environment import capture_env
-    from poolbench.files import atomic_write_json
-
-    note = progress or (lambda _: None)
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise ConfigError(f"results folder {results_dir} does not exist")
-    if rounds < 1:
-        raise ConfigError(f"rounds must be >= 1, got {rounds}")
-    out_path = results_dir / SIDE_BY_SIDE
-    if not os.access(results_dir, os.W_OK | os.X_OK) or (out_path.exists() and not out_path.is_file()):
-        raise ConfigError(f"cannot write {out_path}")
-    configs, skipped = _collect(results_dir, run_ids, note)
-    if not configs:
-        raise ConfigError(f"no completed run under {results_dir} could be rebuilt for timing")
-    poolings = sorted({c.pooling for c in configs})
-    if baseline is not None and baseline not in poolings:
-        raise ConfigError(unknown_choice("baseline pooling", baseline, poolings))
-    devices = sorted({c.device for c in configs}, key=str)
-    warnings = [w for device in devices for w in timing_warnings(device)]
-    for warning in warnings:
-        note(f"warning: timings may be unreliable: {warning}")
-    note(f"timing {len(configs)} configurations interleaved, {rounds} rounds")
-    fns = {(index, name): fn for index, config in enumerate(configs) for name, fn in config.fns.items()}
-    samples, errors = interleaved_samples(fns, warmup=warmup, rounds=rounds)
-    rows = []
-    for index, config in enumerate(configs):
-        failed = [errors[(index, name)] for name in config.fns if (index, name) in errors]
-        if failed:
-            skipped.extend({"run_id": run_id, "reason": failed[0]} for run_id in config.run_ids)
-            note(f"skipped {', '.join(config.run_ids)}: {failed[0]}")
-            continue
-        infer = [ms / config.batch_size for ms in samples[(index, "infer")]]
-        train = samples[(index, "train")]
-        base = _baseline_of(config, configs, baseline)
-        ratio = ratio_ci = None
-        if base is not None and not any((base, name) in errors for name in ("infer",)):
-            ratio, ratio_ci = paired_ratios(samples[(index, "infer")], samples[(base, "infer")])
-        backward = samples.get((index, "pool_fwdbwd"))
-        rows.append(
-            {
-                "run_ids": config.run_ids,
-                "pooling": config.pooling,
-                "local_pooling": config.local_pooling,
-                "model": config.model,
-                "input": config.input,
-                "batch_size": config.batch_size,
-                "amp": config.amp,
-                "device": str(config.device),
-                "infer_image_ms": median_iqr(infer)[0],
-                "infer_image_ms_ci": list(interval(infer)),
-                "train_step_ms": median_iqr(train)[0],
-                "train_step_ms_ci": list(interval(train)),
-                "pool_fwd_ms": median_iqr(samples[(index, "pool_fwd")])[0],
-                "pool_fwdbwd_ms": median_iqr(backward)[0] if backward else None,
-                "peak_mem_mb": peak_memory_mb(config.fns["train"], config.device),
-                "ratio_infer": ratio,
-                "ratio_infer_ci": list(ratio_ci) if ratio_ci else None,
-                "flops_per_image": config.cost["flops_per_image"],
-                "pool_flops": config.cost["pool_flops"],
-                "params": config.cost["params"],
-                "rounds": len(train),
-            }
-        )
-    env = capture_env(",".join(str(d) for d in devices))
-    env.update(timing_warnings=warnings, rounds=rounds, warmup=warmup)
-    document = {
-        "schema": SIDE_BY_SIDE_SCHEMA,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "env": env,
-        "baseline": baseline,
-        "rows": rows,
-        "skipped": skipped,
-    }
-    atomic_write_json(out_path, _finite(document))
-    return out_path

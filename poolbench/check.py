@@ -30,8 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.gradcheck import GradcheckError
 
 from poolbench import pooling
-from poolbench.errors import ConfigError, unknown_choice
-from poolbench.plugins import first_line
+from poolbench.errors import ConfigError, first_line, unknown_choice
 from poolbench.pooling.registry import Kind
 
 Status = Literal["pass", "fail", "skip"]

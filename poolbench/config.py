@@ -33,8 +33,6 @@ from poolbench.schema import Range, Required
 
 # Groups whose options are typed schemas (poolbench.schema); the others are checked by their owners.
 SCHEMA_GROUPS = ("dataset", "model", "augment", "trainer")
-# augment=auto (the default) stands for the dataset's own recipe (its option's meta "augment").
-AUTO_AUGMENT = "auto"
 # Root keys that only an experiment preset sets.
 PRESET_KEYS = ("grid",)
 
@@ -143,6 +141,8 @@ def _store_generated_nodes() -> None:
         custom = {"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
         store.store(group=group, name=pooling.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
+    from poolbench.data.augment import AUTO_AUGMENT
+
     store.store(group="augment", name=AUTO_AUGMENT, node={"name": AUTO_AUGMENT})
     for group in schema.groups():
         for name, opt in schema.options(group).items():
@@ -447,25 +447,20 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     choices = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS}
+    from poolbench.data.augment import AUTO_AUGMENT, default_augment  # augment=auto: its one definition
+
     if choices["augment"] == AUTO_AUGMENT:
         # The dataset's own recipe, composed like an explicit augment=<recipe>: the same training is
         # the same run, and the record names the recipe that ran.
-        kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "augment"]
+        kept = [o for o in overrides if override_key(o) != "augment"]
         return _compose_raw([*kept, f"augment={default_augment(choices['dataset'])}"])
-    with _open(cfg):
+    with _struct_lifted(cfg):
         del cfg["hydra"]
         cfg.choices = choices
     return cfg
 
 
-def default_augment(dataset: str | None) -> str:
-    """The augmentation recipe the literature uses for a dataset option (``augment=auto``)."""
-    dataset_option = schema.options("dataset").get(str(dataset))
-    recipe = dataset_option.meta.get("augment", "none") if dataset_option else "none"
-    return recipe if recipe in group_options("augment") else "none"
-
-
-class _open:
+class _struct_lifted:
     """Temporarily lift OmegaConf's struct flag (Hydra sets it on composed configs)."""
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -499,7 +494,7 @@ def _reject_foreign(overrides: list[str]) -> None:
             raise ConfigError(
                 f"unknown option '{override.split('=', 1)[0]}'; overrides look like key=value (see --help)"
             )
-        key = override.lstrip("+~").split("=", 1)[0]
+        key = override_key(override)
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
             raise ConfigError(
                 f"'{override}': poolbench does not use Hydra's own settings; runs go to results_dir=..., "
@@ -512,7 +507,7 @@ def _parse_error_message(exc: OverrideParseException) -> str:
 
 
 def _is_group_override(override: str) -> bool:
-    key = override.lstrip("+~").split("=", 1)[0]
+    key = override_key(override)
     return key in GROUPS
 
 
@@ -686,5 +681,10 @@ def run_dir(cfg: DictConfig) -> Path:
     return path
 
 
+def override_key(override: str) -> str:
+    """The config key an override sets, adds (``+``) or deletes (``~``): ``+trainer.lr=0.1`` -> ``trainer.lr``."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def override_keys(overrides: Iterable[str]) -> list[str]:
-    return [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    return [override_key(o) for o in overrides]

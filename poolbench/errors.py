@@ -29,3 +29,15 @@ def unknown_choice(what: str, value: object, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return f"unknown {what} '{value}'.{hint} Valid choices: {', '.join(options)}"
+
+
+def message_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone when there is none): one-line reasons."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

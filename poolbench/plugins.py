@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from poolbench.errors import ConfigError
+from poolbench.errors import ConfigError, first_line
 
 ENTRY_POINT_GROUP = "poolbench.operators"
 ENV_VAR = "POOLBENCH_PLUGINS"
@@ -44,11 +44,6 @@ TARGET_GROUPS = ("model", "pooling", "local_pooling")
 _entry_points_state: dict[str, Any] = {"loaded": False, "error": None}
 _loaded: dict[str, ModuleType] = {}  # spec → module, for the specs this process imported
 _named: dict[str, str] = {}  # spec the user named on this command line (--plugins) → its sha256 when loaded
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def load_entry_points() -> None:

@@ -40,8 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from poolbench.errors import PoolbenchError
+from poolbench.errors import PoolbenchError, message_line
 from poolbench.files import atomic_write_json, atomic_write_text  # noqa: F401  (the writers of records)
+
+first_line = message_line  # the name poolbench.report reads it by
 
 # ----------------------------------------------------------------------------- the run folder's files
 # The one list of what a run folder holds; every module that reads or writes one imports the names.
@@ -242,7 +244,7 @@ def read_config(run_dir: Path, *, root: Path | None = None) -> Any:
             raise ValueError(f"more than {YAML_MAX_NODES} nodes once its aliases are expanded (an alias bomb?)")
         cfg = OmegaConf.load(io.StringIO(text))
     except (yaml.YAMLError, OmegaConfBaseException, RecursionError) as exc:
-        raise ValueError(f"{path}: not a readable config ({first_line(exc)})") from None
+        raise ValueError(f"{path}: not a readable config ({message_line(exc)})") from None
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     if not isinstance(cfg, DictConfig):
@@ -262,7 +264,7 @@ def load_checkpoint(run_dir: Path, *, root: Path | None = None) -> dict[str, Any
     except (OSError, UnsafeFileError):
         raise
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ...: whatever the bytes make torch raise
-        raise ValueError(f"{path}: not a usable checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
+        raise ValueError(f"{path}: not a usable checkpoint ({type(exc).__name__}: {message_line(exc)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"{path}: not a poolbench checkpoint (no model state)")
     return state
@@ -278,11 +280,6 @@ def read_side_by_side(results_dir: Path) -> dict[str, Any] | None:
             or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path}: not schema {SIDE_BY_SIDE_SCHEMA} with a list of rows")
     return data
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def read_record(run_dir: Path, *, root: Path | None = None) -> dict[str, Any] | None:
@@ -364,10 +361,59 @@ def load_run(run_dir: Path, *, model: bool = False, root: Path | None = None) ->
     cfg = read_config(run_dir, root=root)
     loaded = LoadedRun(run_dir, cfg, record)
     if model:
-        from poolbench.bench import rebuild_model
-
         loaded.model, loaded.geometry = rebuild_model(cfg, record, load_checkpoint(run_dir, root=root)["model"])
     return loaded
+
+
+def _geometry(record: dict[str, Any], cfg: Any, state: dict[str, Any]) -> tuple[int, int, int]:
+    """(in_channels, input_size, num_classes) of a run: its record's fields when it has them, else
+    the checkpoint's first convolution and head, and the dataset config's input/image size."""
+    in_channels = record.get("in_channels")
+    if not isinstance(in_channels, int):
+        conv = next((t for k, t in state.items() if k.startswith("features.") and t.dim() == 4), None)
+        if conv is None:
+            raise ValueError("cannot tell the input channels: no convolution in the checkpoint")
+        in_channels = int(conv.shape[1])
+    input_size = record.get("input_size")
+    if not isinstance(input_size, int):
+        dataset = cfg.get("dataset", {})
+        input_size = dataset.get("input_size") or dataset.get("image_size")
+        if not isinstance(input_size, int):
+            raise ValueError("cannot tell the input size: the record has no input_size")
+    num_classes = record.get("num_classes")
+    if not isinstance(num_classes, int):
+        head = state.get("head.weight")
+        num_classes = int(head.shape[0]) if head is not None and record.get("task") == "classification" else 2
+    return in_channels, input_size, num_classes
+
+
+def rebuild_model(cfg: Any, record: dict[str, Any], state: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
+    """The model of a run's config and record with the weights ``state``, and its geometry
+    (in_channels, input_size, num_classes); what :func:`load_run` rebuilds with."""
+    import torch
+
+    from poolbench import plugins
+    from poolbench.models import build_model
+
+    in_channels, input_size, num_classes = _geometry(record, cfg, state)
+    task = str(record.get("task", ""))
+    torch.manual_seed(0)
+    with plugins.rebuilding():  # the folder's plugins and `_target_` code only if named by the user
+        plugins.load_recorded(cfg)
+        net = build_model(
+            cfg.model,
+            cfg.pooling,
+            cfg.local_pooling,
+            in_channels=in_channels,
+            input_size=input_size,
+            num_classes=num_classes,
+            task=task,
+        )
+    net.load_state_dict(state)
+    expected = (record.get("feature_map_h"), record.get("feature_map_w"))
+    if tuple(net.feature_map_size) != expected:
+        raise ValueError(f"rebuilt feature map {net.feature_map_size} differs from the record's {expected}")
+    return net, (in_channels, input_size, num_classes)
 
 
 def check_writable(results_dir: Path) -> None:

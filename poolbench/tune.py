@@ -49,7 +49,7 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 
-from poolbench import config, files, plugins, records, sweep
+from poolbench import config, executors, files, plugins, records, sweep
 from poolbench.errors import ConfigError, PoolbenchError
 
 if TYPE_CHECKING:
@@ -902,10 +902,10 @@ class Tuner:
         if self.executor == "local" and self.jobs == 1:
             return _InlinePool()
         if self.executor == "local":
-            return sweep._ProcessPool(self.jobs)
+            return executors.ProcessPool(self.jobs)
         folder = self.spec.folder / ".submitit"
         params = {"name": f"tune.{self.spec.name}"[:100], **self.executor_params}
-        return sweep._submitit_pool(self.executor, self.jobs, folder, params)
+        return executors.submitit_pool(self.executor, self.jobs, folder, params)
 
     # ---- results
 
@@ -949,15 +949,15 @@ class Tuner:
         return out
 
 
-class _InlinePool(sweep._Pool):
+class _InlinePool(executors.Pool):
     """``--jobs 1`` on this machine: the run executes in this process when submitted."""
 
     window, poll_s = 1, 0.0
 
     def submit(self, batch: list[tuple[int, sweep.PlannedRun]]) -> list[Any]:
-        from poolbench.sweep import _job_overrides, run_one
+        from poolbench.executors import job_overrides, run_one
 
-        return [run_one(_job_overrides(run, None, None)) for _, run in batch]
+        return [run_one(job_overrides(run, None, None)) for _, run in batch]
 
     def finished(self, handle: Any, run: sweep.PlannedRun) -> sweep.Outcome | None:
         return handle

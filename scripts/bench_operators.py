@@ -7,7 +7,7 @@ variant once in turn (interleaved), so load from other processes hits them alike
 the median over rounds of the per-round ratio op / reference with its quartiles, for the forward
 (eval, no_grad) and forward+backward (train mode; gradients of the input and of the operator's
 parameters for a fixed random output gradient). Peak memory: live CPU tensor bytes allocated during
-one forward+backward (``poolbench.engine.latency.peak_memory_mb``), op / reference.
+one forward+backward (``poolbench.engine.memory.peak_memory_mb``), op / reference.
 
     python scripts/bench_operators.py --kind local --shape 32x64x112x112 --threads 2 --rounds 5
     python scripts/bench_operators.py --kind global --shape 32x2048x7x7 --threads 1 --rounds 15
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poolbench import pooling
-from poolbench.engine.latency import peak_memory_mb
+from poolbench.engine.memory import peak_memory_mb
 from poolbench.pooling.reference import reference_for
 
 Fn = Callable[[Tensor], Tensor]

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from poolbench import bench
-from poolbench.engine.latency import peak_memory_mb
+from poolbench import bench, records, side_by_side
+from poolbench.engine.memory import peak_memory_mb
 from poolbench.errors import ConfigError
 
 DOCUMENTED_COLUMNS = (
@@ -323,8 +323,8 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
 
 def _side_by_side(tiny_runs: dict, **kwargs) -> dict:  # noqa: ANN003
-    path = bench.side_by_side(tiny_runs["dir"], rounds=3, warmup=1, **kwargs)
-    assert path == tiny_runs["dir"] / bench.SIDE_BY_SIDE
+    path = side_by_side.side_by_side(tiny_runs["dir"], rounds=3, warmup=1, **kwargs)
+    assert path == tiny_runs["dir"] / side_by_side.SIDE_BY_SIDE
     return json.loads(path.read_text())
 
 
@@ -358,29 +358,26 @@ def test_side_by_side_without_baseline_and_for_chosen_runs(tiny_runs: dict) -> N
 
 def test_side_by_side_bad_choices_are_config_errors(tiny_runs: dict, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown baseline pooling 'gem'.*Valid choices: avg, dgmp"):
-        bench.side_by_side(tiny_runs["dir"], baseline="gem")
+        side_by_side.side_by_side(tiny_runs["dir"], baseline="gem")
     with pytest.raises(ConfigError, match="unknown completed run 'nope'"):
-        bench.side_by_side(tiny_runs["dir"], run_ids=["nope"])
+        side_by_side.side_by_side(tiny_runs["dir"], run_ids=["nope"])
     with pytest.raises(ConfigError, match="no completed run"):
-        bench.side_by_side(tmp_path)
+        side_by_side.side_by_side(tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
-        bench.side_by_side(tmp_path / "missing")
-    assert not (tmp_path / bench.SIDE_BY_SIDE).exists()
+        side_by_side.side_by_side(tmp_path / "missing")
+    assert not (tmp_path / side_by_side.SIDE_BY_SIDE).exists()
 
 
 def test_side_by_side_rebuilds_learned_parameters_from_the_checkpoint(tiny_runs: dict, tmp_path: Path) -> None:
     import math
     import shutil
 
-    from poolbench.records import read_record
-
     run_dir = tmp_path / "copy" / tiny_runs["dgmp0"]["run_id"]
     shutil.copytree(Path(tiny_runs["dgmp0"]["run_dir"]), run_dir)
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     checkpoint["model"]["pool.log_lam"] = torch.tensor(math.log(123.0))
     torch.save(checkpoint, run_dir / "checkpoint.pt")
-    record = read_record(run_dir)
-    _, net, _ = bench._rebuild(run_dir, record)
+    net = records.load_run(run_dir, model=True).model
     assert float(net.pool.lam.detach()) == pytest.approx(123.0)
 
 
@@ -393,7 +390,7 @@ def test_side_by_side_reads_runs_where_they_are_found_not_where_records_point(ti
     hostile = results / tiny_runs["dgmp0"]["run_id"] / "result.json"
     hostile.write_text(json.dumps({**json.loads(hostile.read_text()), "run_dir": "/nonexistent/../etc"}))
     (results / tiny_runs["avg0"]["run_id"] / "checkpoint.pt").unlink()
-    document = json.loads(bench.side_by_side(results, rounds=2, warmup=1).read_text())
+    document = json.loads(side_by_side.side_by_side(results, rounds=2, warmup=1).read_text())
     assert [row["pooling"] for row in document["rows"]] == ["dgmp"]
     (skipped,) = document["skipped"]
     assert skipped["run_id"] == tiny_runs["avg0"]["run_id"] and "checkpoint.pt" in skipped["reason"]

@@ -13,12 +13,12 @@ from poolbench.config import (
     compose,
     conf_dir,
     config_hash,
-    default_augment,
     group_options,
     identity,
     run_dir,
     run_id,
 )
+from poolbench.data.augment import default_augment
 from poolbench.errors import ConfigError
 
 

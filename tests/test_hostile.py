@@ -552,7 +552,7 @@ def test_sweep_dry_run_on_an_unreadable_results_dir_is_one_line(tmp_path: Path) 
 
 POOL_SCRIPT = """
 import concurrent.futures, multiprocessing, os, sys, time
-from poolbench.sweep import die_with_parent
+from poolbench.executors import die_with_parent
 if __name__ == "__main__":
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(2, mp_context=context, initializer=die_with_parent,

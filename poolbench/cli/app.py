@@ -39,7 +39,9 @@ def use_plugins(values: list[str] | None, overrides: list[str] | None = None) ->
     plugins.name([*given, *specs])  # plugins=[...] on a command line is named by the user too
     if overrides is None or not specs:
         return list(overrides or [])
-    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != plugins.CONFIG_KEY]
+    from poolbench.config import override_key
+
+    kept = [o for o in overrides if override_key(o) != plugins.CONFIG_KEY]
     merged = list(dict.fromkeys([*given, *specs]))
     return [*kept, f"{plugins.CONFIG_KEY}=[{','.join(merged)}]"]
 

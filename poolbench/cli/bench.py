@@ -162,6 +162,7 @@ def bench(
     import json
 
     from poolbench import bench as lib
+    from poolbench import side_by_side as timing
     from poolbench.errors import ConfigError
 
     def note(message: str) -> None:
@@ -170,11 +171,11 @@ def bench(
     use_plugins(plugin_specs)  # the only plugin code --runs may import (with the recorded sha256)
     if runs is not None:
         lib.BenchSettings.make(device="cpu", threads=threads, warmup=warmup, repeats=repeats)  # validates them
-        path = lib.side_by_side(
+        path = timing.side_by_side(
             runs,
             baseline=baseline,
             progress=note,
-            rounds=repeats or lib.SIDE_BY_SIDE_ROUNDS,
+            rounds=repeats or timing.SIDE_BY_SIDE_ROUNDS,
             warmup=warmup if warmup is not None else 2,
         )
         console.print(side_by_side_table(json.loads(path.read_text())))

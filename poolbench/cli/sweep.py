@@ -325,7 +325,7 @@ def _time_side_by_side(planned: list[PlannedRun]) -> None:
     """Latency of the sweep's configurations measured interleaved in one process, so the report's cost
     columns do not depend on when each run happened to finish (``poolbench bench --runs`` does the same)."""
     from poolbench import records
-    from poolbench.bench import side_by_side
+    from poolbench.side_by_side import side_by_side
 
     by_folder: dict[Path, list[str]] = {}
     poolings: dict[Path, set[str]] = {}

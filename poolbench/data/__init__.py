@@ -26,6 +26,7 @@ from typing import Any
 from poolbench import schema
 from poolbench.data import augment as _augment  # noqa: F401 - registers the augment recipes
 from poolbench.data import classification, retrieval_folder, synthwriters  # noqa: F401 - register datasets
+from poolbench.data.augment import AUTO_AUGMENT, default_augment
 from poolbench.data.base import DataBundle
 from poolbench.data.common import Augment, settings
 
@@ -37,8 +38,6 @@ def dataset_names() -> list[str]:
 def augment_transform(augment: Mapping[str, Any] | None, dataset: str) -> Augment:
     """``size -> transform`` of the ``augment`` node (``auto`` = the dataset's recipe; None = no
     augmentation); the recipe's values are validated by its schema."""
-    from poolbench.config import AUTO_AUGMENT, default_augment  # config imports this package to register it
-
     if augment is None:
         return lambda size: None
     node = dict(augment)

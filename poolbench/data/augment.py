@@ -25,7 +25,19 @@ from typing import TYPE_CHECKING, Annotated
 
 from poolbench.data.common import Transform
 from poolbench.errors import ConfigError
-from poolbench.schema import Range, option
+from poolbench.schema import Range, option, options
+
+# augment=auto (the default) stands for the dataset's own recipe (its option's meta "augment").
+AUTO_AUGMENT = "auto"
+
+
+def default_augment(dataset: str | None) -> str:
+    """The augmentation recipe the literature uses for a dataset option (``augment=auto``); ``none``
+    when the dataset names no recipe or one that is not registered."""
+    dataset_option = options("dataset").get(str(dataset))
+    recipe = dataset_option.meta.get("augment", "none") if dataset_option else "none"
+    return recipe if recipe in options("augment") else "none"
+
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from poolbench.engine.checkpoint import CheckpointError
     from poolbench.engine.evaluate import evaluate
+    from poolbench.engine.flops import measure_cost
     from poolbench.engine.latency import (
         TimingStats,
         device_name,
-        measure_cost,
         measure_latency,
-        peak_memory_mb,
         time_fn,
     )
+    from poolbench.engine.memory import peak_memory_mb
     from poolbench.engine.train import NonFiniteLossError, TrainerSettings, fit, seed_everything
 
 # name -> the submodule that defines it
@@ -30,9 +30,9 @@ _HOMES = {
     "evaluate": "evaluate",
     "TimingStats": "latency",
     "device_name": "latency",
-    "measure_cost": "latency",
+    "measure_cost": "flops",
     "measure_latency": "latency",
-    "peak_memory_mb": "latency",
+    "peak_memory_mb": "memory",
     "time_fn": "latency",
     "NonFiniteLossError": "train",
     "TrainerSettings": "train",

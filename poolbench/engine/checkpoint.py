@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from poolbench import files, records
-from poolbench.errors import PoolbenchError
+from poolbench.errors import PoolbenchError, message_line
 from poolbench.records import CHECKPOINT  # noqa: F401  (re-exported: engine code names it from here)
 
 
@@ -65,20 +65,20 @@ class TrainState:
             with records.open_regular(path) as handle:  # a FIFO or a symlink to /dev/zero: refused, not read
                 state = torch.load(handle, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as exc:
-            raise CheckpointError(path, f"truncated or not a poolbench checkpoint ({_first_line(exc)})") from None
+            raise CheckpointError(path, f"truncated or not a poolbench checkpoint ({message_line(exc)})") from None
         if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "rng", "history"} <= state.keys():
             raise CheckpointError(path, "not a poolbench checkpoint")
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
-            raise CheckpointError(path, f"it does not match this model ({_first_line(exc)})") from None
+            raise CheckpointError(path, f"it does not match this model ({message_line(exc)})") from None
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise CheckpointError(path, f"its training state does not fit this run ({_first_line(exc)})") from None
+            raise CheckpointError(path, f"its training state does not fit this run ({message_line(exc)})") from None
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
         self.resume_count = int(state.get("resume_count", 0)) + 1
 
@@ -118,12 +118,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
             state = torch.load(handle, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError, KeyError, TypeError) as exc:
-        raise PoolbenchError(f"cannot load the trained model from {path} ({_first_line(exc)})") from None
+        raise PoolbenchError(f"cannot load the trained model from {path} ({message_line(exc)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def rng_state() -> dict[str, Any]:

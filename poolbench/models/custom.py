@@ -122,7 +122,7 @@ def build(node: Mapping[str, Any], meta: Mapping[str, Any], in_channels: int) ->
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # the user's constructor: any failure (an assert, a SystemExit) is one line
-        from poolbench.plugins import first_line
+        from poolbench.errors import first_line
 
         raise ConfigError(f"model {what}: constructing it failed: {first_line(exc)}") from None
     if not isinstance(module, nn.Module):

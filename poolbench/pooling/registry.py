@@ -291,7 +291,7 @@ def from_config(node: Mapping[str, Any], kind: Kind = "global", **geometry: Any)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{group}={label(data)}: {exc}") from None
     except BaseException as exc:  # a user's constructor asserting (or exiting): one line naming it
-        from poolbench.plugins import first_line
+        from poolbench.errors import first_line
 
         raise ConfigError(f"{group}={label(data)}: constructing it failed: {first_line(exc)}") from None
 

@@ -161,7 +161,7 @@ def test_timing_warnings_name_the_load_and_thread_oversubscription(monkeypatch: 
 
 
 def test_count_flops_adds_analytic_counts_for_linear_algebra_and_elementwise_ops() -> None:
-    from poolbench.engine.latency import count_flops
+    from poolbench.engine.flops import count_flops
 
     a, b = torch.randn(3, 5), torch.randn(5, 7)
     assert count_flops(lambda: a @ b) == 2 * 3 * 5 * 7  # FlopCounterMode's own count
@@ -182,7 +182,7 @@ def test_count_flops_adds_analytic_counts_for_linear_algebra_and_elementwise_ops
 
 
 def test_measure_cost_of_a_model_and_its_pool(tiny_classification: DataBundle) -> None:
-    from poolbench.engine.latency import count_flops
+    from poolbench.engine.flops import count_flops
 
     data = tiny_classification
     model = model_for(data, "dgmp")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from poolbench.engine.latency import peak_memory_mb
+from poolbench.engine.memory import peak_memory_mb
 from poolbench.pooling import chunked, create_local
 from poolbench.pooling.local import (
     _float32_for_half,

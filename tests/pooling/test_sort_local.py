@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from poolbench.engine.latency import peak_memory_mb
+from poolbench.engine.memory import peak_memory_mb
 from poolbench.pooling import sort_select
 from poolbench.pooling.local import sort_pool, sort_pool_topk
 
