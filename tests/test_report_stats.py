@@ -57,6 +57,8 @@ def test_confounding_is_warned_in_console_and_every_file(
     assert "CONFOUNDED: dataset.channels" in captured.err and "dgmp vs avg" not in captured.out
     assert "nothing compared: the operators are confounded" in captured.out
     for path in out.iterdir():
+        if path.name == report.output.OWNED:  # poolbench's manifest of its own files: names and hashes only
+            continue
         if path.suffix == ".png":
             from PIL import Image
 

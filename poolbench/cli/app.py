@@ -13,8 +13,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
-console_err = Console(stderr=True)
+# soft_wrap: a line naming a path, a run id or a rerun command stays one line (copyable, greppable); the
+# terminal wraps it for display. Tables keep their own layout.
+console = Console(soft_wrap=True)
+console_err = Console(stderr=True, soft_wrap=True)
 OVERRIDES_HELP = "Hydra overrides, e.g. pooling=dgmp model=resnet18 trainer.epochs=5 (see `poolbench train --cfg`)."
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 PLUGINS_HELP = (

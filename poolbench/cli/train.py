@@ -73,7 +73,8 @@ def train(
         shown = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
         for key, _ in missing:
             OmegaConf.update(shown, key, "???")
-        console.print(OmegaConf.to_yaml(shown), highlight=False, markup=False, end="", soft_wrap=True)  # YAML: never re-wrapped
+        # soft_wrap: YAML re-wrapped by the console would not parse
+        console.print(OmegaConf.to_yaml(shown), highlight=False, markup=False, end="", soft_wrap=True)
         for key, hint in missing:
             console.print(f"# missing: {key} is required: {hint}", highlight=False, markup=False, soft_wrap=True)
         where = run_dir_of(config) if not missing else "(set the missing keys first)"
