@@ -185,7 +185,6 @@ def test_cli_dry_run_lists_statuses_and_runs_nothing(
     planned = sweep.plan(["pooling=avg,max,gem", f"results_dir={tmp_path}"])
     statuses = sorted((run.status, run.action) for run in planned)
     assert statuses == [("completed", "skip"), ("failed", "retry"), ("new", "run")]  # what the table shows
-    assert all(run.status in printed and run.action in printed for run in planned)
     assert "2 of 3 runs would start; nothing was run" in printed
 
 
