@@ -172,6 +172,16 @@ def _slurm_params(options: list[str]) -> dict[str, Any]:
     return params
 
 
+def executor_params(
+    timeout_min: int, slurm_param: list[str] | None, **resources: float | int | str | None
+) -> dict[str, Any]:
+    """submitit's parameters of a sweep or a tune: the time limit, every ``--slurm-param key=value`` and
+    the resource options the user set (``slurm_partition``, ``gpus_per_node``, ...; None: not set)."""
+    params: dict[str, Any] = {"timeout_min": timeout_min, **_slurm_params(slurm_param or [])}
+    params.update({key: value for key, value in resources.items() if value is not None})
+    return params
+
+
 @app.command(context_settings=EXTRA_ARGS)
 def sweep(
     overrides: list[str] = typer.Argument(
@@ -238,16 +248,13 @@ def sweep(
         console.print(f"{to_run} of {len(planned)} runs would start; nothing was run (--dry-run)")
         return
     # The SLURM job name: the sweep's name, checked by plan() to be plain characters.
-    params: dict[str, Any] = {"timeout_min": timeout_min, "name": sweep_name or "poolbench"}
-    params.update(_slurm_params(slurm_param or []))
-    for key, value in (
-        ("slurm_partition", slurm_partition),
-        ("gpus_per_node", gpus_per_node),
-        ("cpus_per_task", cpus_per_task),
-        ("mem_gb", mem_gb),
-    ):
-        if value is not None:
-            params[key] = value
+    params: dict[str, Any] = {
+        "name": sweep_name or "poolbench",
+        **executor_params(
+            timeout_min, slurm_param, slurm_partition=slurm_partition, gpus_per_node=gpus_per_node,
+            cpus_per_task=cpus_per_task, mem_gb=mem_gb,
+        ),
+    }
 
     state_box: list[SweepState] = []
     view: LiveView | None = None

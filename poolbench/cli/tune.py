@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
-from poolbench.cli.sweep import Executor, _slurm_params
+from poolbench.cli.sweep import Executor, executor_params
 from poolbench.errors import Terminated
 
 
@@ -57,15 +57,10 @@ def tune(
         name=name,
         storage=storage,
     )
-    params: dict[str, Any] = {"timeout_min": timeout_min, **_slurm_params(slurm_param or [])}
-    for key, value in (
-        ("slurm_partition", slurm_partition),
-        ("gpus_per_node", gpus_per_node),
-        ("cpus_per_task", cpus_per_task),
-        ("mem_gb", mem_gb),
-    ):
-        if value is not None:
-            params[key] = value
+    params = executor_params(
+        timeout_min, slurm_param, slurm_partition=slurm_partition, gpus_per_node=gpus_per_node,
+        cpus_per_task=cpus_per_task, mem_gb=mem_gb,
+    )
 
     def say(line: str) -> None:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
