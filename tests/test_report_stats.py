@@ -104,18 +104,68 @@ def test_paired_statistics_match_scipy() -> None:
     # lower is better for latency: the same deltas improve when negative
     assert stats.paired(base, values, higher_better=False)["p_improve"] == pytest.approx(5 / 6)
     assert not stats.higher_is_better("latency.peak_mem_mb") and stats.higher_is_better("acc@1")
-    # beyond 16 pairs: Monte Carlo over 2^16 sign patterns with a fixed seed, the same every time
+    # beyond 16 pairs: Monte Carlo over random sign patterns with a fixed seed, the same every time
     many = np.random.default_rng(3).normal(0.001, 0.01, 20)
     assert stats.sign_flip_p(many) == stats.sign_flip_p(many)
-    monte_carlo = scipy_stats.permutation_test(
-        (many,),
-        lambda x, axis: np.mean(x, axis=axis),
-        permutation_type="samples",
-        vectorized=True,
-        n_resamples=stats.PERMUTATIONS,
-        rng=np.random.default_rng(stats.PERMUTATION_SEED),
-    )
-    assert stats.sign_flip_p(many) == pytest.approx(monte_carlo.pvalue)
+    assert stats.sign_flip(many)[1] == stats.resamples_for(0.05) and stats.sign_flip(values - base)[1] == 0
+
+
+def _scipy_sign_flip(deltas: np.ndarray, **kwargs: object) -> float:
+    return scipy_stats.permutation_test(
+        (deltas,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples", vectorized=True, **kwargs
+    ).pvalue
+
+
+_RNG = np.random.default_rng(11)
+
+
+@pytest.mark.parametrize(
+    "deltas",
+    [
+        _RNG.normal(0.0, 1.0, 18),  # p near 0.5
+        _RNG.normal(0.5, 1.0, 18),  # a few percent
+        _RNG.normal(1.2, 1.0, 18),  # below Holm's threshold for a few comparisons
+        _RNG.integers(-2, 4, 18) * 0.01,  # a quantised metric: null means tie with the observed one
+    ],
+    ids=["null", "weak", "strong", "quantised"],
+)
+def test_monte_carlo_sign_flip_agrees_with_scipys_exact_enumeration(deltas: np.ndarray) -> None:
+    """18 pairs: scipy enumerates all 2^18 sign patterns; the Monte Carlo p lies within its own error."""
+    resamples = stats.resamples_for(0.05 / 4)
+    ours, used = stats.sign_flip(deltas, resamples=resamples)
+    exact = _scipy_sign_flip(deltas, n_resamples=2**18)
+    assert used == resamples
+    assert abs(ours - exact) <= 5 * math.sqrt(exact * (1 - exact) / resamples) + 2 / resamples, (ours, exact)
+
+
+def test_monte_carlo_sign_flip_agrees_with_scipys_monte_carlo_at_many_pairs() -> None:
+    deltas = np.random.default_rng(4).normal(0.05, 1.0, 600)
+    resamples = 20_000
+    ours = stats.sign_flip_p(deltas, resamples=resamples)
+    theirs = _scipy_sign_flip(deltas, n_resamples=resamples, rng=np.random.default_rng(1))
+    assert 0.05 < theirs < 0.8  # a p whose Monte Carlo error is visible
+    assert abs(ours - theirs) <= 5 * math.sqrt(2 * theirs * (1 - theirs) / resamples), (ours, theirs)
+
+
+@pytest.mark.parametrize("n", [17, 40, 1001])
+def test_sign_flip_null_is_the_mean_under_the_drawn_signs(n: int) -> None:
+    """The byte-table computation gives, for each drawn pattern, mean(sign * Δ) with bit 1 = sign +."""
+    deltas = np.random.default_rng(n).normal(0.0, 1.0, n)
+    null = stats.sign_flip_null(deltas, 500, np.random.default_rng(9))
+    drawn = np.random.default_rng(9).integers(0, 256, size=(500, -(-n // 8)), dtype=np.uint8)  # one batch
+    signs = np.unpackbits(drawn, axis=1, bitorder="little")[:, :n] * 2.0 - 1.0
+    assert null == pytest.approx((signs * deltas).mean(axis=1), abs=1e-12)
+
+
+@pytest.mark.parametrize("family", [1, 4, 30, 400, 10_000])
+def test_monte_carlo_resamples_resolve_holms_threshold(family: int) -> None:
+    """Enough sign patterns that a p at Holm's strictest threshold alpha/m has <= 10% relative error
+    (up to the cap), and never fewer than MIN_RESAMPLES."""
+    threshold = 0.05 / family
+    resamples = stats.resamples_for(threshold)
+    assert stats.MIN_RESAMPLES <= resamples <= stats.MAX_RESAMPLES
+    relative_error = math.sqrt((1 - threshold) / (resamples * threshold))
+    assert relative_error <= 0.1 or resamples == stats.MAX_RESAMPLES
 
 
 def test_holm_matches_the_definition_over_the_whole_report(results_three_contexts: Path) -> None:

@@ -57,7 +57,9 @@ def compare(
         raise PoolbenchError(unknown_choice("baseline pooling", baseline, operators))
     treatment_keys = [k for k in keys if is_treatment(k)]
     context_keys = [k for k in keys if not is_treatment(k) and k not in confounded]
-    rows: list[dict[str, Any]] = []
+    # (row before its statistics, values, baseline values, row after): the statistics wait until the family
+    # size m is known, since the Monte Carlo sign-flip p resolves Holm's threshold alpha / m (stats.resamples_for)
+    pending: list[tuple[dict[str, Any], np.ndarray, np.ndarray, dict[str, Any]]] = []
     dropped = [] if dropped is None else dropped
     for _, context in group_frames(frame, context_keys):
         base = context[context[POOLING_KEY] == baseline]
@@ -90,20 +92,27 @@ def compare(
                     continue
                 values, base_values = pairs[metric].to_numpy(float), pairs[f"{metric}.base"].to_numpy(float)
                 deltas = values - base_values
-                rows.append(
-                    {
-                        "context": context_label(first, context_keys),
-                        "pooling": treatment_label(first, keys),
-                        "baseline": baseline,
-                        "metric": metric,
-                        "higher_is_better": stats.higher_is_better(metric),
-                        **stats.paired(values, base_values, higher_better=stats.higher_is_better(metric)),
-                        "per_seed": " ".join(f"{s}:{d:+.4g}" for s, d in zip(pairs[SEED_KEY], deltas, strict=True)),
-                        "mean": float(values.mean()),
-                        "baseline_mean": float(base_values.mean()),
-                        "confounded_by": ", ".join(mixed),
-                    }
-                )
+                head = {
+                    "context": context_label(first, context_keys),
+                    "pooling": treatment_label(first, keys),
+                    "baseline": baseline,
+                    "metric": metric,
+                    "higher_is_better": stats.higher_is_better(metric),
+                }
+                tail = {
+                    "per_seed": " ".join(f"{s}:{d:+.4g}" for s, d in zip(pairs[SEED_KEY], deltas, strict=True)),
+                    "mean": float(values.mean()),
+                    "baseline_mean": float(base_values.mean()),
+                    "confounded_by": ", ".join(mixed),
+                }
+                pending.append((head, values, base_values, tail))
+    from poolbench.report.power import family_alpha
+
+    resamples = stats.resamples_for(family_alpha(len(pending)))
+    rows = [
+        {**head, **stats.paired(values, base, higher_better=head["higher_is_better"], resamples=resamples), **tail}
+        for head, values, base, tail in pending
+    ]
     order = {m: i for i, m in enumerate(metrics)}
     result = pd.DataFrame(rows)
     if result.empty:
@@ -156,6 +165,14 @@ def _p_with_holm(row: dict[str, Any], name: str, title: str) -> str:
     return f", {title} p {_p_clause(p)} (Holm {format_p(row[f'{name}_holm'])})"
 
 
+def sign_flip_kind(row: dict[str, Any]) -> str:
+    """``exact`` or ``Monte Carlo, 10,000 sign patterns``: how a row's sign-flip p was computed."""
+    resamples = row.get("p_perm_resamples", 0)
+    if not present(resamples) or not resamples:
+        return "exact"
+    return f"Monte Carlo, {int(resamples):,} sign patterns"
+
+
 def too_few(row: dict[str, Any]) -> bool:
     return int(row["n"]) < stats.DECIDE_MIN_N
 
@@ -180,6 +197,7 @@ def comparison_line(row: dict[str, Any]) -> str:
         interval = f" ± {row['ci95']:.3g} (95% t-interval)"
     tests = (
         _p_with_holm(row, "p_perm", "sign-flip")
+        + (f" [{sign_flip_kind(row)}]" if present(row.get("p_perm")) else "")
         + _p_with_holm(row, "p_ttest", "t-test")
         + _p_with_holm(row, "p_wilcoxon", "Wilcoxon")
     )

@@ -4,8 +4,10 @@ Every test comes from scipy, statsmodels or scikit-posthocs; this module only ar
 
 - Paired comparison of an operator with the baseline over shared seeds. The primary p-value is the
   sign-flip permutation test of the mean difference (``scipy.stats.permutation_test``, one sample,
-  ``permutation_type="samples"``): exact over all 2^n sign patterns up to n = 16, Monte Carlo with a
-  fixed seed beyond. It is valid at any n without assuming normality, and it cannot be fooled by
+  ``permutation_type="samples"``): exact over all 2^n sign patterns up to n = 16; beyond, Monte Carlo over
+  random sign patterns with a fixed seed, as many as Holm's strictest threshold needs (:func:`resamples_for`),
+  computed in numpy and checked against scipy in the tests. It is valid at any n without assuming normality,
+  and it cannot be fooled by
   constant or quantised differences: with n pairs its smallest two-sided p is 2 / 2^n (0.25 at n = 3).
   Beside it: the paired t-test (left out where all differences are equal, where scipy returns p = 0),
   the Wilcoxon signed-rank test (n >= 6), the mean Δ with its 95% t-interval (the one interval whose
@@ -32,12 +34,26 @@ WILCOXON_MIN_N = 6
 DECIDE_MIN_N = 5
 # d_z needs a standard deviation worth the name: from 2 differences it is one absolute difference.
 EFFECT_MIN_N = 3
-# The sign-flip test is exact while 2^n <= this; beyond, this many random sign patterns (fixed seed).
-PERMUTATIONS = 2**16
-# Sign patterns evaluated per batch: at most this many values at once (32 MB), so 5,000 pairs do not need
-# 2^16 x 5,000 floats (2.6 GB) at a time. The same random stream: the p-value does not depend on it.
+# The sign-flip test is exact (scipy enumerates all 2^n sign patterns) up to this many pairs.
+EXACT_MAX_N = 16
+PERMUTATIONS = 2**EXACT_MAX_N
+# Beyond EXACT_MAX_N pairs the p is Monte Carlo over B random sign patterns. The decision it feeds is Holm's,
+# whose strictest step compares the smallest p with t = alpha / m (m comparisons in the report). An estimate
+# of a p near t has a relative standard error of sqrt((1 - t) / (B t)); B = (1 - t) / (t r^2) with r = 10%
+# puts a p of half or twice t on its own side of t in all but 7-standard-error cases (probability < 1e-11),
+# while costing B x n / 8 table look-ups per comparison (0.1 s for 5,000 pairs and m = 4), not 2^16 x n.
+MONTE_CARLO_RELATIVE_ERROR = 0.1
+# At least this many, so a p far above the threshold still reads to two digits (standard error <= 0.005).
+MIN_RESAMPLES = 10_000
+# At most this many (t is resolved more coarsely beyond ~500 comparisons; the report states B per p).
+MAX_RESAMPLES = 2**20
+# Sign patterns evaluated per batch: at most this many table look-ups at once (~70 MB of temporaries).
 BATCH_VALUES = 2**22
 PERMUTATION_SEED = 0  # fixed: the same records give the same report
+# Null means within this much (relative to mean |Δ|) of the observed mean count as reaching it: a quantised
+# metric's Δ can tie exactly, and the table sums below add the same values in another order than np.mean
+# (rounding ~n x 1e-16), while distinct means of such Δ differ by at least (its step) / n (~1e-7 relative).
+TIE_RTOL = 1e-9
 CONFIDENCE = 0.95
 # Demšar's critical-difference diagram needs many independent data sets; autorank refuses fewer than 5.
 CD_MIN_CONTEXTS = 5
@@ -50,7 +66,10 @@ LOWER_IS_BETTER = ("latency.", "cost.", "loss", "train.train_loss", "wall_time_s
 LOWER_IS_BETTER_SUFFIXES = ("_ms", "_mb", "_s", "_seconds", "loss")
 P_VALUES = ("p_perm", "p_ttest", "p_wilcoxon")  # every p-value of a comparison; each gets a ``<name>_holm``
 P_DESCRIPTIONS = {
-    "p_perm": "sign-flip permutation test of the mean Δ (exact up to 16 pairs; primary)",
+    "p_perm": (
+        f"sign-flip permutation test of the mean Δ (primary; exact up to {EXACT_MAX_N} pairs, Monte Carlo over"
+        " random sign patterns beyond, as many as resolve Holm's threshold alpha / m)"
+    ),
     "p_ttest": "paired t-test (not shown where all Δ are equal)",
     "p_wilcoxon": f"Wilcoxon signed-rank test (from {WILCOXON_MIN_N} pairs)",
 }
@@ -76,30 +95,86 @@ def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.mean(x, axis=axis)
 
 
-def sign_flip_p(deltas: np.ndarray, scale: float | None = None) -> float:
-    """Two-sided p of the sign-flip permutation test of mean(deltas) = 0 (exact up to 16 pairs).
+def resamples_for(threshold: float) -> int:
+    """Monte Carlo sign patterns that resolve a p-value threshold (Holm's ``alpha / m``): see
+    ``MONTE_CARLO_RELATIVE_ERROR``; between ``MIN_RESAMPLES`` and ``MAX_RESAMPLES``."""
+    needed = math.ceil((1 - threshold) / (threshold * MONTE_CARLO_RELATIVE_ERROR**2))
+    return int(min(max(needed, MIN_RESAMPLES), MAX_RESAMPLES))
 
-    ``scale``: the magnitude of the compared values, for :func:`all_equal`."""
+
+def sign_flip(deltas: np.ndarray, scale: float | None = None, resamples: int | None = None) -> tuple[float, int]:
+    """Two-sided p of the sign-flip permutation test of mean(deltas) = 0, and the number of random sign
+    patterns it was estimated from (0: exact, every pattern counted).
+
+    ``scale``: the magnitude of the compared values, for :func:`all_equal`. ``resamples``: Monte Carlo
+    patterns beyond ``EXACT_MAX_N`` pairs (default: what a report of one comparison needs)."""
     from scipy import stats
 
     deltas = np.asarray(deltas, dtype=float)
     if len(deltas) == 0:
-        return math.nan
+        return math.nan, 0
     if not np.any(deltas):
-        return 1.0  # every sign pattern gives the same (zero) mean
+        return 1.0, 0  # every sign pattern gives the same (zero) mean
     if all_equal(deltas, scale):  # floating noise must not split the tie: exactly 2 of the 2^n patterns reach |mean|
-        return min(1.0, 2.0 / 2 ** len(deltas))
+        return min(1.0, 2.0 / 2 ** len(deltas)), 0
+    if len(deltas) > EXACT_MAX_N:
+        if resamples is None:
+            from poolbench.report.power import family_alpha
+
+            resamples = resamples_for(family_alpha(1))
+        return _monte_carlo_p(deltas, resamples), resamples
     result = stats.permutation_test(
         (deltas,),
         _mean,
         permutation_type="samples",  # one sample: the signs are permuted
         vectorized=True,
         n_resamples=PERMUTATIONS,
-        batch=max(1, BATCH_VALUES // len(deltas)),
         alternative="two-sided",
         rng=np.random.default_rng(PERMUTATION_SEED),
     )
-    return float(result.pvalue)
+    return float(result.pvalue), 0
+
+
+def sign_flip_p(deltas: np.ndarray, scale: float | None = None, resamples: int | None = None) -> float:
+    """The p-value of :func:`sign_flip`."""
+    return sign_flip(deltas, scale, resamples)[0]
+
+
+def sign_flip_null(deltas: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Means of ``deltas`` under ``resamples`` random sign patterns (each sign + or − with probability 1/2).
+
+    Vectorised by bytes: the pairs are cut into chunks of 8, and for each chunk a table holds the sum of
+    its Δ whose sign stays + for each of the 256 patterns of 8 signs. A pattern is then n / 8 random bytes,
+    and its sum of kept Δ is n / 8 look-ups instead of n multiplications; the mean is (2 kept − total) / n.
+    """
+    n = len(deltas)
+    chunks = -(-n // 8)
+    padded = np.zeros(chunks * 8)
+    padded[:n] = deltas  # padding Δ of 0 change no sum
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")  # 256 x 8
+    table = (padded.reshape(chunks, 8) @ bits.T.astype(float)).ravel()  # chunk c, byte b at c * 256 + b
+    offsets = np.arange(chunks, dtype=np.intp) * 256
+    total = float(deltas.sum())
+    null = np.empty(resamples)
+    step = max(1, BATCH_VALUES // chunks)
+    for start in range(0, resamples, step):
+        count = min(step, resamples - start)
+        patterns = rng.integers(0, 256, size=(count, chunks), dtype=np.uint8)
+        kept = table[patterns + offsets].sum(axis=1)
+        null[start : start + count] = (2 * kept - total) / n
+    return null
+
+
+def _monte_carlo_p(deltas: np.ndarray, resamples: int) -> float:
+    """Two-sided Monte Carlo p as scipy.stats.permutation_test computes it: each side's share of null
+    means at least as extreme as the observed one, counting the observed pattern ((k + 1) / (B + 1)),
+    the smaller side doubled, at most 1."""
+    observed = float(np.mean(deltas))
+    null = sign_flip_null(deltas, resamples, np.random.default_rng(PERMUTATION_SEED))
+    tie = TIE_RTOL * float(np.mean(np.abs(deltas)))
+    greater = (np.count_nonzero(null >= observed - tie) + 1) / (resamples + 1)
+    less = (np.count_nonzero(null <= observed + tie) + 1) / (resamples + 1)
+    return min(1.0, 2 * min(greater, less))
 
 
 def t_interval(deltas: np.ndarray, confidence: float = CONFIDENCE) -> tuple[Any, Any]:
@@ -116,8 +191,13 @@ def t_interval(deltas: np.ndarray, confidence: float = CONFIDENCE) -> tuple[Any,
     return (float(half), float(std)) if deltas.ndim == 1 else (half, std)
 
 
-def paired(values: np.ndarray, base: np.ndarray, *, higher_better: bool = True) -> dict[str, Any]:
-    """Statistics of ``values − base`` over paired seeds (NaN where n or the data cannot say it)."""
+def paired(
+    values: np.ndarray, base: np.ndarray, *, higher_better: bool = True, resamples: int | None = None
+) -> dict[str, Any]:
+    """Statistics of ``values − base`` over paired seeds (NaN where n or the data cannot say it).
+
+    ``resamples``: Monte Carlo sign patterns of the sign-flip p beyond ``EXACT_MAX_N`` pairs (see
+    :func:`resamples_for`); ``p_perm_resamples`` says how many it used, 0 where the p is exact."""
     from scipy import stats
 
     values, base = np.asarray(values, dtype=float), np.asarray(base, dtype=float)
@@ -125,6 +205,7 @@ def paired(values: np.ndarray, base: np.ndarray, *, higher_better: bool = True) 
     n = len(deltas)
     scale = float(max(np.max(np.abs(values), initial=0.0), np.max(np.abs(base), initial=0.0)))
     equal = all_equal(deltas, scale)
+    p_perm, p_resamples = sign_flip(deltas, scale, resamples)
     out: dict[str, Any] = {
         "n": n,
         "mean_delta": float(deltas.mean()),
@@ -132,7 +213,8 @@ def paired(values: np.ndarray, base: np.ndarray, *, higher_better: bool = True) 
         "ci95": math.nan,
         "ci_low": math.nan,
         "ci_high": math.nan,
-        "p_perm": sign_flip_p(deltas, scale),
+        "p_perm": p_perm,
+        "p_perm_resamples": p_resamples,
         "p_ttest": math.nan,
         "p_wilcoxon": math.nan,
         "effect_dz": math.nan,

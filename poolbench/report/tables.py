@@ -21,7 +21,7 @@ import pandas as pd
 from poolbench import text as esc
 from poolbench.errors import PoolbenchError, unknown_choice
 from poolbench.report.columns import label, present
-from poolbench.report.comparison import TOO_FEW, format_p, ranking_lines, too_few
+from poolbench.report.comparison import TOO_FEW, format_p, ranking_lines, sign_flip_kind, too_few
 from poolbench.report.core import FORMATS, Report
 from poolbench.report.power import MAX_SEEDS
 from poolbench.report.stats import DECIDE_MIN_N, P_DESCRIPTIONS
@@ -103,6 +103,7 @@ def display_comparison(report: Report) -> pd.DataFrame:
                 "Δ mean ± 95% CI": f"{row['mean_delta']:+.3g}{ci}",
                 "p (sign-flip)": format_p(row["p_perm"]),
                 "p Holm": format_p(row["p_perm_holm"]),
+                "sign-flip p is": sign_flip_kind(row),
                 "p (t-test)": format_p(row["p_ttest"]),
                 "t-test Holm": format_p(row["p_ttest_holm"]),
                 "p (Wilcoxon)": format_p(row["p_wilcoxon"]),
