@@ -1,13 +1,14 @@
 """Time `poolbench report` on N fabricated records: tables only (`--no-plots`) and with figures.
 
 The records are written as `poolbench train` writes them (`records.atomic_write_json`, one folder per
-run, the fields of a real record): 2 operators (avg, gem) x N/2 seeds on one dataset, with a quality
-metric, a latency and a learned parameter. Each measurement runs the CLI in a fresh process, as a user
-would (`poolbench report DIR --baseline avg [--no-plots]`); its peak RSS is read from
-`resource.getrusage(RUSAGE_CHILDREN)` in a wrapper process of its own, so one size's peak does not
-carry over to the next. The 1-minute load average is printed beside each figure: on a shared machine
-the wall time says as much about the other processes as about the report. Targets (issue 22): 10,000
-records <= 15 s and <= 1.5 GB without figures, <= 30 s with them, on a quiet machine.
+run, the fields of a real record, and its per-epoch metrics.jsonl that the curves figure reads): 2
+operators (avg, gem) x N/2 seeds on one dataset, with a quality metric, a latency and a learned
+parameter. Each measurement runs the CLI in a fresh process, as a user would (`poolbench report DIR
+--baseline avg [--no-plots]`); its CPU time and peak RSS are read from `resource.getrusage(RUSAGE_CHILDREN)`
+in a wrapper process of its own, so one size's peak does not carry over to the next. The 1-minute load
+average is printed beside each figure: on a shared machine the wall time says as much about the other
+processes as about the report, the CPU time much less. Targets (issue 22): 10,000 records <= 15 s and
+<= 1.5 GB without figures, <= 30 s with them, on a quiet machine.
 
     python scripts/bench_report_scale.py [--sizes 1000,10000] [--out /tmp/report-scale] [--keep]
 """
@@ -84,13 +85,34 @@ def record(pooling: str, seed: int, rng: np.random.Generator) -> dict[str, Any]:
     }
 
 
+def curve(pooling: str, data: dict[str, Any], rng: np.random.Generator) -> str:
+    """The run's metrics.jsonl as the engine writes it (poolbench.engine.tracking): one row per epoch, the
+    learned parameter of a learnable pool, and the held-out metric on the last epoch."""
+    epochs = int(data["cfg.trainer.epochs"])
+    rows = []
+    for epoch in range(1, epochs + 1):
+        row: dict[str, Any] = {"epoch": epoch, "loss": float(2.3 / epoch + rng.normal(0, 0.02))}
+        row |= {"lr": 0.01, "seconds": float(15 + rng.normal(0, 0.5)), "steps": 120}
+        if pooling == "gem":
+            row["learned.p"] = float(3 + 0.05 * epoch + rng.normal(0, 0.02))
+        if epoch == epochs:
+            row["eval.mAP"] = data["mAP"]
+        rows.append(json.dumps(row))
+    return "\n".join(rows) + "\n"
+
+
 def fabricate(size: int, folder: Path) -> Path:
-    rng = np.random.default_rng(size)
+    """``size`` run folders under ``folder/runs`` (reused when already there: a rerun times the same records)."""
     runs = folder / "runs"
+    if (folder / "complete").exists():
+        return runs
+    rng, curves = np.random.default_rng(size), np.random.default_rng(size + 1)
     for seed in range(size // len(OPERATORS)):
         for pooling in OPERATORS:
             data = record(pooling, seed, rng)
             records.atomic_write_json(runs / data["run_id"] / records.RECORD, data)
+            (runs / data["run_id"] / records.METRICS).write_text(curve(pooling, data, curves))
+    (folder / "complete").touch()
     return runs
 
 

@@ -116,26 +116,31 @@ def _scipy_sign_flip(deltas: np.ndarray, **kwargs: object) -> float:
     ).pvalue
 
 
-_RNG = np.random.default_rng(11)
+def _two_sided_error(p: float, resamples: int) -> float:
+    """Standard error of a Monte Carlo two-sided p: twice a proportion near p / 2."""
+    return 2 * math.sqrt(p / 2 * (1 - p / 2) / resamples)
+
+
+_RNG = np.random.default_rng(2)  # exact p: 0.93, 0.069, 9e-5, 0.047
 
 
 @pytest.mark.parametrize(
     "deltas",
     [
-        _RNG.normal(0.0, 1.0, 18),  # p near 0.5
-        _RNG.normal(0.5, 1.0, 18),  # a few percent
-        _RNG.normal(1.2, 1.0, 18),  # below Holm's threshold for a few comparisons
-        _RNG.integers(-2, 4, 18) * 0.01,  # a quantised metric: null means tie with the observed one
+        _RNG.normal(0.0, 1.0, 17),  # no effect
+        _RNG.normal(0.5, 1.0, 17),  # a p of a few percent
+        _RNG.normal(1.3, 1.0, 17),  # below Holm's threshold for a few comparisons
+        _RNG.integers(-2, 4, 17) * 0.01,  # a quantised metric: null means tie with the observed one
     ],
     ids=["null", "weak", "strong", "quantised"],
 )
 def test_monte_carlo_sign_flip_agrees_with_scipys_exact_enumeration(deltas: np.ndarray) -> None:
-    """18 pairs: scipy enumerates all 2^18 sign patterns; the Monte Carlo p lies within its own error."""
+    """17 pairs: scipy enumerates all 2^17 sign patterns; the Monte Carlo p lies within its own error."""
     resamples = stats.resamples_for(0.05 / 4)
     ours, used = stats.sign_flip(deltas, resamples=resamples)
-    exact = _scipy_sign_flip(deltas, n_resamples=2**18)
+    exact = _scipy_sign_flip(deltas, n_resamples=2**17)
     assert used == resamples
-    assert abs(ours - exact) <= 5 * math.sqrt(exact * (1 - exact) / resamples) + 2 / resamples, (ours, exact)
+    assert abs(ours - exact) <= 5 * _two_sided_error(exact, resamples) + 2 / resamples, (ours, exact)
 
 
 def test_monte_carlo_sign_flip_agrees_with_scipys_monte_carlo_at_many_pairs() -> None:
@@ -144,7 +149,7 @@ def test_monte_carlo_sign_flip_agrees_with_scipys_monte_carlo_at_many_pairs() ->
     ours = stats.sign_flip_p(deltas, resamples=resamples)
     theirs = _scipy_sign_flip(deltas, n_resamples=resamples, rng=np.random.default_rng(1))
     assert 0.05 < theirs < 0.8  # a p whose Monte Carlo error is visible
-    assert abs(ours - theirs) <= 5 * math.sqrt(2 * theirs * (1 - theirs) / resamples), (ours, theirs)
+    assert abs(ours - theirs) <= 5 * math.sqrt(2) * _two_sided_error(theirs, resamples), (ours, theirs)
 
 
 @pytest.mark.parametrize("n", [17, 40, 1001])
@@ -247,3 +252,21 @@ def test_the_issue_case_with_composed_configs(tmp_path: Path) -> None:
         write(tmp_path, _real_record(["pooling=dgmp", "dataset=digits", "dataset.image_size=48", f"seed={seed}"], 0.9))
     built = report.build(tmp_path, baseline="avg")
     assert list(built.design.confounded) == ["cfg.dataset.image_size"] and built.comparison.empty
+
+
+def test_each_sign_flip_p_says_whether_it_is_exact_or_monte_carlo(tmp_path: Path) -> None:
+    """Two datasets: 6 seeds on one (exact), 30 on the other (Monte Carlo with B for Holm's alpha / m)."""
+    rng = np.random.default_rng(2)
+    for dataset, seeds in (("synthwriters", 6), ("icdar17", 30)):
+        for seed in range(seeds):
+            write(tmp_path, make_record("avg", seed, dataset=dataset, mAP=0.5 + rng.normal(0, 0.01)))
+            write(tmp_path, make_record("gem", seed, dataset=dataset, mAP=0.51 + rng.normal(0, 0.01)))
+    built = report.build(tmp_path, metrics=["mAP"], baseline="avg")
+    rows = built.comparison.set_index("context")
+    expected = stats.resamples_for(0.05 / built.family_size)
+    assert built.family_size == 2 and rows.loc["synthwriters", "p_perm_resamples"] == 0
+    assert rows.loc["icdar17", "p_perm_resamples"] == expected
+    lines = dict(zip(built.comparison["context"], built.comparison_lines, strict=True))
+    assert f"[Monte Carlo, {expected:,} sign patterns]" in lines["icdar17"] and "[exact]" in lines["synthwriters"]
+    shown = report.display_comparison(built).set_index("context")["sign-flip p is"]
+    assert shown["synthwriters"] == "exact" and shown["icdar17"].startswith("Monte Carlo")
