@@ -120,14 +120,14 @@ def _store_generated_nodes() -> None:
     """Put one node per registered operator into Hydra's ConfigStore (``pooling=<name>``,
     ``local_pooling=<name>``): an operator's registration is the only description of its config.
     Called before every composition, so operators registered since (plugins) are options too."""
-    from poolbench import pooling
+    from poolbench.pooling import catalog
 
     _import_schema_owners()
     store = ConfigStore.instance()
     # What the nodes are made from: storing them costs ~1 s (OmegaConf builds every node), so they are
     # stored again only when an operator or option was (un)registered since, or the store was emptied.
     sources = (
-        tuple((kind, spec) for kind in ("global", "local") for spec in pooling.specs(kind)),
+        tuple((kind, spec) for kind in ("global", "local") for spec in catalog.infos(kind)),
         tuple((group, name, opt) for group in schema.groups() for name, opt in schema.options(group).items()),
     )  # the objects themselves (held, compared by value), not their ids, which a new object may reuse
     global _STORED
@@ -135,11 +135,11 @@ def _store_generated_nodes() -> None:
         return
     for group, kind in (("pooling", "global"), ("local_pooling", "local")):
         store.repo[group] = {}  # exactly the registered operators (a test may have unregistered one)
-        for spec in pooling.specs(kind):
+        for spec in catalog.infos(kind):
             store.store(group=group, name=spec.name, node=spec.config_node())
         geometry = {"kernel_size": None, "stride": None} if kind == "local" else {}
-        custom = {"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
-        store.store(group=group, name=pooling.CUSTOM, node=custom)
+        custom = {"name": catalog.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
+        store.store(group=group, name=catalog.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
     from poolbench.data.augment import AUTO_AUGMENT
 
@@ -157,9 +157,9 @@ _STORED: tuple[Any, ConfigStore] | None = None
 
 def _import_schema_owners() -> None:
     """Import the modules that register config schemas (their import registers the options)."""
-    import poolbench.data  # noqa: F401
+    import poolbench.data.schemas  # noqa: F401
     import poolbench.engine.settings  # noqa: F401
-    import poolbench.models  # noqa: F401
+    import poolbench.models.settings  # noqa: F401
 
 
 def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConfig:
@@ -623,21 +623,26 @@ def _seen(seen: set[str], what: tuple[Any, ...], content: Any) -> bool:
 
 def _validate_model(model_node: Mapping[str, Any]) -> None:
     """An architecture the backbone library does not know (``model.arch``), found without building."""
-    from poolbench import models
+    from poolbench.models import settings
 
-    models.check(model_node)
+    settings.check(model_node)
 
 
 def _validate_pooling(root: Mapping[str, Any]) -> None:
+    """The operators, built as their nodes say; a built-in one exactly as declared is known to build
+    without importing torch (poolbench.pooling.catalog), anything else is built for its own errors."""
     from poolbench import pooling
+    from poolbench.pooling import catalog
 
     for group in OPEN_GROUPS:
         lr_mult = root[group].get("lr_mult", 1.0)
         if not isinstance(lr_mult, int | float) or lr_mult < 0:
             raise ConfigError(f"{group}.lr_mult must be a number >= 0, got {lr_mult!r}")
-    pooling.from_config(root["pooling"], "global")
-    if root["local_pooling"].get("name") != "none":
-        pooling.from_config(root["local_pooling"], "local")
+    if not catalog.valid_as_declared(root["pooling"], "global"):
+        pooling.from_config(root["pooling"], "global")
+    local = root["local_pooling"]
+    if local.get("name") != "none" and not catalog.valid_as_declared(local, "local"):
+        pooling.from_config(local, "local")
 
 
 def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -659,11 +664,12 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
 def run_id(cfg: DictConfig | Mapping[str, Any]) -> str:
     """Readable, deterministic and collision-free run id: same config, same id. Every part is reduced
     to letters, digits, '.', '_' and '+', so no value can make it a path."""
-    from poolbench import models, pooling
+    from poolbench.models.settings import label as model_label
+    from poolbench.pooling.catalog import label as pooling_label
 
     values = _resolved(cfg)
     parts = (
-        pooling.label(values["pooling"]), models.label(values["model"]), values["dataset"]["name"], f"s{values['seed']}"
+        pooling_label(values["pooling"]), model_label(values["model"]), values["dataset"]["name"], f"s{values['seed']}"
     )
     return "-".join(_path_safe(str(p)) for p in parts) + "-" + config_hash(values)
 
