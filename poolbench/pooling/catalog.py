@@ -110,7 +110,11 @@ def live() -> bool:
 
 
 def infos(kind: Kind) -> list[OperatorInfo]:
-    """Every operator of ``kind`` a config may choose: the registry's when loaded, else the built-ins'."""
+    """Every operator of ``kind`` a config may choose: the registry's when loaded, else the built-ins'.
+    The process's plugins (entry points, POOLBENCH_PLUGINS) are imported first, as the registry does."""
+    from poolbench import plugins
+
+    plugins.load_process_plugins()
     if live():
         from poolbench.pooling import registry
 
