@@ -203,8 +203,9 @@ def _iter_configs(
     """Compose many configs fast: ``(cfg, its resolved values)`` per override set (``cfg`` None when not
     ``need_config`` and the values could be had without it).
 
-    Hydra's compose (search path, defaults list, merges) is paid once per distinct combination of
-    group choices (``pooling=dgmp model=resnet50``), and so is resolving that combination's config
+    Hydra's compose (search path, defaults list, merges) is paid once per distinct combination of the
+    choices of groups other than the operators' (``dataset=digits model=resnet50``; each operator's node
+    is put in place, see :func:`_swapped_operators`), and resolving is paid once per combination
     (see :class:`_Base`). Each run's value overrides (``trainer.lr=0.1``) are applied by Hydra's own
     override code, and the result validated exactly as ``compose`` validates; a group's content
     checked once (its schema, the model's architecture, the operator built) is not checked again for
@@ -451,6 +452,8 @@ def _swapped_operators(group_overrides: tuple[str, ...]) -> DictConfig | None:
     for text in group_overrides:
         key, sep, value = text.partition("=")
         if key in _OPERATOR_GROUPS and sep:
+            if key in swaps:
+                return None  # two choices of one group: Hydra's own message
             swaps[key] = value
     others = tuple(o for o in group_overrides if o.partition("=")[0] not in _OPERATOR_GROUPS)
     if not swaps or any(override_key(o) == "experiment" for o in others):
