@@ -120,26 +120,27 @@ def _store_generated_nodes() -> None:
     """Put one node per registered operator into Hydra's ConfigStore (``pooling=<name>``,
     ``local_pooling=<name>``): an operator's registration is the only description of its config.
     Called before every composition, so operators registered since (plugins) are options too."""
-    from poolbench import pooling
+    from poolbench.pooling import catalog
 
     _import_schema_owners()
     store = ConfigStore.instance()
     # What the nodes are made from: storing them costs ~1 s (OmegaConf builds every node), so they are
     # stored again only when an operator or option was (un)registered since, or the store was emptied.
     sources = (
-        tuple((kind, spec) for kind in ("global", "local") for spec in pooling.specs(kind)),
+        tuple((kind, spec) for kind in ("global", "local") for spec in catalog.infos(kind)),
         tuple((group, name, opt) for group in schema.groups() for name, opt in schema.options(group).items()),
     )  # the objects themselves (held, compared by value), not their ids, which a new object may reuse
     global _STORED
     if _STORED is not None and _STORED[0] == sources and _STORED[1] is store and "poolbench_base.yaml" in store.repo:
         return
+    _AUTO_RECIPE.clear()  # the options changed: a recipe may have too
     for group, kind in (("pooling", "global"), ("local_pooling", "local")):
         store.repo[group] = {}  # exactly the registered operators (a test may have unregistered one)
-        for spec in pooling.specs(kind):
+        for spec in catalog.infos(kind):
             store.store(group=group, name=spec.name, node=spec.config_node())
         geometry = {"kernel_size": None, "stride": None} if kind == "local" else {}
-        custom = {"name": pooling.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
-        store.store(group=group, name=pooling.CUSTOM, node=custom)
+        custom = {"name": catalog.CUSTOM, "_target_": "???", **geometry, "lr_mult": 1}  # pooling.from_config reads it
+        store.store(group=group, name=catalog.CUSTOM, node=custom)
     store.store(group="local_pooling", name="none", node={"name": "none"})
     from poolbench.data.augment import AUTO_AUGMENT
 
@@ -157,9 +158,9 @@ _STORED: tuple[Any, ConfigStore] | None = None
 
 def _import_schema_owners() -> None:
     """Import the modules that register config schemas (their import registers the options)."""
-    import poolbench.data  # noqa: F401
+    import poolbench.data.schemas  # noqa: F401
     import poolbench.engine.settings  # noqa: F401
-    import poolbench.models  # noqa: F401
+    import poolbench.models.settings  # noqa: F401
 
 
 def compose(overrides: Sequence[str] = (), *, validate: bool = True) -> DictConfig:
@@ -202,8 +203,9 @@ def _iter_configs(
     """Compose many configs fast: ``(cfg, its resolved values)`` per override set (``cfg`` None when not
     ``need_config`` and the values could be had without it).
 
-    Hydra's compose (search path, defaults list, merges) is paid once per distinct combination of
-    group choices (``pooling=dgmp model=resnet50``), and so is resolving that combination's config
+    Hydra's compose (search path, defaults list, merges) is paid once per distinct combination of the
+    choices of groups other than the operators' (``dataset=digits model=resnet50``; each operator's node
+    is put in place, see :func:`_swapped_operators`), and resolving is paid once per combination
     (see :class:`_Base`). Each run's value overrides (``trainer.lr=0.1``) are applied by Hydra's own
     override code, and the result validated exactly as ``compose`` validates; a group's content
     checked once (its schema, the model's architecture, the operator built) is not checked again for
@@ -236,8 +238,9 @@ def _iter_configs(
             continue
         if groups not in bases:
             bases[groups] = _Base.of(_reference(groups))  # the reference is cached by config: never edited
+            bases[groups].names_target = _defaults_name_target(bases[groups].reference)
         base = bases[groups]
-        if _names_target(base.reference, value_overrides):  # a `_target_`'s source hash joins the identity
+        if base.names_target or _names_target(value_overrides):  # a `_target_`'s source hash joins the identity
             cfg = compose(list(overrides))
             yield cfg, OmegaConf.to_container(cfg, resolve=True)  # type: ignore[misc]
             continue
@@ -280,6 +283,7 @@ class _Base:
     # (path, ${key} text) of every interpolation leaf; None when one cannot be looked up that way
     interpolations: list[tuple[str, str]] | None
     stored: dict[str, tuple[str, Any] | None] = field(default_factory=dict)  # override text → (path, value)
+    names_target: bool = False  # the composed defaults name a `_target_` class (decided once, not per run)
 
     @classmethod
     def of(cls, reference: DictConfig) -> _Base:
@@ -395,10 +399,13 @@ def apply_value_overrides(overrides: Sequence[Override], cfg: DictConfig) -> Non
     ConfigLoaderImpl._apply_overrides_to_config(list(overrides), cfg)
 
 
-def _names_target(reference: DictConfig, overrides: Sequence[Override]) -> bool:
-    """Whether a config names a class by ``_target_`` (its composed defaults or a value override)."""
-    if any(o.key_or_group.endswith("._target_") for o in overrides):
-        return True
+def _names_target(overrides: Sequence[Override]) -> bool:
+    """Whether a value override names a class by ``_target_``."""
+    return any(o.key_or_group.endswith("._target_") for o in overrides)
+
+
+def _defaults_name_target(reference: DictConfig) -> bool:
+    """Whether a composed config's defaults name a class by ``_target_``."""
     return any(reference[g].get("_target_") not in (None, "???") for g in plugins.TARGET_GROUPS if g in reference)
 
 
@@ -427,13 +434,99 @@ def _reference(group_overrides: tuple[str, ...]) -> DictConfig:
 
     Cached because a sweep composes many configs that share their group choices; never edited.
     """
-    return _compose_raw(list(group_overrides))
+    swapped = _swapped_operators(group_overrides)
+    return swapped if swapped is not None else _compose_raw(list(group_overrides))
+
+
+# Groups whose options are the registry's generated nodes: no defaults list, and no other config file sets
+# their keys unless an experiment preset does.
+_OPERATOR_GROUPS = ("pooling", "local_pooling")
+
+
+def _swapped_operators(group_overrides: tuple[str, ...]) -> DictConfig | None:
+    """What composing ``group_overrides`` gives, made from the composition without their operator choices
+    by putting the chosen operators' nodes in place (Hydra merges a generated node into an empty package,
+    so the node is the result): an operator grid costs one Hydra compose, not one per operator. None
+    (compose instead) for anything else: an experiment preset, an option Hydra would look up elsewhere."""
+    swaps = {}
+    for text in group_overrides:
+        key, sep, value = text.partition("=")
+        if key in _OPERATOR_GROUPS and sep:
+            if key in swaps:
+                return None  # two choices of one group: Hydra's own message
+            swaps[key] = value
+    others = tuple(o for o in group_overrides if o.partition("=")[0] not in _OPERATOR_GROUPS)
+    if not swaps or any(override_key(o) == "experiment" for o in others):
+        return None
+    sibling = _reference(others)
+    repo = ConfigStore.instance().repo
+    entries = {group: repo.get(group, {}).get(f"{name}.yaml") for group, name in swaps.items()}
+    if sibling.choices.get("experiment") is not None or any(e is None for e in entries.values()):
+        return None
+    if any((conf_dir() / group).is_dir() for group in swaps):  # a yaml option would shadow a generated one
+        return None
+    cfg = copy.deepcopy(sibling)
+    with _struct_lifted(cfg):
+        for group, entry in entries.items():
+            cfg[group] = copy.deepcopy(entry.node)
+            cfg.choices[group] = swaps[group]
+    return cfg
+
+
+# augment=auto's recipe, by the overrides that decide it (see _auto_key): a sweep over operators composes
+# each combination once instead of twice (composing is most of the cost of planning a grid).
+_AUTO_RECIPE: dict[tuple[str, ...], str] = {}
+# Groups whose options carry no defaults list (generated or schema nodes): they cannot change which
+# dataset or augment option a composition chooses.
+_LEAF_GROUPS = ("pooling", "local_pooling", "model", "trainer")
+
+
+def _auto_key(overrides: Sequence[str]) -> tuple[str, ...]:
+    return tuple(o for o in overrides if override_key(o) not in _LEAF_GROUPS)
+
+
+def _plain_auto_recipe(overrides: Sequence[str]) -> str | None:
+    """augment=auto's recipe where the overrides make the dataset choice plain to see without composing
+    (``dataset=<option>`` or config.yaml's default; no experiment preset, nothing else touching augment,
+    nothing Hydra routes elsewhere); None: compose and find out."""
+    from poolbench.data.augment import AUTO_AUGMENT, default_augment
+
+    dataset = None
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.startswith(("+", "~")) or "@" in key or key == "experiment" or key.startswith("augment."):
+            return None
+        if key == "augment" and value != AUTO_AUGMENT:
+            return None
+        if key == "dataset":
+            if dataset is not None:
+                return None
+            dataset = value
+    if dataset is None:
+        dataset = _default_choices().get("dataset")
+    if dataset not in schema.options("dataset") or _default_choices().get("augment") != AUTO_AUGMENT:
+        return None  # (an unknown dataset: composing names it, with the valid choices)
+    return default_augment(dataset)
+
+
+@functools.cache
+def _default_choices() -> dict[str, str]:
+    """config.yaml's defaults list as ``{group: option}`` (its plain ``group: option`` entries)."""
+    defaults = OmegaConf.load(conf_dir() / "config.yaml").get("defaults", [])
+    return {k: v for entry in defaults if isinstance(entry, DictConfig) for k, v in entry.items()}
+
+
+def _with_recipe(overrides: Sequence[str], recipe: str) -> list[str]:
+    return [*(o for o in overrides if override_key(o) != "augment"), f"augment={recipe}"]
 
 
 def _compose_raw(overrides: list[str]) -> DictConfig:
     plugins.prepare(overrides)  # their operators must be config options before Hydra composes
     _check_experiment(overrides)
     _store_generated_nodes()
+    recipe = _AUTO_RECIPE.get(_auto_key(overrides)) or _plain_auto_recipe(overrides)
+    if recipe is not None:  # known to choose augment=auto: compose the recipe directly, as below
+        overrides = _with_recipe(overrides, recipe)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):
@@ -452,8 +545,9 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
     if choices["augment"] == AUTO_AUGMENT:
         # The dataset's own recipe, composed like an explicit augment=<recipe>: the same training is
         # the same run, and the record names the recipe that ran.
-        kept = [o for o in overrides if override_key(o) != "augment"]
-        return _compose_raw([*kept, f"augment={default_augment(choices['dataset'])}"])
+        recipe = default_augment(choices["dataset"])
+        _AUTO_RECIPE[_auto_key(overrides)] = recipe
+        return _compose_raw(_with_recipe(overrides, recipe))
     with _struct_lifted(cfg):
         del cfg["hydra"]
         cfg.choices = choices
@@ -623,21 +717,26 @@ def _seen(seen: set[str], what: tuple[Any, ...], content: Any) -> bool:
 
 def _validate_model(model_node: Mapping[str, Any]) -> None:
     """An architecture the backbone library does not know (``model.arch``), found without building."""
-    from poolbench import models
+    from poolbench.models import settings
 
-    models.check(model_node)
+    settings.check(model_node)
 
 
 def _validate_pooling(root: Mapping[str, Any]) -> None:
+    """The operators, built as their nodes say; a built-in one exactly as declared is known to build
+    without importing torch (poolbench.pooling.catalog), anything else is built for its own errors."""
     from poolbench import pooling
+    from poolbench.pooling import catalog
 
     for group in OPEN_GROUPS:
         lr_mult = root[group].get("lr_mult", 1.0)
         if not isinstance(lr_mult, int | float) or lr_mult < 0:
             raise ConfigError(f"{group}.lr_mult must be a number >= 0, got {lr_mult!r}")
-    pooling.from_config(root["pooling"], "global")
-    if root["local_pooling"].get("name") != "none":
-        pooling.from_config(root["local_pooling"], "local")
+    if not catalog.valid_as_declared(root["pooling"], "global"):
+        pooling.from_config(root["pooling"], "global")
+    local = root["local_pooling"]
+    if local.get("name") != "none" and not catalog.valid_as_declared(local, "local"):
+        pooling.from_config(local, "local")
 
 
 def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -659,11 +758,12 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
 def run_id(cfg: DictConfig | Mapping[str, Any]) -> str:
     """Readable, deterministic and collision-free run id: same config, same id. Every part is reduced
     to letters, digits, '.', '_' and '+', so no value can make it a path."""
-    from poolbench import models, pooling
+    from poolbench.models.settings import label as model_label
+    from poolbench.pooling.catalog import label as pooling_label
 
     values = _resolved(cfg)
     parts = (
-        pooling.label(values["pooling"]), models.label(values["model"]), values["dataset"]["name"], f"s{values['seed']}"
+        pooling_label(values["pooling"]), model_label(values["model"]), values["dataset"]["name"], f"s{values['seed']}"
     )
     return "-".join(_path_safe(str(p)) for p in parts) + "-" + config_hash(values)
 

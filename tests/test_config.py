@@ -208,3 +208,50 @@ def test_hydra_override_adapter() -> None:
         apply_value_overrides(parse(["b.nope=1"]), cfg)
     with pytest.raises(HydraException, match="Could not append to config. An item is already at 'a'"):
         apply_value_overrides(parse(["+a=1"]), cfg)
+
+
+def test_an_operator_grid_composes_once_and_gets_what_compose_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner's base for ``pooling=X local_pooling=Y`` puts the operators' nodes into the
+    composition without them (config._swapped_operators): the same config, node for node, flags too."""
+    from omegaconf import OmegaConf
+
+    from poolbench import config
+    from poolbench.pooling import catalog
+
+    options = [("pooling", i.name) for i in catalog.infos("global")] + [("pooling", "custom")]
+    options += [("local_pooling", i.name) for i in catalog.infos("local")] + [("local_pooling", "none")]
+    cases = [("dataset=digits", f"{group}={name}") for group, name in options]
+    cases += [("local_pooling=lpnorm", "model=resnet18", "pooling=gem"), ("pooling=dgmp", "local_pooling=softpool")]
+    composed = []
+    real = config._compose_raw
+    monkeypatch.setattr(config, "_compose_raw", lambda overrides: composed.append(overrides) or real(overrides))
+    config._reference.cache_clear()
+    for groups in cases:
+        planned, truth = config._reference(groups), real(list(groups))
+        assert OmegaConf.to_yaml(planned) == OmegaConf.to_yaml(truth), groups
+        for group in ("pooling", "local_pooling"):
+            for flag in ("struct", "readonly"):
+                assert planned[group]._get_flag(flag) == truth[group]._get_flag(flag), (groups, group, flag)
+    assert len(composed) == 3, composed  # digits; smallcnn -> resnet18; synthwriters
+    config._reference.cache_clear()
+    assert config._swapped_operators(("experiment=quick", "pooling=gem")) is None  # a preset may set its keys
+    assert config._swapped_operators(("pooling=nope",)) is None  # composing names it, with the valid choices
+
+
+@pytest.mark.parametrize("dataset", ["synthwriters", "digits", "cifar10", "imagefolder", "clamm", "icdar17"])
+def test_auto_augment_known_before_composing_is_the_recipe_composed_explicitly(dataset: str) -> None:
+    """augment=auto's recipe, taken from the overrides without a first composition (config._plain_auto_recipe),
+    composes what naming the recipe does, choices included."""
+    from omegaconf import OmegaConf
+
+    from poolbench import config
+    from poolbench.data.augment import default_augment
+
+    recipe = default_augment(dataset)
+    assert config._plain_auto_recipe([f"dataset={dataset}", "pooling=gem"]) == recipe
+    auto = config._compose_raw([f"dataset={dataset}", "pooling=gem"])
+    named = config._compose_raw([f"dataset={dataset}", "pooling=gem", f"augment={recipe}"])
+    assert OmegaConf.to_yaml(auto) == OmegaConf.to_yaml(named)
+    assert auto.choices.augment == recipe
+    for unplain in (["+experiment=quick"], ["experiment=quick"], ["augment=none"], ["augment.hflip=0.1"]):
+        assert config._plain_auto_recipe([f"dataset={dataset}", *unplain]) is None, unplain

@@ -30,17 +30,23 @@ MODEL_CODE = (
 # Commands that read no config and no operator: not even torch, omegaconf's configs or pandas.
 NOTHING_HEAVY = (*MODEL_CODE, "torch", "numpy", "pandas", "hydra", "poolbench.pooling", "poolbench.config")
 
-# (command, modules it must not import). Composing a config validates its operators by building
-# them, so the commands that compose load torch (only torch: no backbone, no data pipeline code).
+# What a command that composes configs with the default choices may not import either: torch. The
+# operators, models and datasets are described torch-free (poolbench.pooling.catalog, the schema modules).
+NO_TORCH = (*MODEL_CODE, "torch", "poolbench.pooling.registry", "poolbench.models.net", "poolbench.data.base")
+
+# (command, modules it must not import).
 LIGHT_COMMANDS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("--help",), NOTHING_HEAVY),
     (("--version",), NOTHING_HEAVY),
     *(((name, "--help"), NOTHING_HEAVY) for name in ("train", "sweep", "report", "bench", "check", "list", "tune")),
-    (("train", "--cfg"), MODEL_CODE),
-    (("train", "--cfg", "pooling=dgmp", "augment=cifar", "dataset=digits"), MODEL_CODE),
-    (("sweep", "--dry-run", "pooling=avg,max", "seed=0,1"), MODEL_CODE),
-    (("list", "groups"), MODEL_CODE),
-    (("list",), MODEL_CODE),
+    (("train", "--cfg"), NO_TORCH),
+    (("train", "--cfg", "pooling=dgmp", "augment=cifar", "dataset=digits"), NO_TORCH),
+    (("train", "--cfg", "local_pooling=softpool", "pooling=spp"), NO_TORCH),
+    (("train", "--cfg", "dataset=retrieval_folder", "model=custom"), NO_TORCH),  # required values shown, unset
+    (("sweep", "--dry-run", "pooling=avg,max", "seed=0,1"), NO_TORCH),
+    (("sweep", "--dry-run", "pooling=glob(*)", "local_pooling=max,lpnorm", "trainer.lr=0.1,0.01"), NO_TORCH),
+    (("list", "groups"), NO_TORCH),
+    (("list",), NO_TORCH),
     # records keep their options' defaults (part.<group>.defaults), so report tables compose nothing: no torch
     (("report", "{results}", "--baseline", "avg", "--no-plots", "--out", "{out}"), (*MODEL_CODE, "torch")),
 ]
@@ -88,10 +94,32 @@ def _cases() -> list[pytest.param]:
     return cases
 
 
-@pytest.mark.parametrize(("argv", "forbidden"), _cases())
-def test_light_command_imports_no_model_code(argv: tuple[str, ...], forbidden: tuple[str, ...], tmp_path: Path) -> None:
+# Values that only torch can judge load it (the lazy path): a plugin, a torchvision architecture (its
+# list), an operator parameter off its default (the constructor checks it), a `_target_` operator.
+PLUGIN = """
+from poolbench.pooling import GlobalPool, register
+
+
+@register("boundary_probe", kind="global", formula="max_i x_i", reference="tests/test_import_boundaries.py")
+class BoundaryProbe(GlobalPool):
+    def forward(self, x):
+        return x.amax(dim=(2, 3))
+"""
+NEEDS_TORCH: list[tuple[str, ...]] = [
+    ("train", "--cfg", "plugins=[./boundary_pools.py]", "pooling=boundary_probe"),
+    ("train", "--cfg", "model=resnet18"),
+    ("train", "--cfg", "pooling=gem", "pooling.p=4"),
+    ("train", "--cfg", "local_pooling=lpnorm", "local_pooling.kernel_size=3"),
+    ("train", "--cfg", "pooling=custom", "pooling._target_=boundary_pools.BoundaryProbe"),
+    ("sweep", "--dry-run", "pooling=gem", "pooling.p=2,4"),
+]
+
+
+def _loaded(argv: tuple[str, ...], tmp_path: Path) -> set[str]:
+    """The modules ``poolbench <argv>`` imported in a fresh interpreter (which must exit 0)."""
     results = tmp_path / "runs"
     _write_records(results)
+    (tmp_path / "boundary_pools.py").write_text(PLUGIN)
     args = [a.format(results=results, out=tmp_path / "report") for a in argv]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path])}
     env.pop("POOLBENCH_PLUGINS", None)
@@ -102,7 +130,17 @@ def test_light_command_imports_no_model_code(argv: tuple[str, ...], forbidden: t
     assert "@@MODULES@@" in done.stdout, done.stderr[-2000:]
     report = json.loads(done.stdout.rsplit("@@MODULES@@", 1)[1])
     assert report["code"] == 0, done.stderr[-2000:]
-    loaded = set(report["modules"])
+    return set(report["modules"])
+
+
+@pytest.mark.parametrize("argv", NEEDS_TORCH, ids=" ".join)
+def test_values_only_torch_can_judge_load_it(argv: tuple[str, ...], tmp_path: Path) -> None:
+    assert "torch" in _loaded(argv, tmp_path), f"`poolbench {' '.join(argv)}` judged its values without torch"
+
+
+@pytest.mark.parametrize(("argv", "forbidden"), _cases())
+def test_light_command_imports_no_model_code(argv: tuple[str, ...], forbidden: tuple[str, ...], tmp_path: Path) -> None:
+    loaded = _loaded(argv, tmp_path)
     offending = sorted(m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden))
     assert not offending, f"`poolbench {' '.join(argv)}` imported {offending[:12]}"
 

@@ -53,7 +53,7 @@ def list_(
         console.print(table)
         return
     from poolbench import plugins
-    from poolbench.pooling import specs
+    from poolbench.pooling.catalog import infos  # the built-ins without torch, unless a plugin loaded it
 
     kinds = ("global", "local") if what == What.pooling else ("local",)
     for kind in kinds:
@@ -66,12 +66,13 @@ def list_(
             table.add_column("F", no_wrap=True)
         table.add_column("learn", no_wrap=True)
         table.add_column("reference", ratio=3)
-        for spec in specs(kind):
+        for spec in infos(kind):
             width = (spec.width,) if kind == "global" else ()
             learnable = "yes" if spec.learnable else "no"
             name = escape(spec.name)
-            if not spec.cls.__module__.startswith("poolbench."):  # a plugin's: its file or package
-                name += f"\n[dim]{escape(plugins.display_name(spec.cls.__module__))}[/]"
+            cls = getattr(spec, "cls", None)  # None: a built-in as shipped (no torch loaded)
+            if cls is not None and not cls.__module__.startswith("poolbench."):  # a plugin's: its file or package
+                name += f"\n[dim]{escape(plugins.display_name(cls.__module__))}[/]"
             texts = (spec.formula, _format_params(spec.params), *width, learnable, spec.reference)
             table.add_row(name, *(escape(t) for t in texts))
         console.print(table)

@@ -9,8 +9,9 @@ A dataset is one schema dataclass registered as an option of the ``dataset`` con
 (``schema.option("dataset", name, Schema, meta={"augment": recipe, "build": builder})``): its fields are
 the ``dataset.*`` keys with their types, ranges and defaults, ``meta["augment"]`` the training
 augmentation ``augment=auto`` picks (poolbench.data.augment), ``meta["build"]`` the function
-``build(settings, *, seed, transform, progress) -> DataBundle`` that reads it. Adding a dataset is
-one module that registers its option, imported below.
+``build(settings, *, seed, transform, progress) -> DataBundle`` that reads it. The built-in schemas live
+in poolbench.data.schemas, which imports no torch (composing a config needs only them); their builders
+(torch, numpy) load when a dataset is built.
 
 Nothing downloads: every dataset is generated, bundled with a package, or read from a local
 ``root``. Problems with the data raise ``poolbench.errors.DataError`` with one line; a corrupt or
@@ -21,14 +22,15 @@ set it declares.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from poolbench import schema
 from poolbench.data import augment as _augment  # noqa: F401 - registers the augment recipes
-from poolbench.data import classification, retrieval_folder, synthwriters  # noqa: F401 - register datasets
 from poolbench.data.augment import AUTO_AUGMENT, default_augment
-from poolbench.data.base import DataBundle
-from poolbench.data.common import Augment, settings
+from poolbench.data.schemas import Augment, settings  # registers the datasets
+
+if TYPE_CHECKING:
+    from poolbench.data.base import DataBundle
 
 
 def dataset_names() -> list[str]:
@@ -55,6 +57,14 @@ def build_dataset(cfg: Mapping[str, Any], *, seed: int, augment: Mapping[str, An
     option, dataset_settings = settings("dataset", cfg)
     transform = augment_transform(augment, option.name)
     return option.meta["build"](dataset_settings, seed=seed, transform=transform, progress=progress)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DataBundle":  # torch: loaded on first use
+        from poolbench.data.base import DataBundle
+
+        return DataBundle
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["DataBundle", "augment_transform", "build_dataset", "dataset_names"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
-from poolbench.data.common import Transform
+from poolbench.data.schemas import Transform
 from poolbench.errors import ConfigError
 from poolbench.schema import Range, option, options
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,16 +27,11 @@ from poolbench.data.common import (
     IMAGE_SUFFIXES,
     VAL_SEED,
     Augment,
-    MinImages,
     NormalisedImages,
-    PositiveInt,
     Progress,
-    StepsPerEpoch,
     Transform,
-    ValShare,
     channel_stats,
     check_classes,
-    check_val_share,
     entries,
     existing_dir,
     file_kind,
@@ -52,15 +46,14 @@ from poolbench.data.common import (
     stratified_val,
     subfolders,
 )
-from poolbench.errors import ConfigError, DataError
-from poolbench.schema import Range, Required, option
-
-ImageSize = Annotated[int | None, Range(ge=1)]
-TestFraction = Annotated[float, Range(gt=0, lt=1)]
-SplitSeed = Annotated[int, Range(ge=0, lt=2**32)]
-
-# Where Debian's `dataset-fashion-mnist` package installs the four IDX files (dpkg -L shows them).
-FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+from poolbench.data.schemas import (
+    CifarConfig,
+    ClammConfig,
+    DigitsConfig,
+    FashionMnistConfig,
+    ImageFolderConfig,
+)
+from poolbench.errors import DataError
 
 
 def in_memory_bundle(name: str, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
@@ -115,21 +108,6 @@ def stratified_split(labels: np.ndarray, test_fraction: float, split_seed: int) 
 
 # --- digits -------------------------------------------------------------------------------------
 
-@dataclass
-class DigitsConfig:
-    """``dataset=digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), offline."""
-
-    name: str = "digits"
-    task: Literal["classification"] = "classification"
-    image_size: ImageSize = 32  # upsampled from 8x8 (bilinear); null keeps 8x8
-    test_fraction: TestFraction = 0.25  # stratified split, fixed by split_seed (not the run seed)
-    split_seed: SplitSeed = 0  # also draws the validation split
-    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
-    val_share: ValShare = 0.0  # validation: a stratified share (or count) of the training items
-
-    check_values = staticmethod(check_val_share)
-
-
 def build_digits(s: DigitsConfig, *, seed: int, transform: Augment, progress: Progress = None) -> DataBundle:
     from sklearn.datasets import load_digits
 
@@ -142,20 +120,6 @@ def build_digits(s: DigitsConfig, *, seed: int, transform: Augment, progress: Pr
 
 
 # --- fashion_mnist ------------------------------------------------------------------------------
-
-@dataclass
-class FashionMnistConfig:
-    """``dataset=fashion_mnist``: Fashion-MNIST (10 classes) from its four IDX files (optionally .gz)."""
-
-    name: str = "fashion_mnist"
-    task: Literal["classification"] = "classification"
-    root: str = FASHION_MNIST_DEBIAN_ROOT  # where Debian's dataset-fashion-mnist installs them
-    image_size: ImageSize = 32  # resized from 28x28; null keeps 28
-    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
-    val_share: ValShare = 0.0  # validation: a stratified share (or count) of the training items
-
-    check_values = staticmethod(check_val_share)
-
 
 IDX_DTYPES = {0x08: np.uint8}
 
@@ -203,28 +167,6 @@ def build_fashion_mnist(s: FashionMnistConfig, *, seed: int, transform: Augment,
 
 
 # --- cifar10 / cifar100 -------------------------------------------------------------------------
-
-@dataclass
-class CifarConfig:
-    """``dataset=cifar10`` / ``cifar100`` (fine labels): the python version, extracted under ``root``."""
-
-    name: str = "cifar10"
-    task: Literal["classification"] = "classification"
-    root: Annotated[str | None, Required("the folder holding cifar-10-batches-py/ or cifar-100-python/ "
-                                         "(the python version, extracted; nothing is downloaded)")] = None
-    image_size: ImageSize = None  # null keeps 32x32
-    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
-    val_share: ValShare = 0.0  # validation: a stratified share (or count) of the training items
-
-    check_values = staticmethod(check_val_share)
-
-
-@dataclass
-class Cifar100Config(CifarConfig):
-    """``dataset=cifar100``: CIFAR-100 with its fine labels (100 classes)."""
-
-    name: str = "cifar100"
-
 
 CIFAR_LAYOUT = {
     # name: (folder, training batch files, test batch file, label key, classes)
@@ -289,30 +231,6 @@ def build_cifar(s: CifarConfig, *, seed: int, transform: Augment, progress: Prog
 
 
 # --- imagefolder --------------------------------------------------------------------------------
-
-@dataclass
-class ImageFolderConfig:
-    """``dataset=imagefolder``: any class-per-folder tree, ``<root>/train/<class>/*`` and
-    ``<root>/test/<class>/*`` (plus ``<root>/val/<class>/*`` when present), or ``<root>/<class>/*`` split
-    by ``test_fraction``."""
-
-    name: str = "imagefolder"
-    task: Literal["classification"] = "classification"
-    root: Annotated[str | None, Required("the folder holding <class>/ (or train/<class>/ and test/<class>/) "
-                                         "folders of images")] = None
-    # null = follow the images (1 when every image is grey, else 3 = RGB); 1 or 3 converts them.
-    channels: Literal[1, 3] | None = None
-    image_size: PositiveInt = 64  # every image is resized to image_size x image_size
-    test_fraction: TestFraction = 0.2  # only without train/ and test/ folders; stratified, fixed by split_seed
-    split_seed: SplitSeed = 0  # also draws the validation split
-    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training set
-    val_share: ValShare = 0.0  # without a val/ folder: a stratified share (or count) of the training items
-    # null = a class folder without images is an error; k = drop class folders with fewer than k images
-    # (named in one line), so an empty folder never becomes a class the classifier must predict.
-    min_per_class: MinImages = None
-
-    check_values = staticmethod(check_val_share)
-
 
 def read_class_tree(folder: Path, mode: str, size: int, classes: list[str] | None, progress: Progress, *,
                     min_per_class: int | None = None, dropped: frozenset[str] = frozenset()
@@ -390,32 +308,6 @@ def build_imagefolder(s: ImageFolderConfig, *, seed: int, transform: Augment, pr
 
 
 # --- clamm --------------------------------------------------------------------------------------
-
-@dataclass
-class ClammConfig:
-    """``dataset=clamm``: CLaMM'16/'17 script classification (12 classes), the layout made by
-    scripts/prepare_clamm.py: a folder of .tif pages plus a ';'-separated label file per split."""
-
-    name: str = "clamm"
-    task: Literal["classification"] = "classification"
-    train_images: Annotated[str | None, Required("the folder of training pages")] = None
-    train_csv: str | None = None  # null = the one .csv in train_images
-    test_images: Annotated[str | None, Required("the folder of test pages")] = None
-    test_csv: str | None = None  # null = the one .csv in test_images
-    filename_column: Annotated[int, Range(ge=0)] = 0
-    label_column: Annotated[int, Range(ge=0)] = 1  # SCRIPT_TYPE
-    short_side: PositiveInt = 512  # pages are scaled so their short side is this
-    input_size: PositiveInt = 224  # random crops (or the augment recipe) for training, centre crop for test
-    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training pages
-    val_share: ValShare = 0.0  # validation: a stratified share (or count) of the training pages
-
-    @staticmethod
-    def check_values(values: dict) -> None:
-        check_val_share(values)
-        if values["input_size"] > values["short_side"]:
-            raise ConfigError(f"clamm: dataset.input_size {values['input_size']} is larger than dataset.short_side "
-                              f"{values['short_side']}")
-
 
 # Grey mean and std of CLaMM pages, as used by the DGMP authors.
 CLAMM_MEAN, CLAMM_STD = 185.2293 / 255, 61.8040 / 255
@@ -540,11 +432,3 @@ def build_clamm(s: ClammConfig, *, seed: int, transform: Augment, progress: Prog
               "normalisation": "grey, CLaMM mean 185.23/255, std 61.80/255", **val_info},
         val=val,
     )
-
-
-option("dataset", "digits", DigitsConfig, meta={"augment": "cifar", "build": build_digits})
-option("dataset", "fashion_mnist", FashionMnistConfig, meta={"augment": "cifar", "build": build_fashion_mnist})
-option("dataset", "cifar10", CifarConfig, meta={"augment": "cifar", "build": build_cifar})
-option("dataset", "cifar100", Cifar100Config, meta={"augment": "cifar", "build": build_cifar})
-option("dataset", "imagefolder", ImageFolderConfig, meta={"augment": "imagenet", "build": build_imagefolder})
-option("dataset", "clamm", ClammConfig, meta={"augment": "document", "build": build_clamm})

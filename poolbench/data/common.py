@@ -15,9 +15,8 @@ import os
 import stat
 import unicodedata
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -25,46 +24,21 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from poolbench import schema
-from poolbench.errors import ConfigError, DataError, unknown_choice
+from poolbench.data.schemas import (  # noqa: F401 - the shared key types and checks, torch-free, re-exported
+    VAL_SEED,
+    Augment,
+    MinImages,
+    PositiveInt,
+    Progress,
+    StepsPerEpoch,
+    Transform,
+    ValShare,
+    check_val_share,
+    settings,
+)
+from poolbench.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-Progress = Callable[[str, int, int], None] | None
-# A training-time transform of one uint8 (C, H, W) image (see poolbench.data.augment).
-Transform = Callable[[torch.Tensor], torch.Tensor]
-# What a builder receives: the chosen augment recipe as ``size -> transform`` (None = no augmentation).
-Augment = Callable[[int], Transform | None]
-PositiveInt = Annotated[int, schema.Range(ge=1)]
-# dataset.steps_per_epoch: the epoch trainer.steps_per_epoch follows by default; null = one pass.
-StepsPerEpoch = Annotated[int | None, schema.Range(ge=1)]
-# dataset.val_share: 0 = no validation split; a share in (0, 1) or a whole count >= 1 of the training
-# identities (retrieval) or items (classification, stratified). A dataset's own val split wins.
-ValShare = Annotated[float, schema.Range(ge=0)]
-# dataset.min_per_identity / min_per_class: null = keep everything (and refuse what cannot work);
-# k = drop, knowingly and named in one line, the identities / classes with fewer than k images.
-MinImages = Annotated[int | None, schema.Range(ge=1)]
-# Where a validation split without its own seed key is drawn from (never the run seed: every run of a
-# comparison, and every trial of a tuning study, must see the same validation set).
-VAL_SEED = 0
-
-
-def settings(group: str, node: Mapping[str, Any]) -> tuple[schema.Option, Any]:
-    """The registered option a ``group`` node names, and the node as that option's validated dataclass.
-
-    Missing keys take the option's values (so API callers may pass a partial mapping); types, ranges,
-    choices and unknown keys are checked by the schema (one-line ConfigError).
-    """
-    from omegaconf import DictConfig, OmegaConf
-
-    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    name = plain.get("name")
-    registered = schema.options(group)
-    if name not in registered:
-        raise ConfigError(unknown_choice(f"{group} option", name, registered))
-    opt = registered[str(name)]
-    merged = {**opt.node(), **plain}
-    schema.check(merged, opt.schema, group, label=f"{group}={name}")
-    return opt, opt.schema(**merged)
 
 
 def shown(path: str | os.PathLike[str]) -> str:
@@ -255,13 +229,6 @@ def read_csv_rows(path: Path, what: str, delimiter: str = ",") -> list[list[str]
 
 
 # --- validation split ----------------------------------------------------------------------------
-
-def check_val_share(values: Mapping[str, Any]) -> None:
-    """``dataset.val_share`` is a share in [0, 1) or a whole count >= 1 (1.5 items means nothing)."""
-    share = values.get("val_share", 0.0)
-    if isinstance(share, int | float) and share >= 1 and float(share) != int(share):
-        raise ConfigError(f"dataset.val_share must be a share in (0, 1) or a whole count >= 1, got {share!r}")
-
 
 def val_count(val_share: float, available: int, what: str, minimum: int = 1) -> int:
     """How many of ``available`` training identities/items ``val_share`` holds out (0 = none).

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -49,14 +47,9 @@ from poolbench.data.base import DataBundle
 from poolbench.data.common import (
     IMAGE_SUFFIXES,
     Augment,
-    MinImages,
     NormalisedImages,
-    PositiveInt,
     Progress,
-    StepsPerEpoch,
-    ValShare,
     channel_stats,
-    check_val_share,
     existing_dir,
     file_kind,
     held_out_identities,
@@ -70,47 +63,8 @@ from poolbench.data.common import (
     val_count,
 )
 from poolbench.data.pages import RandomPatches, TiledPatches, check_page_sizes, check_test_pages, edge_mask
+from poolbench.data.schemas import RetrievalFolderConfig
 from poolbench.errors import ConfigError, DataError
-from poolbench.schema import Range, Required, option
-
-# ICDAR17 names start with the writer id: 1001-IMG_MAX_116403.jpg (any id before the first '-').
-ICDAR17_PATTERN = r"^([^-]+)-"
-
-
-@dataclass
-class RetrievalFolderConfig:
-    """``dataset=retrieval_folder``: images grouped by identity, evaluated by leave-one-out retrieval."""
-
-    name: str = "retrieval_folder"
-    task: Literal["retrieval"] = "retrieval"
-    root: Annotated[str | None, Required("the folder holding the images (one sub-folder per identity, "
-                                         "train/ and test/ folders, or the files a csv lists)")] = None
-    csv: str | None = None  # rows path,identity[,split], paths relative to root; null = read the folders
-    identity_pattern: str | None = None  # regex, group 1 = identity, on names in flat folders; null = sub-folders
-    train_dir: str = "train"  # split folders, used when both exist under root
-    test_dir: str = "test"
-    test_identities: Annotated[float, Range(gt=0, lt=1)] = 0.5  # without split folders/column: held-out fraction
-    identity_split_seed: Annotated[int, Range(ge=0, lt=2**32)] = 0  # fixes that split (not the run seed)
-    check_disjoint: bool = True  # error when an identity is in both given splits
-    channels: Literal[1, 3] | None = None  # null = 3 (RGB) for whole images, 1 for tiled pages (always grey)
-    input_size: PositiveInt = 128  # network input: whole images or patches are resized to this
-    patch_size: Annotated[int | None, Range(ge=1)] = None  # tile pages into patches of this; null = whole images
-    page_scale: Annotated[float, Range(gt=0, le=1)] = 1.0  # tiled pages are downscaled by this when read
-    min_edges: Annotated[float, Range(ge=0, le=1)] = 0.03  # tiled: keep patches with this Sobel-edge fraction
-    train_patches_per_page: PositiveInt = 100  # tiled: random training crops per page and epoch pass
-    steps_per_epoch: StepsPerEpoch = None  # null = one pass over the training items
-    # Validation identities: a share or count of the training ones (seeded), unless val_dir / csv val rows.
-    val_share: ValShare = 0.0
-    val_dir: str = "val"  # with split folders: used when it exists under root
-    min_per_identity: MinImages = None  # drop identities with fewer images (named in one line); null = keep
-
-    @staticmethod
-    def check_values(values: dict) -> None:
-        check_val_share(values)
-        if values.get("patch_size") is not None and values.get("channels") == 3:
-            raise ConfigError("dataset.channels=3 needs whole images (dataset.patch_size=null): tiled pages are "
-                              "read grey")
-
 
 Item = tuple[Path, str]  # (image file, identity)
 SPLITS = ("train", "val", "test")
@@ -366,23 +320,3 @@ def tiled_sets(s: RetrievalFolderConfig, paths: dict[str, list[Path]], train_lab
     test = TiledPatches(pages["test"], edge_mask, s.patch_size, s.input_size, s.min_edges)
     val = TiledPatches(pages["val"], edge_mask, s.patch_size, s.input_size, s.min_edges) if pages["val"] else None
     return train, test, val
-
-
-@dataclass
-class Icdar17Config(RetrievalFolderConfig):
-    """``dataset=icdar17``: ICDAR 2017 Historical-WI writer retrieval in the layout
-    scripts/prepare_icdar17.py makes: flat folders ``<root>/train/`` (394 writers x 3 pages) and
-    ``<root>/test/`` (720 writers x 5), file names starting with the writer id. Pages are halved (200 px
-    patches = the authors' 400 at full size); patches need >= 3 % Sobel-edge pixels (the authors: Canny,
-    > 2000 edge pixels in 256^2)."""
-
-    name: str = "icdar17"
-    identity_pattern: str | None = ICDAR17_PATTERN
-    patch_size: Annotated[int | None, Range(ge=1)] = 200
-    page_scale: Annotated[float, Range(gt=0, le=1)] = 0.5
-    steps_per_epoch: StepsPerEpoch = 60  # training crops are random: 60 P x K batches
-
-
-option("dataset", "retrieval_folder", RetrievalFolderConfig,
-       meta={"augment": "none", "build": build_retrieval_folder})
-option("dataset", "icdar17", Icdar17Config, meta={"augment": "none", "build": build_retrieval_folder})

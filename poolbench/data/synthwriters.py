@@ -27,10 +27,9 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,63 +38,17 @@ import torch.nn.functional as F
 from poolbench.data.base import DataBundle
 from poolbench.data.common import (
     Augment,
-    PositiveInt,
-    StepsPerEpoch,
-    ValShare,
-    check_val_share,
     held_out_identities,
     val_count,
 )
 from poolbench.data.pages import RandomPatches, TiledPatches, check_test_pages, ink_mask
+from poolbench.data.schemas import SynthWritersConfig
 from poolbench.errors import ConfigError, unknown_choice
 from poolbench.files import atomic_write
-from poolbench.schema import Range, option
 
 # Bump when the drawing code changes, so old caches are not reused for new pictures.
 GENERATOR_VERSION = 1
 
-
-
-@dataclass
-class SynthWritersConfig:
-    """``dataset=synthwriters``: the default, generated offline and cached; mirrors ICDAR17."""
-
-    name: str = "synthwriters"
-    task: Literal["retrieval"] = "retrieval"
-    # Pages are page_size x page_size pixels; from 48 on every page holds two lines of text (the first
-    # baseline lies at most 21 px down, lines at most 25 px apart), below that a page may hold no word.
-    page_size: Annotated[int, Range(ge=48)] = 256
-    patch_size: PositiveInt = 64  # training crops and test tiles, in page pixels
-    input_size: Annotated[int | None, Range(ge=1)] = None  # resize patches to this; null = patch_size
-    train_writers: PositiveInt = 40
-    train_pages_per_writer: PositiveInt = 3
-    test_writers: Annotated[int, Range(ge=2)] = 100  # disjoint from the training writers
-    test_pages_per_writer: Annotated[int, Range(ge=2)] = 5  # leave-one-out retrieval needs 2
-    # Hershey font names shared by the writers, or a count (the first N handwriting-like ones).
-    fonts: list[str] | str | int = field(default_factory=lambda: ["scripts", "cursive"])
-    # 0..1: higher = writers more alike, pages more varied (0.25/0.35/0.5 gave avg-pool mAP
-    # 0.58/0.41/0.20 with a throwaway 4-block CNN, 300 triplet steps).
-    difficulty: Annotated[float, Range(ge=0, le=1)] = 0.35
-    train_patches_per_page: PositiveInt = 100  # training set length = train pages x this (random crop per item)
-    min_ink: Annotated[float, Range(ge=0, le=1)] = 0.05  # test tiles / training crops need this ink fraction
-    generation_seed: Annotated[int | None, Range(ge=0, lt=2**63)] = None  # fix the pages; null = the run's seed
-    cache_dir: str | None = None  # null = $POOLBENCH_CACHE or ~/.cache/poolbench, then /synthwriters
-    # Training crops are random, so an epoch is a fixed number of P x K batches.
-    steps_per_epoch: StepsPerEpoch = 60
-    # Validation writers: a share or count of the training writers (drawn with the generation seed),
-    # evaluated leave-one-out on their tiled pages like the test writers; 0 = none.
-    val_share: ValShare = 0.0
-
-    @staticmethod
-    def check_values(values: dict) -> None:
-        check_val_share(values)
-        if values["patch_size"] > values["page_size"]:
-            raise ConfigError(f"synthwriters: dataset.patch_size {values['patch_size']} is larger than "
-                              f"dataset.page_size {values['page_size']}")
-        count = values.get("val_share", 0)
-        if count >= 1 and values["train_writers"] - count < 2:
-            raise ConfigError(f"synthwriters: dataset.val_share={count:g} leaves {values['train_writers'] - count:g} "
-                              f"of dataset.train_writers={values['train_writers']} to train on; training needs 2")
 
 
 # Style ranges: (low, high) per writer parameter. Units: px unless noted.
@@ -478,6 +431,3 @@ def build(s: SynthWritersConfig, *, seed: int, transform: Augment,
             "normalisation": "ink bright on dark, [0, 1]",
         },
     )
-
-
-option("dataset", "synthwriters", SynthWritersConfig, meta={"augment": "none", "build": build})

@@ -1,7 +1,11 @@
-"""The keys every backbone option takes (``model.*``): the schema the backbone options build on."""
+"""The ``model`` config group without torch: the keys every backbone option takes (``model.*``), each
+built-in option's schema and registration, and what a config needs of a model node (:func:`resolve`,
+:func:`label`, :func:`check`). The builders (poolbench.models.smallcnn, .torchvision, .timm, .custom)
+read these; a library's architecture list is imported only when a node names that library."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -10,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from poolbench import schema
 from poolbench.errors import ConfigError, unknown_choice
-from poolbench.schema import Range
+from poolbench.schema import Range, Required, option
 
 
 @dataclass
@@ -51,3 +55,93 @@ def checked_part(node: Mapping[str, Any], option: schema.Option) -> Mapping[str,
         return node
     fields = schema.defaults(option.schema)
     return {k: v for k, v in node.items() if k in fields}
+
+
+def library_and_arch(node: Mapping[str, Any]) -> tuple[str, str]:
+    """Which builder makes a checked model node, and the architecture it builds."""
+    option_, _ = resolve(node)
+    library = option_.meta.get("library", option_.name)
+    return library, str(option_.meta.get("arch") or node.get("arch") or option_.name)
+
+
+def label(model_node: DictConfig | Mapping[str, Any]) -> str:
+    """The backbone's name for run ids, records and reports: the option's name (``resnet18``,
+    ``smallcnn``), ``model.arch`` for ``model=torchvision`` / ``model=timm`` (may hold ``/`` or ``.``), or
+    the factory's name for ``model=custom`` (``my_backbone.TinyRes`` → ``TinyRes``)."""
+    arch = model_node.get("arch")
+    if arch:
+        return str(arch)
+    target = model_node.get("_target_")
+    if model_node.get("name") == "custom" and target not in (None, "", "???"):
+        return str(target).replace(":", ".").rsplit(".", 1)[-1]
+    return str(model_node["name"])
+
+
+def check(model_node: DictConfig | Mapping[str, Any]) -> None:
+    """ConfigError (one line) for a model node that cannot be built: the schema's checks, plus a
+    ``model.arch`` the library does not know (with close matches). Builds nothing; imports torch only
+    for a torchvision or timm architecture (their lists) or a custom factory."""
+    plain = OmegaConf.to_container(model_node, resolve=True) if isinstance(model_node, DictConfig) else model_node
+    option_, cfg = resolve(plain)
+    library, arch = library_and_arch(cfg)
+    if library == "torchvision":
+        from poolbench.models import torchvision as torchvision_backbones
+
+        torchvision_backbones.check_arch(arch)
+    elif library == "timm":
+        from poolbench.models import timm as timm_backbones
+
+        timm_backbones.check_arch(arch)
+    elif library == custom.LIBRARY and (cfg.get("_target_") or option_.meta.get("factory")):
+        custom.factory_of(cfg, option_.meta)  # (a missing _target_ is the schema's Required: `train --cfg` shows it)
+
+
+# ------------------------------------------------------------------------------ the built-in options
+
+
+@dataclass
+class SmallCNNSettings(BackboneSettings):
+    """A stride-1 stem conv, then ``depth`` stages of [2x2 max-pool, 3x3 conv] doubling the width
+    (final map 8x8 at 64x64 input, depth 3). ``cifar_stem`` drops the first max-pool, ``last_stride=1``
+    the last one."""
+
+    name: str = "smallcnn"
+    width: Annotated[int, Range(ge=1)] = 16
+    depth: Annotated[int, Range(ge=1)] = 3
+
+
+option("model", "smallcnn", SmallCNNSettings, meta={"library": "smallcnn"})
+
+
+@dataclass
+class TorchvisionSettings(BackboneSettings):
+    """``model=torchvision``: any classification model of ``torchvision.models``."""
+
+    name: str = "torchvision"
+    arch: Annotated[str | None, Required("a torchvision classification model, e.g. model.arch=resnet18")] = None
+
+
+option("model", "torchvision", TorchvisionSettings)
+# poolbench 0.1's names: the generic path with their architecture fixed. Their config nodes (and so
+# their run ids) are those of 0.1: the shared keys without `arch`. (schema.option takes the option's
+# name positionally, so each alias's fixed `name` default comes from a subclass.)
+for _arch in ("resnet18", "resnet34", "resnet50", "densenet121", "vgg16_bn", "mobilenet_v3_large", "efficientnet_b0"):
+    _schema = dataclasses.make_dataclass(
+        f"Torchvision_{_arch}", [("name", str, dataclasses.field(default=_arch))], bases=(BackboneSettings,)
+    )
+    option("model", _arch, _schema, meta={"library": "torchvision", "arch": _arch})
+
+
+@dataclass
+class TimmSettings(BackboneSettings):
+    """``model=timm``: any timm model whose features are a (B, C, H, W) map."""
+
+    name: str = "timm"
+    # A timm name (resnet18d), with a pretrained tag (resnet18.a1_in1k) or a cached hub repo (hf-hub:org/repo).
+    arch: Annotated[str | None, Required("a timm model, e.g. model.arch=resnet18d")] = None
+
+
+option("model", "timm", TimmSettings, meta={"library": "timm"})
+
+# model=custom and the names plugins register: torch-free too (imported last: it builds on BackboneSettings).
+from poolbench.models import custom  # noqa: E402

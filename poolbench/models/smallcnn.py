@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Annotated
 
 from torch import nn
 
 from poolbench.errors import ConfigError
-from poolbench.models.settings import BackboneSettings
-from poolbench.schema import Range, option
-
-
-@dataclass
-class SmallCNNSettings(BackboneSettings):
-    """A stride-1 stem conv, then ``depth`` stages of [2x2 max-pool, 3x3 conv] doubling the width
-    (final map 8x8 at 64x64 input, depth 3). ``cifar_stem`` drops the first max-pool, ``last_stride=1``
-    the last one."""
-
-    name: str = "smallcnn"
-    width: Annotated[int, Range(ge=1)] = 16
-    depth: Annotated[int, Range(ge=1)] = 3
-
-
-option("model", "smallcnn", SmallCNNSettings, meta={"library": "smallcnn"})
+from poolbench.models.settings import SmallCNNSettings  # noqa: F401 - the schema of model=smallcnn
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:

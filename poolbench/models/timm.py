@@ -11,32 +11,18 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from poolbench.errors import ConfigError
-from poolbench.models.settings import BackboneSettings
-from poolbench.schema import Required, option
+from poolbench.models.settings import TimmSettings  # noqa: F401 - the schema of model=timm
 
 # Hugging Face file names timm loads weights from, in its order of preference.
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-@dataclass
-class TimmSettings(BackboneSettings):
-    """``model=timm``: any timm model whose features are a (B, C, H, W) map."""
-
-    name: str = "timm"
-    # A timm name (resnet18d), with a pretrained tag (resnet18.a1_in1k) or a cached hub repo (hf-hub:org/repo).
-    arch: Annotated[str | None, Required("a timm model, e.g. model.arch=resnet18d")] = None
-
-
-option("model", "timm", TimmSettings, meta={"library": "timm"})
 
 
 def _timm() -> Any:

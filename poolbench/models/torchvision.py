@@ -10,13 +10,11 @@ reads. Everything after the pool (flatten, dropout, classifier) is dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.fx
@@ -24,31 +22,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from poolbench.errors import ConfigError
-from poolbench.models.settings import BackboneSettings
-from poolbench.schema import Required, option
+from poolbench.models.settings import TorchvisionSettings  # noqa: F401 - the schema of model=torchvision
 
 ADAPTIVE_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 ADAPTIVE_POOL_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-
-
-@dataclass
-class TorchvisionSettings(BackboneSettings):
-    """``model=torchvision``: any classification model of ``torchvision.models``."""
-
-    name: str = "torchvision"
-    arch: Annotated[str | None, Required("a torchvision classification model, e.g. model.arch=resnet18")] = None
-
-
-option("model", "torchvision", TorchvisionSettings)
-# poolbench 0.1's names: the generic path with their architecture fixed. Their config nodes (and so
-# their run ids) are those of 0.1: the shared keys without `arch`. (schema.option takes the option's
-# name positionally, so each alias's fixed `name` default comes from a subclass.)
-for _arch in ("resnet18", "resnet34", "resnet50", "densenet121", "vgg16_bn", "mobilenet_v3_large", "efficientnet_b0"):
-    _schema = dataclasses.make_dataclass(
-        f"Torchvision_{_arch}", [("name", str, dataclasses.field(default=_arch))], bases=(BackboneSettings,)
-    )
-    option("model", _arch, _schema, meta={"library": "torchvision", "arch": _arch})
 
 
 def architectures() -> list[str]:

@@ -13,23 +13,32 @@ Public API::
     spec(name, kind), specs(kind)                           # formula, reference, params, width
 """
 
-from poolbench.pooling import basic, gmp, local, structured  # noqa: F401  (registration side effects)
-from poolbench.pooling.registry import (
-    CUSTOM,
-    GlobalPool,
-    LocalPool,
-    PoolSpec,
-    create,
-    create_local,
-    from_config,
-    label,
-    learned_scalars,
-    local_names,
-    names,
-    register,
-    spec,
-    specs,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# CUSTOM and label are torch-free (poolbench.pooling.catalog, what composing a config needs); the
+# other names are the registry's and load torch and the built-in operators on first use.
+_CATALOG_NAMES = frozenset({"CUSTOM", "label"})
+_REGISTRY_NAMES = frozenset({
+    "GlobalPool", "LocalPool", "PoolSpec", "create", "create_local", "from_config", "learned_scalars",
+    "local_names", "names", "register", "spec", "specs",
+})  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CATALOG_NAMES:
+        return getattr(importlib.import_module("poolbench.pooling.catalog"), name)
+    if name in _REGISTRY_NAMES:
+        return getattr(importlib.import_module("poolbench.pooling.registry"), name)
+    try:  # a submodule reached as an attribute (``pooling.registry``) before anything imported it
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
 
 __all__ = [
     "CUSTOM",

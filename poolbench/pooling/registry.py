@@ -14,22 +14,23 @@ import inspect
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from torch import nn
 
 from poolbench.errors import ConfigError, unknown_choice
-from poolbench.schema import CUSTOM  # the option that instantiates a `_target_` class
-
-Kind = Literal["global", "local"]
-# Constructor arguments every local operator takes; they are not listed as operator parameters.
-LOCAL_GEOMETRY = ("kernel_size", "stride", "padding")
-LOCAL_DEFAULTS = {"kernel_size": 2, "stride": None, "padding": 0}  # LocalPool's: stride None = kernel_size
-# Keys of a pooling/local_pooling config node that are not constructor parameters of the operator
-# (local pools take the geometry too, but from models.py's choice, not as an operator parameter).
-NODE_KEYS = ("name", "lr_mult", "_target_", "_source_sha256", *LOCAL_GEOMETRY)  # plugins.SOURCE_KEY
-GROUP_OF: dict[Kind, str] = {"global": "pooling", "local": "local_pooling"}
+from poolbench.pooling.catalog import (  # the torch-free half of what the registry knows
+    CUSTOM,
+    GROUP_OF,
+    LOCAL_DEFAULTS,
+    LOCAL_GEOMETRY,
+    NODE_KEYS,
+    Kind,
+    OperatorInfo,
+    is_target,
+    label,
+)
 
 
 class GlobalPool(nn.Module):
@@ -62,27 +63,10 @@ class LocalPool(nn.Module):
 
 
 @dataclass(frozen=True)
-class PoolSpec:
-    """What the registry knows about one operator (shown by ``poolbench list``)."""
+class PoolSpec(OperatorInfo):
+    """What the registry knows about one operator: its description and its class."""
 
-    name: str
-    kind: Kind
-    cls: type[nn.Module]
-    formula: str
-    reference: str
-    learnable: bool
-    width: str = "C"
-    params: dict[str, Any] = field(default_factory=dict)
-    lr_mult: float = 1
-    # Each parameter's annotated type (``typing.Any`` when the constructor does not say).
-    types: dict[str, Any] = field(default_factory=dict)
-
-    def config_node(self) -> dict[str, Any]:
-        """The operator's config group node (``pooling=<name>`` / ``local_pooling=<name>``): its name, the
-        learning-rate multiplier of its own parameters and its constructor's parameters with their
-        defaults. Local pools also take ``kernel_size``/``stride`` (null: inherit the replaced max-pool's)."""
-        geometry = {"kernel_size": None, "stride": None} if self.kind == "local" else {}
-        return {"name": self.name, **geometry, "lr_mult": self.lr_mult, **self.params}
+    cls: type[nn.Module] | None = None
 
 
 _REGISTRY: dict[Kind, dict[str, PoolSpec]] = {"global": {}, "local": {}}
@@ -136,7 +120,7 @@ def register(
             raise RuntimeError(f"{kind} pooling '{name}' is registered twice")
         defaults, kinds = _signature(cls, kind)
         _REGISTRY[kind][name] = PoolSpec(
-            name, kind, cls, formula, reference, learnable, width, defaults, lr_mult, kinds
+            name, kind, formula, reference, learnable, width, defaults, lr_mult, kinds, cls=cls
         )
         return cls
 
@@ -144,7 +128,7 @@ def register(
 
 
 def _table(kind: Kind) -> dict[str, PoolSpec]:
-    from poolbench import plugins, pooling  # noqa: F401  (importing the package registers the built-ins)
+    from poolbench import plugins
 
     plugins.load_process_plugins()
     return _REGISTRY[kind]
@@ -205,18 +189,6 @@ def _plain(node: Mapping[str, Any]) -> dict[str, Any]:
     return dict(node)
 
 
-def _is_target(node: Mapping[str, Any]) -> bool:
-    return node.get("name", CUSTOM) == CUSTOM
-
-
-def label(node: Mapping[str, Any]) -> str:
-    """How runs, records and reports name the operator of a node: its registered name, or for a
-    ``_target_`` node the class name (``mypkg.pools.SoftmaxPool`` → ``SoftmaxPool``)."""
-    if _is_target(node):
-        return str(node.get("_target_") or CUSTOM).rsplit(".", 1)[-1]
-    return str(node["name"])
-
-
 def _checked(group: str, params: dict[str, Any], kinds: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """``params`` type-checked against the constructor's annotations (the config schemas' rules), an
     int passed as float to a float parameter and a list as tuple to a tuple parameter."""
@@ -266,7 +238,7 @@ def from_config(node: Mapping[str, Any], kind: Kind = "global", **geometry: Any)
     group = GROUP_OF[kind]
     data = _plain(node)
     params = {k: v for k, v in data.items() if k not in NODE_KEYS}
-    if _is_target(data):
+    if is_target(data):
         cls = target_class(data.get("_target_"), group)
         defaults, kinds = _signature(cls, kind)
     else:
@@ -303,3 +275,8 @@ def learned_scalars(module: nn.Module) -> dict[str, float]:
     if callable(own):
         return {str(k): float(v) for k, v in own().items()}
     return {name: p.detach().float().item() for name, p in module.named_parameters() if p.numel() == 1}
+
+
+# The built-in operators register themselves when their modules load; loading the registry loads them,
+# so every lookup (and every test saving and restoring _REGISTRY) sees them.
+from poolbench.pooling import basic, gmp, local, structured  # noqa: E402, F401
