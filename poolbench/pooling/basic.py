@@ -195,11 +195,24 @@ def stochastic_probabilities(flat: Tensor) -> Tensor:
 
 
 def stochastic_sample(x: Tensor) -> Tensor:
-    """x at one position per channel, drawn with stochastic_probabilities from torch's global RNG."""
+    """x at one position per channel, drawn with stochastic_probabilities from torch's global RNG.
+
+    Inverse CDF with one uniform u per channel: the first position whose cumulative weight exceeds
+    u·Σ, weights x⁺ (1 everywhere in a channel without a positive value). ``torch.multinomial``,
+    an exponential drawn per position (argmax p/E), made fwd+bwd about 2× slower at 32×2048×7×7.
+    """
     flat = x.flatten(2)
-    probs = stochastic_probabilities(flat.detach().to(compute_dtype(x)))
-    index = torch.multinomial(probs.reshape(-1, flat.shape[-1]), 1).reshape(*flat.shape[:2], 1)
-    return flat.gather(-1, index).squeeze(-1)
+    cdf = flat.detach().to(compute_dtype(x)).clamp(min=0).cumsum_(-1)
+    total = cdf[..., -1:]
+    empty = total <= 0  # no positive value: cumulative weights 1, 2, ..., N (uniform)
+    if bool(empty.any()):
+        cdf = torch.where(empty, torch.arange(1, cdf.shape[-1] + 1, dtype=cdf.dtype, device=cdf.device), cdf)
+        total = cdf[..., -1:]
+    # u·Σ below Σ itself (u < 1 may round up to it), so the drawn position has a positive weight
+    threshold = torch.minimum(
+        torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total, total.nextafter(cdf.new_zeros(()))
+    )
+    return flat.gather(-1, (cdf <= threshold).sum(-1, keepdim=True)).squeeze(-1)
 
 
 def stochastic_expectation(x: Tensor) -> Tensor:
