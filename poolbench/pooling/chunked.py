@@ -35,7 +35,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,12 +107,6 @@ def _step(planes: Tensor) -> int:
     )
 
 
-def _spans(planes: Tensor) -> Iterator[slice]:
-    count, step = planes.shape[0], _step(planes)
-    for start in range(0, count, step):
-        yield slice(start, min(start + step, count))
-
-
 # ---------------------------------------------------------------- chunk loops under contention
 # On a CPU with several intra-op threads, every op over a chunk is one parallel region that ends in
 # a barrier: when another process takes a core, the region waits for the descheduled thread, op after
@@ -170,24 +164,51 @@ def _threads_for(planes: Tensor) -> int:
     return torch.get_num_threads()
 
 
-def _each_span(planes: Tensor, body: Callable[[slice], None]) -> None:
-    """``body(span)`` for spans of planes covering them all, each writing only its own rows; on
-    several CPU threads as independent tasks (see _chunk_pool), else in a loop."""
-    threads = _threads_for(planes)
-    step = max(1, _step(planes) // threads)
-    spans = [slice(start, min(start + step, planes.shape[0])) for start in range(0, planes.shape[0], step)]
+def each_chunk(
+    like: Tensor,
+    count: int,
+    step: int,
+    body: Callable[..., None],
+    prepare: Callable[[slice], Any] | None = None,
+) -> None:
+    """``body(span)``, or ``body(span, prepare(span))``, for spans of rows covering ``range(count)``,
+    each writing only its own rows of preallocated outputs; ``step`` is the serial loop's chunk size.
+    On several CPU threads (see _threads_for, ``like`` the tensor looped over) the spans are 1/threads
+    of ``step`` and run as independent tasks (see _chunk_pool), else in a loop. ``prepare`` runs in the
+    caller, span after span in order (e.g. draws from the global generator: the same numbers for the
+    same rows as one draw), at most ``threads`` spans ahead of the tasks (memory)."""
+    threads = _threads_for(like)
+    step = max(1, step // threads)
+    spans = [slice(start, min(start + step, count)) for start in range(0, count, step)]
     if threads <= 1 or len(spans) < 2:
         for span in spans:
-            body(span)
+            body(span) if prepare is None else body(span, prepare(span))
         return
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def task(span: slice) -> None:  # grad and inference mode are per thread: the caller's
+    def task(span: slice, *prepared: Any) -> None:  # grad and inference mode are per thread: the caller's
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            body(span)
+            body(span, *prepared)
 
-    for done in [_chunk_pool(threads).submit(task, span) for span in spans]:
+    pool = _chunk_pool(threads)
+    tasks: list[Future[None]] = []
+    try:
+        for span in spans:
+            if prepare is None:
+                tasks.append(pool.submit(task, span))
+                continue
+            tasks.append(pool.submit(task, span, prepare(span)))
+            if len(tasks) > threads:
+                tasks[-threads - 1].result()
+    finally:  # no task may still write into the outputs once this returns (or raises)
+        wait(tasks)
+    for done in tasks:
         done.result()
+
+
+def _each_span(planes: Tensor, body: Callable[..., None], prepare: Callable[[slice], Any] | None = None) -> None:
+    """:func:`each_chunk` over the planes with the window-sum pools' chunk size."""
+    each_chunk(planes, planes.shape[0], _step(planes), body, prepare)
 
 
 def _row_chunks(planes: Tensor, flagged: Callable[[], Tensor]) -> Iterator[Tensor]:
@@ -472,8 +493,7 @@ class StochasticMean(torch.autograd.Function):
             window.sum(positive, out=masses[span])
             window.sum(positive.mul_(chunk), out=sums[span])
 
-        for span in _spans(planes):
-            window_sums(span)
+        _each_span(planes, window_sums)
         out = (sums / masses).to(x.dtype)
         # no positive value in some window (S = 0, or NaN from a NaN input): the in-map mean there
         empty_rows = []
@@ -510,11 +530,13 @@ class StochasticMean(torch.autograd.Function):
                 result += window.transpose(g.masked_fill_(has_mass, 0.0), chunk, mean=True)
             return result
 
-        for span in _spans(planes):
+        def unmasked(span: slice) -> None:
             if grad.dtype == work:
                 gradient(span, masked=False, out=grad[span])
             else:
                 grad[span] = gradient(span, masked=False)
+
+        _each_span(planes, unmasked)
         for rows in empty_rows:  # their rows above hold NaN (c = g/0): overwritten
             grad[rows] = gradient(rows, masked=True).to(grad.dtype)
         return grad.view(x.shape), None
@@ -540,28 +562,28 @@ class StochasticDraw(torch.autograd.Function):
         work = _work_dtype(x.dtype)
         out = _output(planes, window, x.dtype)
         indices = _output(planes, window, torch.int64)
-        best = _output(planes[: _step(planes)], window, work)  # the keys' maxima, not needed
         k, s, p = window._args()
 
-        def draw(span: slice) -> None:  # a function: the chunk's temporaries go before the next chunk's
+        def uniform(span: slice) -> Tensor:  # in the caller, chunk after chunk: one stream, in order
+            return torch.rand(planes[span].shape, dtype=work, device=planes.device)
+
+        def draw(span: slice, log_u: Tensor) -> None:  # a function: the chunk's temporaries go before the next's
             chunk = planes[span]
             # −E from U: 4× cheaper than exponential_(). U = 0 (probability 2⁻²⁴ per draw in float32)
             # gives E = inf: key 0 for x > 0, which loses to any other positive value of its window.
             # E = 0 cannot occur (U < 1), so x / E is never 0/0.
-            log_u = torch.rand(chunk.shape, dtype=work, device=chunk.device).log_()
+            log_u.log_()
             values = chunk.to(work)
             # where(x > 0, x/E, −E) as max(x/E if > 0 else −inf, −E), without a select on a bool
             # mask (~20× slower on CPU). NaN stays NaN (and wins, as in max pooling); an x > 0 whose
             # x/E underflows to 0 races like the non-positive values (the window's draw is uniform
             # if it has no other positive value, as the original two-pass draw did)
             keys = torch.maximum(F.threshold(values.div(log_u).neg_(), 0.0, -math.inf), log_u)
-            torch.ops.aten.max_pool2d_with_indices.out(
-                keys, k, s, p, [1, 1], False, out=best[: keys.shape[0]], indices=indices[span]
-            )
+            best = _output(keys, window, work)  # the keys' maxima, not needed
+            torch.ops.aten.max_pool2d_with_indices.out(keys, k, s, p, [1, 1], False, out=best, indices=indices[span])
             torch.gather(chunk.flatten(1), 1, indices[span].flatten(1), out=out[span].flatten(1))
 
-        for span in _spans(planes):
-            draw(span)
+        _each_span(planes, draw, uniform)
         ctx.save_for_backward(x, indices)
         ctx.window = window  # type: ignore[attr-defined]
         return _shaped(x, out)
@@ -574,12 +596,14 @@ class StochasticDraw(torch.autograd.Function):
         work = _work_dtype(x.dtype)
         grad = torch.empty_like(planes)
         k, s, p = ctx.window._args()
-        for span in _spans(planes):
+        def route(span: slice) -> None:
             args = (grads[span].to(work), planes[span].to(work), k, s, p, [1, 1], False, indices[span])
             if grad.dtype == work:
                 torch.ops.aten.max_pool2d_with_indices_backward.grad_input(*args, grad_input=grad[span])
             else:  # summed in float32, as the module computes halves
                 grad[span] = torch.ops.aten.max_pool2d_with_indices_backward(*args)
+
+        _each_span(planes, route)
         return grad.view(x.shape), None
 
 
@@ -618,33 +642,53 @@ class MixedPool(torch.autograd.Function):
     mean's transpose, added chunk by chunk into the same gradient; ∂L/∂a = Σ g·(max − mean), with
     max gathered at the saved indices and the mean recomputed (output-sized). Only the max-pool
     indices are saved: the peak memory is max pooling's, not two input-sized gradients summed.
+    Forward and backward run chunk by chunk (see _each_span: no per-op barriers under contention),
+    the same values bit for bit as whole-tensor calls (every op is per plane).
     float32/float64 (halves keep the autograd formulation, see ``poolbench.pooling.local``).
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, a: Tensor, window: Window) -> Tensor:  # type: ignore[override]
-        x = x.contiguous()  # the backward adds chunks of planes into the max-pool gradient in place
+        x = x.contiguous()  # saved as the planes the backward reads
+        planes = _as_planes(x)
         k, s, p = window._args()
-        peak, indices = torch.ops.aten.max_pool2d_with_indices(x, k, s, p)
+        out = _output(planes, window, x.dtype)
+        indices = _output(planes, window, torch.int64)
+
+        def pool(span: slice) -> None:
+            chunk, peak = planes[span], out[span]
+            torch.ops.aten.max_pool2d_with_indices.out(chunk, k, s, p, [1, 1], False, out=peak, indices=indices[span])
+            mean = window.mean(chunk)
+            peak.sub_(mean).mul_(a).add_(mean)  # mean + a·(max − mean)
+
+        _each_span(planes, pool)
         ctx.save_for_backward(x, a, indices)
         ctx.window = window  # type: ignore[attr-defined]
-        mean = window.mean(x)
-        return mean.add_(peak.sub_(mean).mul_(a))  # mean + a·(max − mean)
+        return _shaped(x, out)
 
     @staticmethod
     @_first_order
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, a, indices = ctx.saved_tensors
         window: Window = ctx.window
-        grad_x = grad_a = None
-        if ctx.needs_input_grad[1]:  # first: its output-sized temporaries are gone before grad_x exists
-            peak = x.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
-            grad_a = peak.sub_(window.mean(x)).mul_(grad_out).sum().reshape(a.shape)
-        if ctx.needs_input_grad[0]:
-            k, s, p = window._args()
-            grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, k, s, p, [1, 1], False, indices)
-            grad_x.mul_(a)
-            planes, grads, inputs = _as_planes(grad_x), _as_planes(grad_out), _as_planes(x)
-            for span in _spans(planes):
-                planes[span].addcmul_(window.transpose(grads[span], inputs[span], mean=True), 1 - a)
-        return grad_x, grad_a, None
+        k, s, p = window._args()
+        want_x, want_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        planes, grads = _as_planes(x), _as_planes(grad_out)
+        grad = torch.empty_like(planes) if want_x else None
+        spread = _output(planes, window, x.dtype) if want_a else None  # max − mean
+
+        def gradient(span: slice) -> None:
+            chunk, g = planes[span], grads[span]
+            if spread is not None:
+                torch.gather(chunk.flatten(1), 1, indices[span].flatten(1), out=spread[span].flatten(1))
+                spread[span].sub_(window.mean(chunk))
+            if grad is not None:
+                into = grad[span]
+                torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+                    g, chunk, k, s, p, [1, 1], False, indices[span], grad_input=into
+                )
+                into.mul_(a).addcmul_(window.transpose(g, chunk, mean=True), 1 - a)
+
+        _each_span(planes, gradient)
+        grad_a = spread.mul_(grads).sum().reshape(a.shape) if spread is not None else None
+        return (grad.view(x.shape) if grad is not None else None), grad_a, None

@@ -5,9 +5,10 @@ computing the same output the way its peers do it: timm's fast global pools, cir
 DGMP authors' dual system with a general LU solve, PyTorch's native pooling modules for local
 operators. ``poolbench bench`` times them next to poolbench's own operators ("vs reference"), so a
 claim such as "max costs what timm's max costs" can be re-checked on any machine. Agreement of the
-numbers is tested in ``tests/pooling/test_reference.py``.
+numbers is tested in ``tests/pooling/test_reference.py``. Stochastic pooling's reference draws
+from the same distribution (not the same sample) in training mode and is its expectation in eval.
 
-None where no independent formulation exists (stochastic pooling samples; local sort has no peer).
+None where no independent formulation exists.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def _global(name: str, module: nn.Module) -> Reference | None:
         return lambda x: (torch.logsumexp(module.r * x.flatten(2), -1) - math.log(x.shape[-2] * x.shape[-1])) / module.r
     if name == "mixed":  # Lee et al.: a·max + (1 − a)·avg
         return lambda x: module.a * _max(x) + (1 - module.a) * _avg(x)
+    if name == "stochastic":
+        return lambda x: _stochastic(x.flatten(2), None, module.training)
     if name == "sort":
         return lambda x: (x.flatten(2).topk(module.k, dim=-1).values * module.logits.softmax(0)).sum(-1)
     if name == "softpool":
@@ -73,6 +76,28 @@ def _global(name: str, module: nn.Module) -> Reference | None:
     if name in ("gmp", "dgmp"):
         return lambda x: _gmp_dual_lu(x, module.lam, normalize=name == "dgmp")
     return None
+
+
+def _stochastic(values: Tensor, valid: Tensor | None, training: bool) -> Tensor:
+    """Zeiler & Fergus over the last axis: p = x⁺/Σ x⁺, uniform over the ``valid`` positions where no
+    value is positive. Training: one position per row by inverse CDF (u·Σ against the cumulative
+    weights, the vectorised form of ``torch.multinomial``); eval: the expectation Σ p·x."""
+    positive = values.clamp(min=0)
+    uniform = torch.ones_like(values) if valid is None else valid.to(values.dtype).expand_as(values)
+    weights = torch.where(positive.sum(-1, keepdim=True) > 0, positive, uniform)
+    if not training:
+        return (weights * values).sum(-1) / weights.sum(-1)
+    cdf = weights.detach().cumsum(-1)
+    threshold = torch.rand(cdf.shape[:-1], dtype=cdf.dtype, device=cdf.device).unsqueeze(-1) * cdf[..., -1:]
+    # the first position whose cumulative weight exceeds u·Σ (clamped: u·Σ may round up to Σ)
+    index = (cdf <= threshold).sum(-1, keepdim=True).clamp_max(values.shape[-1] - 1)
+    return values.gather(-1, index).squeeze(-1)
+
+
+def _windows(x: Tensor, kernel: int, stride: int, padding: int, fill: float) -> Tensor:
+    """(B, C, H', W', k²): the windows cut out (``Tensor.unfold``), ``fill`` where one hangs over the border."""
+    padded = F.pad(x, (padding,) * 4, value=fill) if padding else x
+    return padded.unfold(2, kernel, stride).unfold(3, kernel, stride).flatten(-2)
 
 
 def _bilinear(x: Tensor) -> Tensor:
@@ -140,6 +165,26 @@ def _local(name: str, module: nn.Module) -> Reference | None:
             return F.avg_pool2d(x * e, k, s, pad) / F.avg_pool2d(e, k, s, pad)
 
         return soft
+    if name == "stochastic":  # Zeiler & Fergus on the windows cut out; padding is not part of a window
+
+        def stochastic(x: Tensor) -> Tensor:
+            in_map = _windows(x.new_ones((1, 1, *x.shape[-2:])), k, s, pad, 0.0) > 0 if pad else None
+            return _stochastic(_windows(x, k, s, pad, 0.0), in_map, module.training)
+
+        return stochastic
+    if name == "sort":  # sorted pooling as usually written: windows cut out, topk, softmax-weighted
+
+        def sort(x: Tensor) -> Tensor:
+            top = _windows(x, k, s, pad, -math.inf).topk(module.logits.numel(), dim=-1).values
+            weights = module.logits.softmax(0).to(top.dtype)
+            if pad:  # a border window with fewer than k in-map values: the weights renormalised over those
+                ranked = top > -math.inf
+                weights = weights * ranked
+                weights = weights / weights.sum(-1, keepdim=True)
+                top = top.masked_fill(~ranked, 0.0)
+            return (top * weights).sum(-1)
+
+        return sort
     if name == "fractional":  # the native kernel, with the module's eval-mode samples
 
         def fractional(x: Tensor) -> Tensor:

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from poolbench.pooling.chunked import CHUNK_MIN_CPU, Window, planes_per_chunk
+from poolbench.pooling.chunked import CHUNK_MIN_CPU, Window, each_chunk, planes_per_chunk
 
 # Windows up to this size take the network; larger ones (a 5×5 network has hundreds of comparators)
 # keep unfold + topk. Labels must also fit in the 8 bits written into the mantissa.
@@ -189,9 +190,12 @@ def geometry(height: int, width: int, kernel_size: int, stride: int, padding: in
     return _Geometry(height, width, kernel_size, stride, padding, k)
 
 
-def _chunks(planes: int, g: _Geometry) -> list[slice]:
-    size = planes_per_chunk(planes, g.rows * g.cols, CHUNK_ELEMENTS, CHUNK_MIN_CPU)
-    return [slice(start, min(start + size, planes)) for start in range(0, planes, size)]
+def _each_chunk(planes: Tensor, g: _Geometry, body: Callable[[slice], None]) -> None:
+    """``body(chunk)`` over chunks of the (B·C, ...) ``planes``; on several CPU threads as independent
+    single-threaded tasks (:func:`~poolbench.pooling.chunked.each_chunk`: the selection network is
+    dozens of small ops per chunk, each a parallel region that waits for a descheduled thread)."""
+    count = planes.shape[0]
+    each_chunk(planes, count, planes_per_chunk(count, g.rows * g.cols, CHUNK_ELEMENTS, CHUNK_MIN_CPU), body)
 
 
 def _padded(x: Tensor, g: _Geometry, dtype: torch.dtype) -> Tensor:
@@ -243,9 +247,12 @@ def _forward_values(x: Tensor, g: _Geometry, logits: Tensor) -> Tensor:
     planes = x.flatten(0, 1)
     out = x.new_empty(planes.shape[0], g.out_h, g.out_w)
     w = g.weights(logits.detach(), x.dtype)
-    for chunk in _chunks(planes.shape[0], g):
+
+    def forward(chunk: slice) -> None:
         top = _select(_padded(planes[chunk], g, x.dtype), g, _cx_values, _tensor_view)
         _weighted_sum(top, g, w, out[chunk])  # type: ignore[arg-type]
+
+    _each_chunk(planes, g, forward)
     return out.view(*x.shape[:2], g.out_h, g.out_w)
 
 
@@ -264,7 +271,8 @@ def _forward_labels(x: Tensor, g: _Geometry, w: Tensor) -> tuple[Tensor, Tensor]
     out = x.new_empty(planes.shape[0], g.out_h, g.out_w)
     # (B·C, k, H', W'): a chunk's labels of all ranks are one block for backward's single scatter
     labels = torch.empty(planes.shape[0], g.k, g.out_h, g.out_w, dtype=torch.uint8, device=x.device)
-    for chunk in _chunks(planes.shape[0], g):
+
+    def forward(chunk: slice) -> None:
         if x.dtype == torch.float32:
             keys = _select(_keys(planes[chunk], g), g, _cx_values, _tensor_view)
             top = [key.to(torch.float32) for key in keys]  # rounds the label bits away: the exact value
@@ -277,6 +285,8 @@ def _forward_labels(x: Tensor, g: _Geometry, w: Tensor) -> tuple[Tensor, Tensor]
             for j, (_, label) in enumerate(selected):  # type: ignore[misc]
                 labels[chunk, j] = label
         _weighted_sum(top, g, w, out[chunk])
+
+    _each_chunk(planes, g, forward)
     return out.view(*x.shape[:2], g.out_h, g.out_w), labels
 
 
@@ -302,19 +312,23 @@ class _SortPoolFn(torch.autograd.Function):
         grad_x = torch.zeros_like(planes) if want_x else None
         table, base = g.table.to(x.device), g.base.to(x.device).flatten()
         w_flat = w.flatten(1)  # (k, H'·W'): ω_j per window, 0 for ranks a border window does not have
-        dots = torch.zeros(g.k, dtype=x.dtype, device=x.device)
-        for chunk in _chunks(planes.shape[0], g):
+        # Σ over each plane's positions, then over the planes: the same sums whatever the chunks
+        dots = torch.empty(planes.shape[0], g.k, dtype=x.dtype, device=x.device) if want_logits else None
+
+        def backward(chunk: slice) -> None:
             n = chunk.stop - chunk.start
             # All k ranks at once (few large ops): label → flat H·W position of each rank in each window.
             index = table[labels[chunk].view(n, g.k, -1) + base].view(n, -1)
             src = grad_planes[chunk, None, :] * w_flat  # (n, k, H'·W') = ω_j·grad_out
             if grad_x is not None:
                 grad_x[chunk].scatter_add_(1, index, src.view(n, -1))
-            if want_logits:
+            if dots is not None:
                 # Σ grad·ω_j·(x_(j) − out): padding ranks have ω_j = 0 and a finite (dummy) x
                 value = planes[chunk].gather(1, index).view_as(src)
-                dots += value.sub_(out_planes[chunk, None, :]).mul_(src).sum((0, 2))
-        grad_logits = dots.to(ctx.logits_dtype) if want_logits else None  # type: ignore[attr-defined]
+                torch.sum(value.sub_(out_planes[chunk, None, :]).mul_(src), 2, out=dots[chunk])
+
+        _each_chunk(planes, g, backward)
+        grad_logits = dots.sum(0).to(ctx.logits_dtype) if dots is not None else None  # type: ignore[attr-defined]
         return (grad_x.view_as(x) if grad_x is not None else None), grad_logits, None
 
 

@@ -310,6 +310,14 @@ def test_stochastic_train_frequencies_follow_x_over_sum() -> None:
     torch.testing.assert_close(out.mean(), create("stochastic").eval()(x[:1]).squeeze(), atol=0.02, rtol=0)
 
 
+def test_stochastic_train_draws_a_subnormal_only_positive_value() -> None:
+    # u·Σ rounds up to Σ for a subnormal Σ: the draw must still land on the positive position.
+    tiny = torch.finfo(torch.float32).smallest_normal * 2**-23  # the smallest subnormal
+    x = torch.tensor([0.0, tiny, 0.0, -1.0]).reshape(1, 1, 2, 2).expand(2000, 1, 2, 2)
+    torch.manual_seed(3)
+    assert (create("stochastic").train()(x) == tiny).all()
+
+
 def test_stochastic_train_is_uniform_when_nothing_is_positive() -> None:
     torch.manual_seed(2)
     x = -torch.arange(1.0, 5.0).reshape(1, 1, 2, 2).expand(4000, 1, 2, 2)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from poolbench.engine.memory import peak_memory_mb
-from poolbench.pooling import chunked, create_local
+from poolbench.pooling import chunked, create_local, sort_select
 from poolbench.pooling.local import (
     _float32_for_half,
     avg_pool,
@@ -346,8 +346,15 @@ def two_threads() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("two_threads")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("name", ["power", "lpnorm", "l2", "softpool"])
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        (name, dtype)
+        for name in ("power", "lpnorm", "l2", "softpool", "stochastic", "mixed", "sort")
+        for dtype in (torch.float32, torch.float64, torch.bfloat16)
+        if (name, dtype) != ("mixed", torch.bfloat16)  # half-precision mixed pooling is the autograd formulation
+    ],
+)
 def test_chunks_on_worker_threads_match_the_serial_loop_bit_for_bit(
     name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -355,18 +362,21 @@ def test_chunks_on_worker_threads_match_the_serial_loop_bit_for_bit(
     per-op barriers under contention): values and gradients are those of the serial loop, bit for
     bit, in train, eval and inference mode, and the caller keeps its thread count."""
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS_CPU", 1 << 12)  # many chunks at a small size
+    monkeypatch.setattr(sort_select, "CHUNK_ELEMENTS", 1 << 12)
     x = (torch.rand(3, 10, 33, 31, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 - 1).to(dtype)
     x[0, 0] = 1e4  # overflows x^p in float32: the rescaled planes run after the chunk loop
     pool = create_local(name, kernel_size=3, stride=2, padding=1)
     cotangent = torch.randn(3, 10, 17, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
 
-    def run() -> tuple[Tensor, Tensor, Tensor]:
+    def run() -> tuple[Tensor, ...]:
+        torch.manual_seed(0)  # stochastic's training draw: the same stream, drawn in the same order
         leaf = x.clone().requires_grad_()
         out = pool(leaf)
-        (grad,) = torch.autograd.grad(out, leaf, cotangent)
+        grads = torch.autograd.grad(out, [leaf, *pool.parameters()], cotangent)
         with torch.inference_mode():
-            inferred = pool(x)
-        return out.detach(), grad, inferred
+            inferred = pool.eval()(x)
+        pool.train()
+        return out.detach(), *grads, inferred
 
     used = []
     threads_for = chunked._threads_for

@@ -10,8 +10,7 @@ from poolbench.pooling import create, create_local, local_names, names
 from poolbench.pooling.reference import BATCHED_LU_CPU_MAX_POSITIONS, reference_for
 
 OPERATORS = [("global", name) for name in names()] + [("local", name) for name in local_names()]
-# Stochastic pooling samples in training and has no peer formulation; local sort has no peer either.
-WITHOUT_REFERENCE = {("global", "stochastic"), ("local", "stochastic"), ("local", "sort")}
+WITHOUT_REFERENCE: set[tuple[str, str]] = set()  # every operator has one
 
 
 def build(kind: str, name: str, x: torch.Tensor) -> nn.Module:
@@ -58,3 +57,52 @@ def test_dual_lu_reference_loops_where_batched_lu_fails_on_cpu(name: str) -> Non
 def test_unknown_kind_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"unknown operator kind 'pool'. Valid choices: global, local"):
         reference_for("pool", "max", create("max"))
+
+
+def one_positive_per_window(kind: str) -> torch.Tensor:
+    """Negative except one value per window (local 3×3/s2/p1: the (even, even) positions, one in each
+    window; global: one per channel), so that every draw picks it: the draws agree exactly."""
+    x = -torch.rand(2, 6, 9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64) - 0.1
+    if kind == "local":
+        x[..., ::2, ::2] = torch.rand(2, 6, 5, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    else:
+        x[..., 4, 3] = torch.rand(2, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_stochastic_reference_draws_what_the_operator_draws(kind: str) -> None:
+    x = one_positive_per_window(kind)
+    module = build(kind, "stochastic", x).train()
+    reference = reference_for(kind, "stochastic", module)
+    assert reference is not None
+    results = []
+    for fn in (module, reference):
+        inputs = x.clone().requires_grad_()
+        out = fn(inputs)
+        cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        results.append((out, *torch.autograd.grad(out, inputs, cotangent)))
+    for ours, theirs in zip(*results, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_stochastic_reference_draws_with_the_operators_probabilities(kind: str) -> None:
+    # One 2×2 map, one window (locally 3×3/s2/p1, with a padded border): a plane with two positive
+    # values draws them with max(x, 0)/Σ max(x, 0), an all-negative plane uniformly over its positions.
+    x = torch.tensor([[1.0, -1.0], [3.0, -2.0]], dtype=torch.float64)
+    planes = torch.stack([x, -x.abs()]).expand(4000, 2, 2, 2)
+    local = create_local("stochastic", kernel_size=3, stride=2, padding=1)
+    module = create("stochastic") if kind == "global" else local
+    reference = reference_for(kind, "stochastic", module.train())
+    assert reference is not None
+    torch.manual_seed(0)
+    draws = reference(planes).flatten(1)  # (4000, 2)
+    expected = {0: {1.0: 0.25, 3.0: 0.75}, 1: {-1.0: 0.5, -3.0: 0.25, -2.0: 0.25}}
+    for plane, probabilities in expected.items():
+        values = list(probabilities)
+        assert set(draws[:, plane].unique().tolist()) == set(values)
+        frequencies = torch.stack([(draws[:, plane] == v).double().mean() for v in values])
+        torch.testing.assert_close(
+            frequencies, torch.tensor(list(probabilities.values()), dtype=torch.float64), atol=0.03, rtol=0
+        )
