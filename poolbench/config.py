@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from poolbench import plugins, schema
 from poolbench.errors import ConfigError, unknown_choice
+from poolbench.grammar import check_device, override_key
 from poolbench.schema import Range, Required
 
 # Groups whose options are typed schemas (poolbench.schema); the others are checked by their owners.
@@ -587,8 +588,7 @@ def _validate_values(root: dict[str, Any], checked: set[str] | None = None) -> d
     """:func:`validate_config` on a config's resolved values; returns them."""
     own = {k: v for k, v in root.items() if k not in (*GROUPS, "choices", *PRESET_KEYS)}
     schema.check(own, RunSettings, "")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(root["device"])):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:<index>, got {root['device']!r}")
+    check_device(root["device"])
     seen = checked if checked is not None else set()
     for group in SCHEMA_GROUPS:
         choice = root["choices"].get(group)
@@ -679,12 +679,3 @@ def run_dir(cfg: DictConfig) -> Path:
     if path.resolve().parent != results.resolve():
         raise ConfigError(f"run directory {path} would lie outside results_dir={results}")
     return path
-
-
-def override_key(override: str) -> str:
-    """The config key an override sets, adds (``+``) or deletes (``~``): ``+trainer.lr=0.1`` -> ``trainer.lr``."""
-    return override.lstrip("+~").split("=", 1)[0]
-
-
-def override_keys(overrides: Iterable[str]) -> list[str]:
-    return [override_key(o) for o in overrides]

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err, plugins_option, use_plugins
 from poolbench.errors import PoolbenchError, Terminated
+from poolbench.grammar import override_key
 from poolbench.text import plain
 from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
@@ -229,7 +230,7 @@ def sweep(
     _check_numbers(jobs=jobs, timeout_min=timeout_min, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
                    mem_gb=mem_gb)
     arguments = use_plugins(plugin_specs, overrides or [])
-    experiments = [o.split("=", 1)[1] for o in arguments if o.lstrip("+").startswith("experiment=")]
+    experiments = [o.split("=", 1)[1] for o in arguments if "=" in o and override_key(o) == "experiment"]
     sweep_name = name or (experiments[0] if len(experiments) == 1 and "," not in experiments[0] else None)
     with console_err.status("composing the grid's configs…"):
         planned = sweeping.plan(arguments, name=sweep_name)
