@@ -9,11 +9,12 @@ import typer
 from rich.markup import escape
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
-from poolbench.cli.sweep import Executor, executor_params
+from poolbench.cli.options import DEFAULT_EXECUTION, Execution, execution_options
 from poolbench.errors import Terminated
 
 
 @app.command(context_settings=EXTRA_ARGS)
+@execution_options
 def tune(
     overrides: list[str] = typer.Argument(
         None,
@@ -30,17 +31,8 @@ def tune(
     storage: str = typer.Option(
         None, "--storage", help="Any SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite in the folder)."
     ),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Trials (and final runs) at once."),
-    executor: Executor = typer.Option(
-        Executor.local, "--executor", "-e", help="local, submitit or slurm (as for poolbench sweep)."
-    ),
+    execution: Execution = DEFAULT_EXECUTION,  # --jobs, --executor, submitit/SLURM: see cli/options.py
     no_final: bool = typer.Option(False, "--no-final", help="Tune only; leave the final seeds for a later call."),
-    timeout_min: int = typer.Option(240, "--timeout-min", help="submitit/SLURM: time limit per run (minutes)."),
-    slurm_partition: str = typer.Option(None, "--slurm-partition", help="SLURM partition."),
-    gpus_per_node: int = typer.Option(None, "--gpus-per-node", help="submitit/SLURM: GPUs per run."),
-    cpus_per_task: int = typer.Option(None, "--cpus-per-task", help="submitit/SLURM: CPU cores per run."),
-    mem_gb: float = typer.Option(None, "--mem-gb", help="submitit/SLURM: memory per run (GB)."),
-    slurm_param: list[str] = typer.Option(None, "--slurm-param", help="Any other submitit parameter (repeatable)."),
 ) -> None:
     """Tune every treatment with the same sampler, seed and trial budget on the validation split, then
     retrain each best configuration with fresh seeds and evaluate it on test. Re-run to resume."""
@@ -57,15 +49,12 @@ def tune(
         name=name,
         storage=storage,
     )
-    params = executor_params(
-        timeout_min, slurm_param, slurm_partition=slurm_partition, gpus_per_node=gpus_per_node,
-        cpus_per_task=cpus_per_task, mem_gb=mem_gb,
-    )
+    params = execution.params
 
     def say(line: str) -> None:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
-    tuner = tuning.Tuner(spec, jobs=jobs, executor=executor.value, executor_params=params, log=say)
+    tuner = tuning.Tuner(spec, jobs=execution.jobs, executor=execution.executor, executor_params=params, log=say)
     tuner.open()
     _describe(spec)
 
@@ -100,8 +89,8 @@ def tune(
         )
         sweep_state = sweeping.run_sweep(
             planned,
-            jobs=jobs,
-            executor=executor.value,
+            jobs=execution.jobs,
+            executor=execution.executor,
             executor_params={"name": f"tune.{spec.name}.final"[:100], **params},
             on_change=_final_printer(),
         )
