@@ -663,7 +663,10 @@ def run_id(cfg: DictConfig | Mapping[str, Any]) -> str:
 
     values = _resolved(cfg)
     parts = (
-        pooling.label(values["pooling"]), models.label(values["model"]), values["dataset"]["name"], f"s{values['seed']}"
+        pooling.operator_name(values["pooling"]),
+        models.backbone_name(values["model"]),
+        values["dataset"]["name"],
+        f"s{values['seed']}",
     )
     return "-".join(_path_safe(str(p)) for p in parts) + "-" + config_hash(values)
 

@@ -68,7 +68,7 @@ def test_device_name_one_form_for_text_and_torch_devices() -> None:
 
 
 def test_device_name_of_the_cpu_imports_no_torch() -> None:
-    code = "import sys; from poolbench.environment import device_name; device_name('cpu'); print('torch' in sys.modules)"
+    code = "import sys; from poolbench.environment import device_name as d; d('cpu'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

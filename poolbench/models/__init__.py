@@ -37,6 +37,7 @@ __all__ = [
     "build_model",
     "build_trunk",
     "check",
+    "backbone_name",
     "label",
     "resolve",
     "small_map_warning",
@@ -106,7 +107,7 @@ def _library_and_arch(node: Mapping[str, Any]) -> tuple[str, str]:
     return library, str(option.meta.get("arch") or node.get("arch") or option.name)
 
 
-def label(model_node: DictConfig | Mapping[str, Any]) -> str:
+def backbone_name(model_node: DictConfig | Mapping[str, Any]) -> str:
     """The backbone's name for run ids, records and reports: the option's name (``resnet18``,
     ``smallcnn``), ``model.arch`` for ``model=torchvision`` / ``model=timm`` (may hold ``/`` or ``.``), or
     the factory's name for ``model=custom`` (``my_backbone.TinyRes`` → ``TinyRes``)."""
@@ -117,6 +118,9 @@ def label(model_node: DictConfig | Mapping[str, Any]) -> str:
     if model_node.get("name") == "custom" and target not in (None, "", "???"):
         return str(target).replace(":", ".").rsplit(".", 1)[-1]
     return str(model_node["name"])
+
+
+label = backbone_name  # its older, documented name
 
 
 def check(model_node: DictConfig | Mapping[str, Any]) -> None:
@@ -145,7 +149,7 @@ def build_trunk(model_cfg: DictConfig | Mapping[str, Any], in_channels: int) -> 
         what = f"torchvision {arch}"
     elif library == custom.LIBRARY:
         trunk = custom.build(cfg, option.meta, in_channels)
-        what = f"model {label(cfg)}"
+        what = f"model {backbone_name(cfg)}"
     else:
         trunk = timm_backbones.build(arch, cfg["pretrained"], in_channels)
         what = f"timm {arch}"
@@ -238,7 +242,7 @@ def build_model(
     Weights are initialised from torch's global RNG: seed it before calling for reproducible runs.
     """
     mcfg, lcfg = resolve(_plain(model_cfg))[1], _plain(local_pooling_cfg)
-    what = label(mcfg)
+    what = backbone_name(mcfg)
     trunk = build_trunk(mcfg, in_channels)
     if lcfg.get("name", "none") != "none" and surgery.replace_max_pools(trunk, lcfg) == 0:
         raise ConfigError(
@@ -247,7 +251,7 @@ def build_model(
         )
     pcfg = _plain(pooling_cfg)
     pool = pooling.from_config(pcfg, "global")
-    fmap, width = _probe(trunk, pool, pooling.label(pcfg), in_channels, input_size, what)
+    fmap, width = _probe(trunk, pool, pooling.operator_name(pcfg), in_channels, input_size, what)
     model = PoolNet(
         trunk,
         pool,

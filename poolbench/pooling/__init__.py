@@ -5,7 +5,7 @@ Public API::
     register(name, kind=..., formula=..., reference=...)    # class decorator: add your operator
     GlobalPool, LocalPool                                   # base classes of the two contracts
     from_config(node, kind="global"|"local", **geometry)    # build from a config node (name or _target_)
-    label(node)                                             # how runs and reports name that operator
+    operator_name(node)                                     # how runs and reports name that operator (alias label)
     learned_scalars(module)                                 # its learnable scalars, in natural units
     create(name, **params)                                  # global pool module
     create_local(name, kernel_size=2, stride=None, **params) # local pool module
@@ -26,6 +26,7 @@ from poolbench.pooling.registry import (
     learned_scalars,
     local_names,
     names,
+    operator_name,
     register,
     spec,
     specs,
@@ -40,6 +41,7 @@ __all__ = [
     "create_local",
     "from_config",
     "label",
+    "operator_name",
     "learned_scalars",
     "local_names",
     "names",

@@ -209,12 +209,15 @@ def _is_target(node: Mapping[str, Any]) -> bool:
     return node.get("name", CUSTOM) == CUSTOM
 
 
-def label(node: Mapping[str, Any]) -> str:
+def operator_name(node: Mapping[str, Any]) -> str:
     """How runs, records and reports name the operator of a node: its registered name, or for a
     ``_target_`` node the class name (``mypkg.pools.SoftmaxPool`` → ``SoftmaxPool``)."""
     if _is_target(node):
         return str(node.get("_target_") or CUSTOM).rsplit(".", 1)[-1]
     return str(node["name"])
+
+
+label = operator_name  # its older, documented name (plugins may call it)
 
 
 def _checked(group: str, params: dict[str, Any], kinds: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -289,11 +292,11 @@ def from_config(node: Mapping[str, Any], kind: Kind = "global", **geometry: Any)
     except KeyboardInterrupt:
         raise
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{group}={label(data)}: {exc}") from None
+        raise ConfigError(f"{group}={operator_name(data)}: {exc}") from None
     except BaseException as exc:  # a user's constructor asserting (or exiting): one line naming it
         from poolbench.errors import first_line
 
-        raise ConfigError(f"{group}={label(data)}: constructing it failed: {first_line(exc)}") from None
+        raise ConfigError(f"{group}={operator_name(data)}: constructing it failed: {first_line(exc)}") from None
 
 
 def learned_scalars(module: nn.Module) -> dict[str, float]:
