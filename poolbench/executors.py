@@ -265,6 +265,15 @@ def _cuda_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
+def pool_for(executor: str, jobs: int, folder: Path, params: dict[str, Any]) -> Pool:
+    """The pool an ``--executor`` name means (``jobs`` runs at once): ``local`` a process pool on this
+    machine, ``submitit``/``slurm`` submitit's executors with ``params`` (their files under ``folder``).
+    A local ``--jobs 1`` runs in the caller's process instead, without a pool."""
+    if executor == "local":
+        return ProcessPool(jobs)
+    return submitit_pool(executor, jobs, folder, params)
+
+
 def submitit_pool(executor: str, jobs: int, folder: Path, params: dict[str, Any]) -> Pool:
     import submitit
 

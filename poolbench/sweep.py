@@ -37,12 +37,11 @@ from poolbench.errors import ConfigError, PoolbenchError
 from poolbench.executors import (  # noqa: F401
     Outcome,
     Pool,
-    ProcessPool,
     default_threads,
     job_overrides,
     mark_interrupted,
+    pool_for,
     run_one,
-    submitit_pool,
 )
 from poolbench.grammar import override_key
 
@@ -337,10 +336,7 @@ def run_sweep(
             _count_outcome(state, run_one(job_overrides(run, None, None)), fail_fast)
             notify(state)
         return state
-    if executor == "local":
-        pool: Pool = ProcessPool(jobs)
-    else:
-        pool = submitit_pool(executor, jobs, planned[0].run_dir.parent / ".submitit", executor_params or {})
+    pool = pool_for(executor, jobs, planned[0].run_dir.parent / ".submitit", executor_params or {})
     try:
         _drive(state, todo, pool, fail_fast, notify)
     except KeyboardInterrupt:

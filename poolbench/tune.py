@@ -902,11 +902,8 @@ class Tuner:
     def _pool(self) -> Any:
         if self.executor == "local" and self.jobs == 1:
             return _InlinePool()
-        if self.executor == "local":
-            return executors.ProcessPool(self.jobs)
-        folder = self.spec.folder / ".submitit"
         params = {"name": f"tune.{self.spec.name}"[:100], **self.executor_params}
-        return executors.submitit_pool(self.executor, self.jobs, folder, params)
+        return executors.pool_for(self.executor, self.jobs, self.spec.folder / ".submitit", params)
 
     # ---- results
 

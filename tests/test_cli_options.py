@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import typer.main
 
 from poolbench.cli import app
-from poolbench.cli.options import DEFAULT_EXECUTION, Execution, execution
+from poolbench.cli.options import DEFAULT_EXECUTION, Execution, Executor, execution
 from poolbench.errors import ConfigError
 
 SHARED = {
@@ -54,3 +55,17 @@ def test_execution_builds_submitit_parameters() -> None:
 def test_execution_refuses_bad_values(given: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
         execution(**given)  # type: ignore[arg-type]
+
+
+def test_every_executor_choice_names_one_pool(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from poolbench import executors
+
+    asked: list[tuple[str, int, Path, dict[str, Any]]] = []
+    monkeypatch.setattr(executors, "submitit_pool", lambda *args: asked.append(args) or "submitit pool")
+    for choice in Executor:
+        pool = executors.pool_for(choice.value, 2, tmp_path, {"timeout_min": 5})
+        if choice is Executor.local:
+            assert isinstance(pool, executors.ProcessPool) and pool.window == 2
+            pool.close()
+        else:
+            assert pool == "submitit pool" and asked[-1] == (choice.value, 2, tmp_path, {"timeout_min": 5})
