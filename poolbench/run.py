@@ -281,7 +281,7 @@ def _fit_evaluate_measure(
 ) -> dict[str, Any]:
     """fit → evaluate (test, and validation when there is one) → latency and cost: the fields they record."""
     from poolbench.engine import evaluate, fit, measure_cost, measure_latency
-    from poolbench.engine.policies import TASK_LOSS
+    from poolbench.engine.policies import TASK_LOSS, lr_mults
     from poolbench.engine.tracking import learned_fields
 
     device, data, model = built.device, built.data, built.model
@@ -299,8 +299,7 @@ def _fit_evaluate_measure(
         device=device,
         seed=int(cfg.seed),
         run_dir=work_dir,
-        pool_lr_mult=float(cfg.pooling.get("lr_mult", 1.0)),
-        local_pool_lr_mult=float(cfg.local_pooling.get("lr_mult", 1.0)),
+        **lr_mults(cfg.pooling, cfg.local_pooling),
         resume=resuming,
         progress=progress,
         log=log,

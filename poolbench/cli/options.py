@@ -38,6 +38,11 @@ class Execution:
     params: dict[str, Any]
 
 
+def overrides_argument(help: str) -> Any:
+    """The ``KEY=VALUE ...`` argument of a command that composes configs, with that command's help."""
+    return typer.Argument(None, help=help, show_default=False)
+
+
 def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err, plugins_option, use_plugins
-from poolbench.cli.options import DEFAULT_EXECUTION, Execution, execution_options
+from poolbench.cli.options import DEFAULT_EXECUTION, Execution, execution_options, overrides_argument
 from poolbench.errors import PoolbenchError, Terminated
 from poolbench.grammar import override_key
 from poolbench.text import plain
@@ -142,10 +142,8 @@ def _summary(state: SweepState) -> str:
 @app.command(context_settings=EXTRA_ARGS)
 @execution_options
 def sweep(
-    overrides: list[str] = typer.Argument(
-        None,
-        help="Hydra overrides and sweeps: pooling=avg,max,dgmp seed=range(0,3) model=glob(resnet*) experiment=quick",
-        show_default=False,
+    overrides: list[str] = overrides_argument(
+        "Hydra overrides and sweeps: pooling=avg,max,dgmp seed=range(0,3) model=glob(resnet*) experiment=quick"
     ),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="List the runs and what would happen; run nothing."),
     list_all: bool = typer.Option(

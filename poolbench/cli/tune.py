@@ -9,18 +9,16 @@ import typer
 from rich.markup import escape
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
-from poolbench.cli.options import DEFAULT_EXECUTION, Execution, execution_options
+from poolbench.cli.options import DEFAULT_EXECUTION, Execution, execution_options, overrides_argument
 from poolbench.errors import Terminated
 
 
 @app.command(context_settings=EXTRA_ARGS)
 @execution_options
 def tune(
-    overrides: list[str] = typer.Argument(
-        None,
-        help="Treatments, search space and fixed overrides: pooling=avg,max,gem,dgmp "
-        "'trainer.lr=tag(log, interval(1e-4, 1e-1))' 'trainer.optimizer=choice(adam,sgd)' dataset=digits",
-        show_default=False,
+    overrides: list[str] = overrides_argument(
+        "Treatments, search space and fixed overrides: pooling=avg,max,gem,dgmp "
+        "'trainer.lr=tag(log, interval(1e-4, 1e-1))' 'trainer.optimizer=choice(adam,sgd)' dataset=digits"
     ),
     treatment: str = typer.Option("pooling", "--treatment", help="The axis whose values get one study each."),
     trials: int = typer.Option(16, "--trials", min=1, help="Trials per treatment (the same budget for every one)."),

@@ -6,7 +6,7 @@ benchmark of the same configuration use the same device, precision, loss and opt
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,15 @@ def optimizer_groups(
         if params:
             groups.append({"params": params, "lr": lr * mult, "weight_decay": 0.0})
     return groups
+
+
+def lr_mults(pooling: Mapping[str, Any], local_pooling: Mapping[str, Any]) -> dict[str, float]:
+    """The learning-rate multipliers of the global and local operators' own parameters, as
+    :func:`build_optimizer` and ``fit`` take them (1 where a node has no ``lr_mult``, as the registry's)."""
+    return {
+        "pool_lr_mult": float(pooling.get("lr_mult", 1.0)),
+        "local_pool_lr_mult": float(local_pooling.get("lr_mult", 1.0)),
+    }
 
 
 def build_optimizer(
