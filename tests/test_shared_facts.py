@@ -1,5 +1,6 @@
 """One definition per fact that several layers read: override keys, the device grammar, the device's
-name and the usable core count. Each is checked through every caller that used to hold its own copy."""
+name, the usable core count, the operators' lr multipliers and the names runs and reports give their
+parts. Each is checked through the callers that used to hold their own copy."""
 
 from __future__ import annotations
 
@@ -81,3 +82,24 @@ def test_usable_cores_follow_the_affinity(monkeypatch: pytest.MonkeyPatch) -> No
     assert executors.default_threads(8) == 1
     monkeypatch.delattr(os, "sched_getaffinity")
     assert usable_cores() == 64
+
+
+def test_names_that_say_what_they_return() -> None:
+    from poolbench import models, pooling
+    from poolbench.report import column_label
+
+    assert pooling.operator_name({"name": "custom", "_target_": "a.b.MyPool"}) == "MyPool"
+    assert pooling.label is pooling.operator_name and models.label is models.backbone_name  # README's aliases
+    assert models.backbone_name({"name": "torchvision", "arch": "resnet18"}) == "resnet18"
+    assert [column_label(c) for c in ("choice.pooling", "cfg.trainer.lr", "mAP")] == ["pooling", "trainer.lr", "mAP"]
+
+
+def test_lr_mults_default_to_one_like_the_registry() -> None:
+    from poolbench.pooling import spec
+
+    assert policies.lr_mults({"name": "avg"}, {"name": "none"}) == {"pool_lr_mult": 1.0, "local_pool_lr_mult": 1.0}
+    cfg = config.compose(["pooling=lse", "local_pooling=max"])
+    assert policies.lr_mults(cfg.pooling, cfg.local_pooling) == {
+        "pool_lr_mult": float(spec("lse", "global").lr_mult),
+        "local_pool_lr_mult": float(spec("max", "local").lr_mult),
+    }
