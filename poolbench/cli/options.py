@@ -38,9 +38,9 @@ class Execution:
     params: dict[str, Any]
 
 
-def overrides_argument(help: str) -> Any:
-    """The ``KEY=VALUE ...`` argument of a command that composes configs, with that command's help."""
-    return typer.Argument(None, help=help, show_default=False)
+def overrides_argument(text: str) -> Any:
+    """The ``KEY=VALUE ...`` argument of a command that composes configs, with that command's help ``text``."""
+    return typer.Argument(None, help=text, show_default=False)
 
 
 def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
