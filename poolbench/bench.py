@@ -42,7 +42,7 @@ from poolbench.engine.latency import (
     train_step_fn,
 )
 from poolbench.engine.memory import peak_memory_mb
-from poolbench.engine.policies import build_optimizer, loss_name, resolve_device
+from poolbench.engine.policies import build_optimizer, loss_name, lr_mults, resolve_device
 from poolbench.errors import ConfigError, first_line, unknown_choice
 from poolbench.pooling.reference import reference_for
 
@@ -460,8 +460,7 @@ def build_case(
         optimizer="adam",
         lr=lr,
         weight_decay=1e-5,
-        pool_lr_mult=float(pool_cfg.get("lr_mult", 1.0)),
-        local_pool_lr_mult=float(local_cfg.get("lr_mult", 1.0)),
+        **lr_mults(pool_cfg, local_cfg),
     )
     return ModelCase(model_name, pooling, net, optimizer, task, net.feature_map_size)
 

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from poolbench import plugins, schema
 from poolbench.errors import ConfigError, unknown_choice
+from poolbench.grammar import check_device, override_key
 from poolbench.schema import Range, Required
 
 # Groups whose options are typed schemas (poolbench.schema); the others are checked by their owners.
@@ -681,8 +682,7 @@ def _validate_values(root: dict[str, Any], checked: set[str] | None = None) -> d
     """:func:`validate_config` on a config's resolved values; returns them."""
     own = {k: v for k, v in root.items() if k not in (*GROUPS, "choices", *PRESET_KEYS)}
     schema.check(own, RunSettings, "")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(root["device"])):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:<index>, got {root['device']!r}")
+    check_device(root["device"])
     seen = checked if checked is not None else set()
     for group in SCHEMA_GROUPS:
         choice = root["choices"].get(group)
@@ -758,12 +758,15 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
 def run_id(cfg: DictConfig | Mapping[str, Any]) -> str:
     """Readable, deterministic and collision-free run id: same config, same id. Every part is reduced
     to letters, digits, '.', '_' and '+', so no value can make it a path."""
-    from poolbench.models.settings import label as model_label
-    from poolbench.pooling.catalog import label as pooling_label
+    from poolbench.models.settings import backbone_name
+    from poolbench.pooling.catalog import operator_name
 
     values = _resolved(cfg)
     parts = (
-        pooling_label(values["pooling"]), model_label(values["model"]), values["dataset"]["name"], f"s{values['seed']}"
+        operator_name(values["pooling"]),
+        backbone_name(values["model"]),
+        values["dataset"]["name"],
+        f"s{values['seed']}",
     )
     return "-".join(_path_safe(str(p)) for p in parts) + "-" + config_hash(values)
 
@@ -779,12 +782,3 @@ def run_dir(cfg: DictConfig) -> Path:
     if path.resolve().parent != results.resolve():
         raise ConfigError(f"run directory {path} would lie outside results_dir={results}")
     return path
-
-
-def override_key(override: str) -> str:
-    """The config key an override sets, adds (``+``) or deletes (``~``): ``+trainer.lr=0.1`` -> ``trainer.lr``."""
-    return override.lstrip("+~").split("=", 1)[0]
-
-
-def override_keys(overrides: Iterable[str]) -> list[str]:
-    return [override_key(o) for o in overrides]

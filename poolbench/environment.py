@@ -58,12 +58,23 @@ def capture_env(device: str) -> dict[str, Any]:
     return env
 
 
-def device_name(device: str) -> str:
-    import torch
+def device_name(device: object) -> str:
+    """The GPU's name for a CUDA device (``"cuda:1"`` or a ``torch.device``), else the CPU's model: the one
+    form records use (``env.device_name``, ``latency.device_name``); the thread count is ``env.num_threads``."""
+    text = str(device)
+    if text.startswith("cuda"):
+        import torch  # only for a CUDA device: this module stays importable without torch
 
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.device(text))
     return cpu_model()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as set by taskset, cgroups or SLURM), not the machine's."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def cpu_model() -> str:

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from poolbench import records
-from poolbench.config import compose, override_key, run_id
+from poolbench.config import compose, run_id
+from poolbench.environment import usable_cores
 from poolbench.errors import PoolbenchError, message_line
+from poolbench.grammar import override_key
 
 if TYPE_CHECKING:
     from poolbench.sweep import PlannedRun
@@ -112,8 +114,7 @@ def _requeue_on_sigterm() -> None:
 
 def default_threads(jobs: int) -> int:
     """torch threads per job so that ``jobs`` parallel runs share this machine's cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // jobs)
+    return max(1, usable_cores() // jobs)
 
 
 def job_overrides(run: PlannedRun, threads: int | None, device: str | None) -> list[str]:
@@ -262,6 +263,15 @@ def _cuda_devices() -> list[int]:
     import torch
 
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def pool_for(executor: str, jobs: int, folder: Path, params: dict[str, Any]) -> Pool:
+    """The pool an ``--executor`` name means (``jobs`` runs at once): ``local`` a process pool on this
+    machine, ``submitit``/``slurm`` submitit's executors with ``params`` (their files under ``folder``).
+    A local ``--jobs 1`` runs in the caller's process instead, without a pool."""
+    if executor == "local":
+        return ProcessPool(jobs)
+    return submitit_pool(executor, jobs, folder, params)
 
 
 def submitit_pool(executor: str, jobs: int, folder: Path, params: dict[str, Any]) -> Pool:

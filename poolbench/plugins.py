@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from poolbench.errors import ConfigError, first_line
+from poolbench.grammar import override_key
 
 ENTRY_POINT_GROUP = "poolbench.operators"
 ENV_VAR = "POOLBENCH_PLUGINS"
@@ -77,7 +78,7 @@ def requested(overrides: Sequence[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    wanted = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == CONFIG_KEY]
+    wanted = [o for o in overrides if override_key(o) == CONFIG_KEY]
     if not wanted:
         return []
     try:

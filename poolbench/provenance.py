@@ -36,15 +36,14 @@ _RESERVED = {"true", "false", "null", "nan", "inf", "-inf"}
 def _option_node(cfg: DictConfig, group: str) -> tuple[dict[str, Any], dict[str, str]]:
     """(the chosen option's node at its defaults, facts for the record) of one part of ``cfg``."""
     from poolbench import pooling, schema
-    from poolbench.models import custom
-    from poolbench.models import label as model_label
+    from poolbench.models import backbone_name, custom
 
     node = cfg[group]
     facts: dict[str, str] = {}
     if group == "model":
         option = schema.options("model").get(str(node.get("name")))
         defaults = dict(option.node()) if option is not None else {}
-        facts["label"] = model_label(node)
+        facts["label"] = backbone_name(node)
         factory = option.meta.get("factory") if option is not None else None
         if option is not None and option.meta.get("library") == custom.LIBRARY and factory is None:
             factory, _ = custom.factory_of(node, option.meta)
@@ -54,7 +53,7 @@ def _option_node(cfg: DictConfig, group: str) -> tuple[dict[str, Any], dict[str,
             facts["source"] = plugins.display_name(factory.__module__, whole=True)
     else:
         kind = "global" if group == "pooling" else "local"
-        facts["label"] = pooling.label(node)
+        facts["label"] = pooling.operator_name(node)
         if node.get("name") == "none":
             return {"name": "none"}, facts
         if node.get("name", pooling.CUSTOM) == pooling.CUSTOM:

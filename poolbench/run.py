@@ -45,16 +45,16 @@ def _quiet(_: str) -> None:
 
 
 def _identity_fields(cfg: DictConfig) -> dict[str, Any]:
-    from poolbench.models import label as model_label
-    from poolbench.pooling import label
+    from poolbench.models import backbone_name
+    from poolbench.pooling import operator_name
 
     return {
         "run_id": run_id(cfg),
         "config_hash": config_hash(cfg),
         "dataset": cfg.dataset.name,
-        "model": model_label(cfg.model),
-        "pooling": label(cfg.pooling),
-        "local_pooling": label(cfg.local_pooling),
+        "model": backbone_name(cfg.model),
+        "pooling": operator_name(cfg.pooling),
+        "local_pooling": operator_name(cfg.local_pooling),
         "seed": cfg.seed,
         "experiment": cfg.choices.get("experiment"),
         "sweep_name": cfg.get("sweep_name"),
@@ -101,7 +101,15 @@ def execute(
                 records.recover(run_dir)
                 completed = _completed_record(run_dir, log)
                 if completed is None or overwrite:
-                    record = _run(cfg, run_dir, built, replacing=completed is not None, progress=progress, log=log)
+                    records.check_run_dir(run_dir)  # a planted symlink in its place would make the run write elsewhere
+                    if completed is None:
+                        from poolbench.engine.policies import should_resume
+
+                        resuming = should_resume(cfg.trainer.resume, run_dir / CHECKPOINT, overwrite=overwrite)
+                        record = _train(cfg, run_dir, built, resuming, progress, log, run_dir=run_dir)
+                    else:  # replacing a completed run: from scratch in its staging folder, swapped in once completed
+                        with _staged(run_dir) as staged:
+                            record = _train(cfg, staged, built, False, progress, log, run_dir=run_dir)
                     return (record, built.model) if return_model else record
                 reusable = completed
         log(f"run {run_dir.name} already completed; reusing its record (trainer.overwrite=true trains again)")
@@ -183,32 +191,25 @@ def _build(cfg: DictConfig, progress: Progress | None) -> Built:
     return Built(device, data, model)
 
 
-def _run(
-    cfg: DictConfig, run_dir: Path, built: Built, *, replacing: bool, progress: Progress | None, log: Log
-) -> dict[str, Any]:
-    """Train in ``run_dir`` (or, when replacing a completed run, in its staging folder, swapped in at the end)."""
-    records.check_run_dir(run_dir)  # a planted symlink in its place would make the run write elsewhere
-    if not replacing:
-        from poolbench.engine.policies import should_resume
-
-        resuming = should_resume(cfg.trainer.resume, run_dir / CHECKPOINT, overwrite=bool(cfg.trainer.overwrite))
-        return _train(cfg, run_dir, built, resuming, progress, log, run_dir=run_dir)
+@contextmanager
+def _staged(run_dir: Path) -> Iterator[Path]:
+    """The staging folder of ``run_dir``: swapped in for the run folder when the block completes, discarded
+    when it raises (an overwrite always starts from scratch: nothing to resume)."""
     staged = records.staging_dir(run_dir)
     try:
-        record = _train(cfg, staged, built, False, progress, log, run_dir=run_dir)
+        yield staged
     except BaseException:
-        records.discard_staged(run_dir)  # an overwrite always starts from scratch: nothing to resume
+        records.discard_staged(run_dir)
         raise
     records.replace_run_dir(staged, run_dir)
-    return record
 
 
 def _train(
     cfg: DictConfig, work_dir: Path, built: Built, resuming: bool, progress: Progress | None, log: Log, *,
     run_dir: Path,
 ) -> dict[str, Any]:
-    """Write config, environment and a ``running`` record into ``work_dir``, train, evaluate, time, and
-    write the final record whatever happens."""
+    """Write config, environment and a ``running`` record into ``work_dir``, fit, evaluate and measure,
+    and write the final record however that ends (completed, failed with why, or interrupted)."""
     started = time.perf_counter()
     env = capture_env(str(built.device))
     record: dict[str, Any] = {
@@ -225,7 +226,7 @@ def _train(
         records.atomic_write_text(work_dir / records.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         records.atomic_write_json(work_dir / records.ENV, env)
         records.atomic_write_json(work_dir / records.RECORD, record)
-        record.update(_train_and_measure(cfg, work_dir, built, resuming, progress, log))
+        record.update(_fit_evaluate_measure(cfg, work_dir, built, resuming, progress, log))
         record.update(status="completed")
     except KeyboardInterrupt as exc:
         reason = "terminated by SIGTERM" if isinstance(exc, Terminated) else "interrupted by the user (Ctrl-C)"
@@ -275,12 +276,12 @@ def _model_fields(built: Built) -> dict[str, Any]:
     }
 
 
-def _train_and_measure(
+def _fit_evaluate_measure(
     cfg: DictConfig, work_dir: Path, built: Built, resuming: bool, progress: Progress | None, log: Log
 ) -> dict[str, Any]:
-    """fit → evaluate → latency; the record fields they produce."""
+    """fit → evaluate (test, and validation when there is one) → latency and cost: the fields they record."""
     from poolbench.engine import evaluate, fit, measure_cost, measure_latency
-    from poolbench.engine.policies import TASK_LOSS
+    from poolbench.engine.policies import TASK_LOSS, lr_mults
     from poolbench.engine.tracking import learned_fields
 
     device, data, model = built.device, built.data, built.model
@@ -298,8 +299,7 @@ def _train_and_measure(
         device=device,
         seed=int(cfg.seed),
         run_dir=work_dir,
-        pool_lr_mult=float(cfg.pooling.get("lr_mult", 1.0)),
-        local_pool_lr_mult=float(cfg.local_pooling.get("lr_mult", 1.0)),
+        **lr_mults(cfg.pooling, cfg.local_pooling),
         resume=resuming,
         progress=progress,
         log=log,

@@ -29,7 +29,7 @@ from poolbench.engine.latency import (
     timing_warnings,
 )
 from poolbench.engine.memory import peak_memory_mb
-from poolbench.engine.policies import build_optimizer, loss_name, resolve_device
+from poolbench.engine.policies import build_optimizer, loss_name, lr_mults, resolve_device
 from poolbench.errors import ConfigError, PoolbenchError, first_line, unknown_choice
 
 SIDE_BY_SIDE = records.SIDE_BY_SIDE
@@ -121,8 +121,7 @@ def _timed_config(
             weight_decay=float(trainer.weight_decay),
             momentum=float(trainer.get("momentum", TrainerSettings.momentum)),
             amsgrad=bool(trainer.get("amsgrad", TrainerSettings.amsgrad)),
-            pool_lr_mult=float(cfg.pooling.get("lr_mult", 1.0)),
-            local_pool_lr_mult=float(cfg.local_pooling.get("lr_mult", 1.0)),
+            **lr_mults(cfg.pooling, cfg.local_pooling),
         )
 
     margin = float(trainer.get("margin", TrainerSettings.margin))

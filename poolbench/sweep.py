@@ -37,13 +37,13 @@ from poolbench.errors import ConfigError, PoolbenchError
 from poolbench.executors import (  # noqa: F401
     Outcome,
     Pool,
-    ProcessPool,
     default_threads,
     job_overrides,
     mark_interrupted,
+    pool_for,
     run_one,
-    submitit_pool,
 )
+from poolbench.grammar import override_key
 
 # Plan status of a run → what the sweep does with it.
 ACTIONS = {
@@ -146,7 +146,7 @@ def expand(overrides: Sequence[str]) -> list[tuple[list[str], list[str]]]:
         axes: list[list[list[str]]] = []
         parsed: list[Override | list[list[str]]] = list(rest)
         for key, value in reversed((preset_grid(experiment) if experiment else {}).items()):
-            if key.lstrip("+~") in cli_keys:  # the command line wins
+            if override_key(key) in cli_keys:  # the command line wins
                 continue
             axis = _preset_axis(key, value)
             parsed.insert(0, axis if isinstance(axis, list) else _parse([f"{key}={axis}"])[0])
@@ -243,7 +243,7 @@ def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRu
         listed = listings[results_dir]
         known = identifier in listed or records.lock_path(run_dir).name in listed  # one listdir, not 10,000 stats
         status, wall_time = run_status(run_dir, overwrite) if known else ("new", None)
-        kept = [o for o in full if config.override_key(o) != "results_dir"]
+        kept = [o for o in full if override_key(o) != "results_dir"]
         planned[identifier] = PlannedRun(kept + extra, swept, identifier, run_dir, status, wall_time)
     configs.close()
     return list(planned.values())
@@ -336,10 +336,7 @@ def run_sweep(
             _count_outcome(state, run_one(job_overrides(run, None, None)), fail_fast)
             notify(state)
         return state
-    if executor == "local":
-        pool: Pool = ProcessPool(jobs)
-    else:
-        pool = submitit_pool(executor, jobs, planned[0].run_dir.parent / ".submitit", executor_params or {})
+    pool = pool_for(executor, jobs, planned[0].run_dir.parent / ".submitit", executor_params or {})
     try:
         _drive(state, todo, pool, fail_fast, notify)
     except KeyboardInterrupt:

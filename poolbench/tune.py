@@ -51,6 +51,7 @@ from omegaconf import OmegaConf
 
 from poolbench import config, executors, files, plugins, records, sweep
 from poolbench.errors import ConfigError, PoolbenchError
+from poolbench.grammar import override_key
 
 if TYPE_CHECKING:
     import optuna
@@ -357,7 +358,7 @@ def plan(
         raise ConfigError(f"empty search space: give at least one dimension, e.g. {GRAMMAR}")
     if tuning_seed < 0:
         raise ConfigError(f"seed must be >= 0, got {tuning_seed}")
-    keys = config.override_keys(fixed)
+    keys = {override_key(o) for o in fixed}
     if VAL_SHARE_KEY not in keys:
         fixed.append(f"{VAL_SHARE_KEY}={DEFAULT_VAL_SHARE}")  # tune always selects on a validation split
     bases: dict[str, Any] = {}
@@ -901,11 +902,8 @@ class Tuner:
     def _pool(self) -> Any:
         if self.executor == "local" and self.jobs == 1:
             return _InlinePool()
-        if self.executor == "local":
-            return executors.ProcessPool(self.jobs)
-        folder = self.spec.folder / ".submitit"
         params = {"name": f"tune.{self.spec.name}"[:100], **self.executor_params}
-        return executors.submitit_pool(self.executor, self.jobs, folder, params)
+        return executors.pool_for(self.executor, self.jobs, self.spec.folder / ".submitit", params)
 
     # ---- results
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,8 @@ def test_list_shows_every_operator() -> None:
 
     result = poolbench("list")
     assert result.returncode == 0, result.stderr
-    for name in names() + local_names():
-        assert f" {name} " in result.stdout
+    words = set(re.findall(r"[\w.+-]+", result.stdout))  # the table's words, whatever its borders and padding
+    assert set(names() + local_names()) <= words
     assert "Christlein" in result.stdout
     groups = poolbench("list", "groups")
     assert groups.returncode == 0 and "synthwriters" in groups.stdout

@@ -514,6 +514,9 @@ def test_report_out_over_its_own_report_replaces_it(
         (("sweep", "--jobs", "-3"), "--jobs"),
         (("sweep", "--timeout-min", "0"), "--timeout-min"),
         (("sweep", "--mem-gb", "-1"), "--mem-gb"),
+        (("tune", "--jobs", "0", "pooling=avg,max", "trainer.lr=interval(0.01,0.1)"), "--jobs"),  # the same
+        (("tune", "--cpus-per-task", "0", "pooling=avg,max", "trainer.lr=interval(0.01,0.1)"), "--cpus-per-task"),
+        (("tune", "--slurm-param", "account"), "--slurm-param"),
     ],
 )
 def test_bad_numbers_are_one_line_before_any_warning_or_work(

@@ -41,7 +41,7 @@ def use_plugins(values: list[str] | None, overrides: list[str] | None = None) ->
     plugins.name([*given, *specs])  # plugins=[...] on a command line is named by the user too
     if overrides is None or not specs:
         return list(overrides or [])
-    from poolbench.config import override_key
+    from poolbench.grammar import override_key
 
     kept = [o for o in overrides if override_key(o) != plugins.CONFIG_KEY]
     merged = list(dict.fromkeys([*given, *specs]))

@@ -119,9 +119,9 @@ def report(
 
 
 def _title(result: Report) -> str:
-    from poolbench.report import label
+    from poolbench.report import column_label
 
-    grouped = ", ".join(label(k) for k in result.keys) or "nothing (one configuration)"
+    grouped = ", ".join(column_label(k) for k in result.keys) or "nothing (one configuration)"
     return escape(f"{len(result.runs)} completed runs, mean ± std over seeds, grouped by {grouped}")
 
 

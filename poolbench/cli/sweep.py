@@ -6,7 +6,6 @@ import math
 import signal
 import time
 from collections import Counter
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,9 @@ from rich.table import Table
 from rich.text import Text
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err, plugins_option, use_plugins
+from poolbench.cli.options import DEFAULT_EXECUTION, Execution, execution_options, overrides_argument
 from poolbench.errors import PoolbenchError, Terminated
+from poolbench.grammar import override_key
 from poolbench.text import plain
 from poolbench.text import terminal as escape  # strips control characters, escapes markup
 
@@ -34,12 +35,6 @@ STATUS_STYLE = {
     "elsewhere": "magenta",
     "overwrite": "cyan",
 }
-
-
-class Executor(str, Enum):
-    local = "local"
-    submitit = "submitit"
-    slurm = "slurm"
 
 
 def _duration(seconds: float | None) -> str:
@@ -144,73 +139,19 @@ def _summary(state: SweepState) -> str:
     return ", ".join(parts)
 
 
-def _check_numbers(**values: float | None) -> None:
-    """The numeric options, checked before anything is composed or printed: one line each, not a usage panel."""
-    from poolbench.errors import ConfigError
-
-    lowest = {"jobs": 1, "timeout_min": 1, "gpus_per_node": 0, "cpus_per_task": 1}
-    for name, value in values.items():
-        if value is None:
-            continue
-        option = "--" + name.replace("_", "-")
-        if name == "mem_gb":
-            if not value > 0 or value == float("inf"):
-                raise ConfigError(f"{option} must be a number of GB > 0, got {value}")
-        elif value < lowest[name]:
-            raise ConfigError(f"{option} must be >= {lowest[name]}, got {value}")
-
-
-def _slurm_params(options: list[str]) -> dict[str, Any]:
-    import yaml
-
-    params: dict[str, Any] = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key:
-            raise PoolbenchError(f"--slurm-param takes key=value (e.g. slurm_account=proj), got '{option}'")
-        params[key.strip()] = yaml.safe_load(value)
-    return params
-
-
-def executor_params(
-    timeout_min: int, slurm_param: list[str] | None, **resources: float | int | str | None
-) -> dict[str, Any]:
-    """submitit's parameters of a sweep or a tune: the time limit, every ``--slurm-param key=value`` and
-    the resource options the user set (``slurm_partition``, ``gpus_per_node``, ...; None: not set)."""
-    params: dict[str, Any] = {"timeout_min": timeout_min, **_slurm_params(slurm_param or [])}
-    params.update({key: value for key, value in resources.items() if value is not None})
-    return params
-
-
 @app.command(context_settings=EXTRA_ARGS)
+@execution_options
 def sweep(
-    overrides: list[str] = typer.Argument(
-        None,
-        help="Hydra overrides and sweeps: pooling=avg,max,dgmp seed=range(0,3) model=glob(resnet*) experiment=quick",
-        show_default=False,
+    overrides: list[str] = overrides_argument(
+        "Hydra overrides and sweeps: pooling=avg,max,dgmp seed=range(0,3) model=glob(resnet*) experiment=quick"
     ),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="List the runs and what would happen; run nothing."),
     list_all: bool = typer.Option(
         False, "--list", help=f"With --dry-run: list every run (default: a summary beyond {LIST_LIMIT} runs)."
     ),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once (threads per run = cores // jobs)."),
-    executor: Executor = typer.Option(
-        Executor.local,
-        "--executor",
-        "-e",
-        help="local: this machine (a process pool when --jobs > 1); submitit: submitit (SLURM when sbatch "
-        "is available, else its local executor); slurm: submitit's SLURM executor.",
-    ),
+    execution: Execution = DEFAULT_EXECUTION,  # --jobs, --executor and the submitit/SLURM resources: see cli/options.py
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Start no new run after the first failure."),
     name: str = typer.Option(None, "--name", help="Recorded as sweep_name (default: the experiment's name)."),
-    timeout_min: int = typer.Option(240, "--timeout-min", help="submitit/SLURM: time limit per run (minutes)."),
-    slurm_partition: str = typer.Option(None, "--slurm-partition", help="SLURM partition."),
-    gpus_per_node: int = typer.Option(None, "--gpus-per-node", help="submitit/SLURM: GPUs per run."),
-    cpus_per_task: int = typer.Option(None, "--cpus-per-task", help="submitit/SLURM: CPU cores per run."),
-    mem_gb: float = typer.Option(None, "--mem-gb", help="submitit/SLURM: memory per run (GB)."),
-    slurm_param: list[str] = typer.Option(
-        None, "--slurm-param", help="Any other submitit parameter, e.g. slurm_account=proj (repeatable)."
-    ),
     side_by_side: bool = typer.Option(
         True,
         "--side-by-side/--no-side-by-side",
@@ -226,10 +167,8 @@ def sweep(
     """Run a grid of train runs; re-running skips completed runs and resumes interrupted ones."""
     from poolbench import sweep as sweeping
 
-    _check_numbers(jobs=jobs, timeout_min=timeout_min, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
-                   mem_gb=mem_gb)
     arguments = use_plugins(plugin_specs, overrides or [])
-    experiments = [o.split("=", 1)[1] for o in arguments if o.lstrip("+").startswith("experiment=")]
+    experiments = [o.split("=", 1)[1] for o in arguments if "=" in o and override_key(o) == "experiment"]
     sweep_name = name or (experiments[0] if len(experiments) == 1 and "," not in experiments[0] else None)
     with console_err.status("composing the grid's configs…"):
         planned = sweeping.plan(arguments, name=sweep_name)
@@ -248,13 +187,7 @@ def sweep(
         console.print(f"{to_run} of {len(planned)} runs would start; nothing was run (--dry-run)")
         return
     # The SLURM job name: the sweep's name, checked by plan() to be plain characters.
-    params: dict[str, Any] = {
-        "name": sweep_name or "poolbench",
-        **executor_params(
-            timeout_min, slurm_param, slurm_partition=slurm_partition, gpus_per_node=gpus_per_node,
-            cpus_per_task=cpus_per_task, mem_gb=mem_gb,
-        ),
-    }
+    params: dict[str, Any] = {"name": sweep_name or "poolbench", **execution.params}
 
     state_box: list[SweepState] = []
     view: LiveView | None = None
@@ -280,8 +213,8 @@ def sweep(
         try:
             state = sweeping.run_sweep(
                 planned,
-                jobs=jobs,
-                executor=executor.value,
+                jobs=execution.jobs,
+                executor=execution.executor,
                 fail_fast=fail_fast,
                 executor_params=params,
                 on_change=on_change,
@@ -290,7 +223,7 @@ def sweep(
             live.stop()
             summary = _summary(state_box[0]) if state_box else "nothing finished"
             how = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-            queued = executor.value != "local"
+            queued = execution.executor != "local"
             left = "; on SLURM, tasks already submitted keep running (scancel stops them)" if queued else ""
             console_err.print(f"[yellow]{how}[/]: {summary}; re-run the same command to resume{left}")
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
@@ -299,7 +232,7 @@ def sweep(
     if not console.is_terminal:  # rich leaves a non-terminal's last line open
         console.line()
     console.print(_summary(state))
-    if side_by_side and executor.value == "local":
+    if side_by_side and execution.executor == "local":
         _time_side_by_side(planned)
     if state.failed:
         console_err.print(f"[red]{len(state.failed)} run(s) failed[/] (their result.json says why):")

@@ -9,17 +9,16 @@ import typer
 from rich.markup import escape
 
 from poolbench.cli.app import EXTRA_ARGS, app, console, console_err
-from poolbench.cli.sweep import Executor, executor_params
+from poolbench.cli.options import DEFAULT_EXECUTION, Execution, execution_options, overrides_argument
 from poolbench.errors import Terminated
 
 
 @app.command(context_settings=EXTRA_ARGS)
+@execution_options
 def tune(
-    overrides: list[str] = typer.Argument(
-        None,
-        help="Treatments, search space and fixed overrides: pooling=avg,max,gem,dgmp "
-        "'trainer.lr=tag(log, interval(1e-4, 1e-1))' 'trainer.optimizer=choice(adam,sgd)' dataset=digits",
-        show_default=False,
+    overrides: list[str] = overrides_argument(
+        "Treatments, search space and fixed overrides: pooling=avg,max,gem,dgmp "
+        "'trainer.lr=tag(log, interval(1e-4, 1e-1))' 'trainer.optimizer=choice(adam,sgd)' dataset=digits"
     ),
     treatment: str = typer.Option("pooling", "--treatment", help="The axis whose values get one study each."),
     trials: int = typer.Option(16, "--trials", min=1, help="Trials per treatment (the same budget for every one)."),
@@ -30,17 +29,8 @@ def tune(
     storage: str = typer.Option(
         None, "--storage", help="Any SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite in the folder)."
     ),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Trials (and final runs) at once."),
-    executor: Executor = typer.Option(
-        Executor.local, "--executor", "-e", help="local, submitit or slurm (as for poolbench sweep)."
-    ),
+    execution: Execution = DEFAULT_EXECUTION,  # --jobs, --executor, submitit/SLURM: see cli/options.py
     no_final: bool = typer.Option(False, "--no-final", help="Tune only; leave the final seeds for a later call."),
-    timeout_min: int = typer.Option(240, "--timeout-min", help="submitit/SLURM: time limit per run (minutes)."),
-    slurm_partition: str = typer.Option(None, "--slurm-partition", help="SLURM partition."),
-    gpus_per_node: int = typer.Option(None, "--gpus-per-node", help="submitit/SLURM: GPUs per run."),
-    cpus_per_task: int = typer.Option(None, "--cpus-per-task", help="submitit/SLURM: CPU cores per run."),
-    mem_gb: float = typer.Option(None, "--mem-gb", help="submitit/SLURM: memory per run (GB)."),
-    slurm_param: list[str] = typer.Option(None, "--slurm-param", help="Any other submitit parameter (repeatable)."),
 ) -> None:
     """Tune every treatment with the same sampler, seed and trial budget on the validation split, then
     retrain each best configuration with fresh seeds and evaluate it on test. Re-run to resume."""
@@ -57,15 +47,12 @@ def tune(
         name=name,
         storage=storage,
     )
-    params = executor_params(
-        timeout_min, slurm_param, slurm_partition=slurm_partition, gpus_per_node=gpus_per_node,
-        cpus_per_task=cpus_per_task, mem_gb=mem_gb,
-    )
+    params = execution.params
 
     def say(line: str) -> None:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
-    tuner = tuning.Tuner(spec, jobs=jobs, executor=executor.value, executor_params=params, log=say)
+    tuner = tuning.Tuner(spec, jobs=execution.jobs, executor=execution.executor, executor_params=params, log=say)
     tuner.open()
     _describe(spec)
 
@@ -100,8 +87,8 @@ def tune(
         )
         sweep_state = sweeping.run_sweep(
             planned,
-            jobs=jobs,
-            executor=executor.value,
+            jobs=execution.jobs,
+            executor=execution.executor,
             executor_params={"name": f"tune.{spec.name}.final"[:100], **params},
             on_change=_final_printer(),
         )

@@ -38,7 +38,7 @@ from torch import nn
 
 from poolbench.engine.memory import peak_memory_mb
 from poolbench.engine.policies import LOSSES, amp_dtype, autocast, build_optimizer
-from poolbench.environment import cpu_model
+from poolbench.environment import device_name, usable_cores
 from poolbench.errors import ConfigError, first_line
 
 CONFIDENCE = 0.95
@@ -154,12 +154,6 @@ def paired_ratios(samples: Sequence[float], baseline: Sequence[float]) -> tuple[
 # ---------------------------------------------------------------------------------------- warnings
 
 
-def usable_cores() -> int:
-    with contextlib.suppress(AttributeError, OSError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def copy_bandwidth_gb_s(threads: int, nbytes: int = COPY_PROBE_BYTES, repeats: int = 5) -> float:
     """(read + write) bytes / median time of a CPU tensor copy with ``threads`` torch threads."""
     previous = torch.get_num_threads()
@@ -197,13 +191,6 @@ def timing_warnings(device: torch.device) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- run latency
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's with the thread count the timings ran with."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def _input_memory_format(model: nn.Module) -> torch.memory_format:

@@ -6,7 +6,7 @@ benchmark of the same configuration use the same device, precision, loss and opt
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +14,24 @@ import torch
 from torch import nn
 
 from poolbench.engine.losses import batch_hard_triplet_loss, cross_entropy_loss
-from poolbench.errors import ConfigError, unknown_choice
+from poolbench.errors import ConfigError, message_line
+from poolbench.grammar import check_device
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 LOSSES: dict[str, LossFn] = {"triplet": batch_hard_triplet_loss, "ce": cross_entropy_loss}
 # The loss each task trains with when trainer.loss=auto (and the only one that fits it).
 TASK_LOSS = {"retrieval": "triplet", "classification": "ce"}
-DEVICES = ("auto", "cpu", "cuda", "cuda:<index>")
 
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; a CUDA device that is not there is a ConfigError."""
-    if requested == "auto":
+    """``auto`` → CUDA when available, else CPU; a device outside the grammar, or a CUDA device that is
+    not there, is a ConfigError."""
+    if check_device(requested) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(requested)
-    except RuntimeError:
-        raise ConfigError(unknown_choice("device", requested, DEVICES)) from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(unknown_choice("device", requested, DEVICES))
+    except RuntimeError as exc:  # an index past what torch parses
+        raise ConfigError(f"device={requested}: {message_line(exc)}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={requested} but CUDA is not available here; use device=cpu or device=auto")
     return device
@@ -81,6 +80,15 @@ def optimizer_groups(
         if params:
             groups.append({"params": params, "lr": lr * mult, "weight_decay": 0.0})
     return groups
+
+
+def lr_mults(pooling: Mapping[str, Any], local_pooling: Mapping[str, Any]) -> dict[str, float]:
+    """The learning-rate multipliers of the global and local operators' own parameters, as
+    :func:`build_optimizer` and ``fit`` take them (1 where a node has no ``lr_mult``, as the registry's)."""
+    return {
+        "pool_lr_mult": float(pooling.get("lr_mult", 1.0)),
+        "local_pool_lr_mult": float(local_pooling.get("lr_mult", 1.0)),
+    }
 
 
 def build_optimizer(

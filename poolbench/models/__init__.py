@@ -20,9 +20,10 @@ import importlib
 from typing import Any
 
 # Torch-free (what composing a config needs): the schemas and checks of poolbench.models.settings.
-from poolbench.models.settings import BackboneSettings, check, label, resolve
+from poolbench.models.settings import BackboneSettings, backbone_name, check, label, resolve
 
 __all__ = [
+    "backbone_name",
     "BackboneSettings",
     "PoolNet",
     "build_model",

@@ -16,7 +16,7 @@ from poolbench.errors import ConfigError
 from poolbench.models import custom, smallcnn, surgery
 from poolbench.models import timm as timm_backbones
 from poolbench.models import torchvision as torchvision_backbones
-from poolbench.models.settings import label, library_and_arch, resolve
+from poolbench.models.settings import backbone_name, library_and_arch, resolve
 
 # A final map with at most this many positions leaves global pools little to differ on.
 SMALL_MAP_POSITIONS = 4
@@ -89,7 +89,7 @@ def build_trunk(model_cfg: DictConfig | Mapping[str, Any], in_channels: int) -> 
         what = f"torchvision {arch}"
     elif library == custom.LIBRARY:
         trunk = custom.build(cfg, option.meta, in_channels)
-        what = f"model {label(cfg)}"
+        what = f"model {backbone_name(cfg)}"
     else:
         trunk = timm_backbones.build(arch, cfg["pretrained"], in_channels)
         what = f"timm {arch}"
@@ -182,7 +182,7 @@ def build_model(
     Weights are initialised from torch's global RNG: seed it before calling for reproducible runs.
     """
     mcfg, lcfg = resolve(_plain(model_cfg))[1], _plain(local_pooling_cfg)
-    what = label(mcfg)
+    what = backbone_name(mcfg)
     trunk = build_trunk(mcfg, in_channels)
     if lcfg.get("name", "none") != "none" and surgery.replace_max_pools(trunk, lcfg) == 0:
         raise ConfigError(
@@ -191,7 +191,7 @@ def build_model(
         )
     pcfg = _plain(pooling_cfg)
     pool = pooling.from_config(pcfg, "global")
-    fmap, width = _probe(trunk, pool, pooling.label(pcfg), in_channels, input_size, what)
+    fmap, width = _probe(trunk, pool, pooling.backbone_name(pcfg), in_channels, input_size, what)
     model = PoolNet(
         trunk,
         pool,

@@ -64,7 +64,7 @@ def library_and_arch(node: Mapping[str, Any]) -> tuple[str, str]:
     return library, str(option_.meta.get("arch") or node.get("arch") or option_.name)
 
 
-def label(model_node: DictConfig | Mapping[str, Any]) -> str:
+def backbone_name(model_node: DictConfig | Mapping[str, Any]) -> str:
     """The backbone's name for run ids, records and reports: the option's name (``resnet18``,
     ``smallcnn``), ``model.arch`` for ``model=torchvision`` / ``model=timm`` (may hold ``/`` or ``.``), or
     the factory's name for ``model=custom`` (``my_backbone.TinyRes`` → ``TinyRes``)."""
@@ -75,6 +75,9 @@ def label(model_node: DictConfig | Mapping[str, Any]) -> str:
     if model_node.get("name") == "custom" and target not in (None, "", "???"):
         return str(target).replace(":", ".").rsplit(".", 1)[-1]
     return str(model_node["name"])
+
+
+label = backbone_name  # its older, documented name
 
 
 def check(model_node: DictConfig | Mapping[str, Any]) -> None:

@@ -152,7 +152,7 @@ def _square(value: int | tuple[int, ...]) -> int:
 def replace_max_pools(trunk: nn.Module, local_cfg: Mapping[str, Any]) -> int:
     """Put the configured local pool in place of every ``nn.MaxPool2d`` of the trunk, inheriting its
     kernel, stride and padding unless ``local_pooling.kernel_size/stride`` are set. Returns the count."""
-    name = pooling.label(local_cfg)
+    name = pooling.operator_name(local_cfg)
     inherit = local_cfg.get("kernel_size") is None
     targets = [target for target, m in trunk.named_modules() if isinstance(m, nn.MaxPool2d)]
     for target in targets:

@@ -5,7 +5,7 @@ Public API::
     register(name, kind=..., formula=..., reference=...)    # class decorator: add your operator
     GlobalPool, LocalPool                                   # base classes of the two contracts
     from_config(node, kind="global"|"local", **geometry)    # build from a config node (name or _target_)
-    label(node)                                             # how runs and reports name that operator
+    operator_name(node)                                     # how runs and reports name that operator (alias: label)
     learned_scalars(module)                                 # its learnable scalars, in natural units
     create(name, **params)                                  # global pool module
     create_local(name, kernel_size=2, stride=None, **params) # local pool module
@@ -18,9 +18,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# CUSTOM and label are torch-free (poolbench.pooling.catalog, what composing a config needs); the
+# CUSTOM and operator_name (alias label) are torch-free (poolbench.pooling.catalog, what composing a config needs); the
 # other names are the registry's and load torch and the built-in operators on first use.
-_CATALOG_NAMES = frozenset({"CUSTOM", "label"})
+_CATALOG_NAMES = frozenset({"CUSTOM", "label", "operator_name"})
 _REGISTRY_NAMES = frozenset({
     "GlobalPool", "LocalPool", "PoolSpec", "create", "create_local", "from_config", "learned_scalars",
     "local_names", "names", "register", "spec", "specs",
@@ -52,6 +52,7 @@ __all__ = [
     "learned_scalars",
     "local_names",
     "names",
+    "operator_name",
     "register",
     "spec",
     "specs",

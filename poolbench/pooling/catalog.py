@@ -59,12 +59,15 @@ def is_target(node: Mapping[str, Any]) -> bool:
     return node.get("name", CUSTOM) == CUSTOM
 
 
-def label(node: Mapping[str, Any]) -> str:
+def operator_name(node: Mapping[str, Any]) -> str:
     """How runs, records and reports name the operator of a node: its registered name, or for a
     ``_target_`` node the class name (``mypkg.pools.SoftmaxPool`` → ``SoftmaxPool``)."""
     if is_target(node):
         return str(node.get("_target_") or CUSTOM).rsplit(".", 1)[-1]
     return str(node["name"])
+
+
+label = operator_name  # its older, documented name (plugins may call it)
 
 
 # ------------------------------------------------------------------------------ the shipped description

@@ -29,7 +29,7 @@ from poolbench.pooling.catalog import (  # the torch-free half of what the regis
     Kind,
     OperatorInfo,
     is_target,
-    label,
+    operator_name,
 )
 
 
@@ -261,11 +261,11 @@ def from_config(node: Mapping[str, Any], kind: Kind = "global", **geometry: Any)
     except KeyboardInterrupt:
         raise
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{group}={label(data)}: {exc}") from None
+        raise ConfigError(f"{group}={operator_name(data)}: {exc}") from None
     except BaseException as exc:  # a user's constructor asserting (or exiting): one line naming it
         from poolbench.errors import first_line
 
-        raise ConfigError(f"{group}={label(data)}: constructing it failed: {first_line(exc)}") from None
+        raise ConfigError(f"{group}={operator_name(data)}: constructing it failed: {first_line(exc)}") from None
 
 
 def learned_scalars(module: nn.Module) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """``poolbench report``: loading, design, comparison and statistics (core builds the report from them),
 tables, figures, HTML, atomic output."""
 
-from poolbench.report.columns import context_label, label, safe_text, treatment_label
+from poolbench.report.columns import column_label, context_label, safe_text, treatment_label
 from poolbench.report.comparison import compare, ranking_lines
 from poolbench.report.core import (
     DEFAULT_METRICS,
@@ -33,7 +33,7 @@ from poolbench.report.tables import (
 __all__ = [
     "DEFAULT_METRICS", "MANIFEST", "Design", "Report", "available_formats", "build", "check_destination",
     "choose_metrics", "compare", "context_columns", "context_label", "design", "display_comparison",
-    "display_ranking", "display_summary", "environment_warnings", "format_mean_std", "group_keys", "label",
+    "display_ranking", "display_summary", "environment_warnings", "format_mean_std", "group_keys", "column_label",
     "latex_escape", "load", "metric_columns", "metric_label", "one_run_per_seed", "parse_formats",
     "ranking_lines", "read_records", "safe_text", "summarize", "to_latex", "to_markdown",
     "treatment_label", "write_html", "write_plots", "write_report", "write_tables",

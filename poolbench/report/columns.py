@@ -18,7 +18,7 @@ SEED_KEY = "seed"
 NOT_METRICS = ("cfg.", "choice.", "env.", "data.")
 
 
-def label(column: str) -> str:
+def column_label(column: str) -> str:
     """Display name of a record column: ``choice.pooling`` → ``pooling``, ``cfg.trainer.lr`` → ``trainer.lr``."""
     for prefix in ("choice.", "cfg."):
         if column.startswith(prefix):
@@ -47,7 +47,7 @@ def find_column(frame: pd.DataFrame, key: str, what: str) -> str:
     for candidate in (key, f"choice.{key}", f"cfg.{key}"):
         if candidate in frame.columns:
             return candidate
-    options = [label(c) for c in frame.columns if not c.startswith(("env.", "data.", "train.", "latency."))]
+    options = [column_label(c) for c in frame.columns if not c.startswith(("env.", "data.", "train.", "latency."))]
     raise PoolbenchError(unknown_choice(what, key, sorted(set(options))))
 
 
@@ -75,7 +75,9 @@ def group_frames(frame: pd.DataFrame, keys: list[str]) -> Any:
 def treatment_label(row: dict[str, Any] | pd.Series, keys: Sequence[str]) -> str:
     """``gem`` or, when pooling parameters were swept too, ``gem (p=3)``."""
     params = [
-        f"{label(k)[len('pooling.') :]}={row[k]}" for k in keys if k.startswith("cfg.pooling.") and present(row[k])
+        f"{column_label(k)[len('pooling.') :]}={row[k]}"
+        for k in keys
+        if k.startswith("cfg.pooling.") and present(row[k])
     ]
     name = str(row.get(POOLING_KEY, row.get("pooling", "?")))
     return f"{name} ({', '.join(params)})" if params else name
@@ -108,7 +110,7 @@ def present(value: Any) -> bool:
 def context_label(row: dict[str, Any] | pd.Series, keys: Sequence[str]) -> str:
     """``digits / resnet18``: choices by their value, other keys as ``key=value`` (``trainer.lr=0.01``)."""
     parts = [
-        str(row[k]) if k.startswith("choice.") else f"{label(k)}={row[k]}"
+        str(row[k]) if k.startswith("choice.") else f"{column_label(k)}={row[k]}"
         for k in keys
         if not is_treatment(k) and present(row[k])
     ]

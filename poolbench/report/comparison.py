@@ -16,10 +16,10 @@ from poolbench.report.columns import (
     POOLING_KEY,
     SEED_KEY,
     column_key,
+    column_label,
     context_label,
     group_frames,
     is_treatment,
-    label,
     present,
     treatment_label,
 )
@@ -82,7 +82,9 @@ def compare(
         for _, treated in group_frames(others, treatment_keys or [POOLING_KEY]):
             first = treated.iloc[0]
             _name_unpaired(dropped, first, keys, context_keys, baseline, treated[SEED_KEY], base[SEED_KEY])
-            mixed = [label(c) for c in confounded if set(treated[c].map(column_key)) != set(base[c].map(column_key))]
+            mixed = [
+                column_label(c) for c in confounded if set(treated[c].map(column_key)) != set(base[c].map(column_key))
+            ]
             for metric in metrics:
                 if metric in side_by_side and (treated[FROM_SIDE_BY_SIDE].any() or base[FROM_SIDE_BY_SIDE].any()):
                     continue  # one interleaved measurement per configuration: no spread over seeds to test
@@ -259,8 +261,8 @@ def rank_operators(report: Report) -> dict[str, Any] | None:
         scores=complete[sorted(complete.columns)],
         metric_of={c: metric_of[c] for c in complete.index},
         left_out=sorted(set(table.columns) - set(complete.columns)),
-        contexts=[label(k) for k in context_keys],
-        within=[label(k) for k in within],
+        contexts=[column_label(k) for k in context_keys],
+        within=[column_label(k) for k in within],
         cd_diagram=complete.shape[0] >= stats.CD_MIN_CONTEXTS and result["nemenyi"] is not None,
     )
     return result

@@ -21,7 +21,14 @@ import pandas as pd
 
 from poolbench.errors import PoolbenchError, unknown_choice
 from poolbench.report import protocol
-from poolbench.report.columns import NOT_METRICS, group_frames, is_numeric_column, label, safe_text, treatment_labels
+from poolbench.report.columns import (
+    NOT_METRICS,
+    column_label,
+    group_frames,
+    is_numeric_column,
+    safe_text,
+    treatment_labels,
+)
 from poolbench.report.comparison import compare, comparison_line, rank_operators
 from poolbench.report.design import Design, confounding_warnings, context_columns, design, one_run_per_seed
 from poolbench.report.design import option_values as _option_values  # noqa: F401  (tests clear its cache here)
@@ -86,7 +93,7 @@ class Report:
             f"poolbench report of {safe_text(str(self.results_dir))}: {len(self.runs)} completed runs",
             f"filters: {' '.join(f'--where {w}' for w in self.filters) or 'none'}",
             f"metrics: {', '.join(self.metrics)}",
-            f"grouped by: {', '.join(label(k) for k in self.keys) or 'nothing (one configuration)'}",
+            f"grouped by: {', '.join(column_label(k) for k in self.keys) or 'nothing (one configuration)'}",
         ]
         if self.baseline is not None:
             lines.append(

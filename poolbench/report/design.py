@@ -25,11 +25,11 @@ from poolbench.report.columns import (
     POOLING_KEY,
     SEED_KEY,
     column_key,
+    column_label,
     context_label,
     find_column,
     is_number,
     is_treatment,
-    label,
     present,
     treatment_label,
     treatment_labels,
@@ -230,7 +230,7 @@ def confounding_warnings(found: Design, *, allow: bool) -> list[str]:
             if allow
             else "operators that never share a value are not compared (--allow-confounded compares them anyway)"
         )
-        lines.append(f"CONFOUNDED: {label(column)} differs with the operator ({spread}); {consequence}")
+        lines.append(f"CONFOUNDED: {column_label(column)} differs with the operator ({spread}); {consequence}")
     return lines
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 from poolbench import records
 from poolbench import text as esc
 from poolbench.config import GROUPS, NON_IDENTITY_KEYS
-from poolbench.report.columns import SEED_KEY, label, present
+from poolbench.report.columns import SEED_KEY, column_label, present
 from poolbench.report.comparison import ranking_lines
 from poolbench.report.core import Report
 from poolbench.report.tables import comparison_caption, display_comparison, display_ranking, display_summary
@@ -144,7 +144,8 @@ def environment(report: Report) -> pd.DataFrame:
     rows = []
     for column in columns:
         counts = report.runs[column].fillna("unknown").astype(str).value_counts()
-        rows.append({"field": label(column)[4:], "values (runs)": "; ".join(f"{v} ({n})" for v, n in counts.items())})
+        spread = "; ".join(f"{v} ({n})" for v, n in counts.items())
+        rows.append({"field": column_label(column)[4:], "values (runs)": spread})
     return pd.DataFrame(rows)
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 from poolbench import records
 from poolbench import text as esc
 from poolbench.report import stats
-from poolbench.report.columns import context_labels, label, present, safe_text, treatment_labels
+from poolbench.report.columns import column_label, context_labels, present, safe_text, treatment_labels
 from poolbench.report.comparison import quality_metrics
 from poolbench.report.core import Report
 
@@ -505,4 +505,4 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
     return [path for plot in PLOTS for path in plot(report, out_dir)]
 
 
-__all__ = ["label", "metric_label", "write_plots"]
+__all__ = ["column_label", "metric_label", "write_plots"]

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from poolbench.errors import PoolbenchError
+from poolbench.grammar import override_key
 from poolbench.report.stats import DECIDE_MIN_N
 
 POWER = 0.8
@@ -237,5 +238,5 @@ def propose_seeds(
 
 def with_seeds(overrides: Sequence[str], seeds: int) -> list[str]:
     """The sweep's overrides with its seed axis replaced by ``seed=range(0,seeds)`` (pilot seeds reused)."""
-    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "seed"]
+    kept = [o for o in overrides if override_key(o) != "seed"]
     return [*kept, f"seed=range(0,{int(seeds)})"]

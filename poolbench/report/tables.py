@@ -20,7 +20,7 @@ import pandas as pd
 
 from poolbench import text as esc
 from poolbench.errors import PoolbenchError, unknown_choice
-from poolbench.report.columns import label, present
+from poolbench.report.columns import column_label, present
 from poolbench.report.comparison import TOO_FEW, format_p, ranking_lines, sign_flip_kind, too_few
 from poolbench.report.core import FORMATS, Report
 from poolbench.report.power import MAX_SEEDS
@@ -55,7 +55,7 @@ def display_summary(report: Report, *, latex: bool = False) -> pd.DataFrame:
 
     A latency taken from side_by_side.json shows its interval instead: ``value [low, high]``.
     """
-    columns: dict[str, list[str]] = {label(k): [_cell(v) for v in report.summary[k]] for k in report.keys}
+    columns: dict[str, list[str]] = {column_label(k): [_cell(v) for v in report.summary[k]] for k in report.keys}
     columns["n"] = [str(n) for n in report.summary["n"]]
     for metric in report.metrics:
         means, stds, counts = (report.summary[f"{metric}.{s}"] for s in ("mean", "std", "n"))
@@ -222,7 +222,7 @@ def write_tables(report: Report, out_dir: Path, formats: Sequence[str]) -> list[
     tables: list[tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, str]] = [
         (
             "summary",
-            report.summary.rename(columns={k: label(k) for k in report.keys}),
+            report.summary.rename(columns={k: column_label(k) for k in report.keys}),
             display_summary(report),
             display_summary(report, latex=True),
             f"Mean ± std over seeds (n runs) of {', '.join(report.metrics)}",

@@ -5,6 +5,7 @@ import torch
 
 from poolbench.data.base import DataBundle
 from poolbench.engine import evaluate, measure_cost, measure_latency, time_fn
+from poolbench.environment import device_name
 from poolbench.models import build_model
 
 LATENCY_KEYS = {
@@ -88,7 +89,7 @@ def test_measure_latency_keys_and_no_side_effects(
     not_positive = {"device_name", "timing_warning", "peak_mem_mb", "infer_batch_ms_iqr", "train_step_ms_iqr"}
     assert all(result[k] > 0 for k in LATENCY_KEYS - not_positive)
     assert result["infer_image_ms"] == pytest.approx(result["infer_batch_ms"] / 8)
-    assert result["peak_mem_mb"] >= 0 and "threads" in result["device_name"]
+    assert result["peak_mem_mb"] >= 0 and result["device_name"] == device_name("cpu")  # the env's form
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN stats
 
