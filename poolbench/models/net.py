@@ -191,7 +191,7 @@ def build_model(
         )
     pcfg = _plain(pooling_cfg)
     pool = pooling.from_config(pcfg, "global")
-    fmap, width = _probe(trunk, pool, pooling.backbone_name(pcfg), in_channels, input_size, what)
+    fmap, width = _probe(trunk, pool, pooling.operator_name(pcfg), in_channels, input_size, what)
     model = PoolNet(
         trunk,
         pool,
