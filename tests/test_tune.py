@@ -210,6 +210,9 @@ def test_another_treatment_axis(run_cli: Callable[..., int], tmp_path: Path, fak
 # ------------------------------------------------------------------------------------------ kill and resume
 
 
+# A killed worker's trial taken over, the budget kept and no finished run retrained: in the fast tier with the
+# concurrent workers' test below; this one adds a lone process resuming the study, with its final seeds.
+@pytest.mark.slow
 def test_kill_9_mid_study_then_resume_loses_and_repeats_no_trial(tmp_path: Path) -> None:
     args = ["pooling=avg,max", LR, *BASE, "--trials", "3", "--seeds", "1", "--name", "k", f"results_dir={tmp_path}"]
     trials_dir = tmp_path / "tune" / "k" / tune.TRIALS
