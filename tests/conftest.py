@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
+from filelock import FileLock
+
+# poolbench sets HF_HUB_OFFLINE before it imports timm (huggingface_hub reads it once, when first imported);
+# test modules import timm first, and an uncached hub repo then costs the network's retries (about 20 s) before
+# the same one-line error. The tests run as the CLI does: offline, never downloading.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture
@@ -23,3 +32,34 @@ def run_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
         return 0
 
     return run
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Sequence[str], Path], Path]:
+    """``copy_of(overrides, into)``: a real run of ``overrides`` trained once per test session and copied into
+    the folder ``into``; returns the copy's run folder.
+
+    Every pytest-xdist worker is a session of its own: the runs are trained in a folder that all workers of
+    this pytest invocation share (beside their own temporary folders), under a lock, so that a configuration
+    is trained once however many modules and workers ask for it. Callers get a copy to change at will.
+    """
+    # Under xdist each worker's basetemp is <session>/popen-gwN; with -n 0 the basetemp is the session's own.
+    session = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session = session.parent
+    shared = session / "trained-runs"
+
+    def copy_of(overrides: Sequence[str], into: Path) -> Path:
+        from poolbench import records
+        from poolbench.config import compose, run_dir
+        from poolbench.run import execute
+
+        cfg = compose([*overrides, f"results_dir={shared}"])
+        source = run_dir(cfg)
+        with FileLock(f"{shared}.lock"):  # a second worker waits, then finds the run completed
+            if (records.read_record(source) or {}).get("status") != "completed":
+                execute(cfg)
+        into.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copytree(source, into / source.name, symlinks=True))
+
+    return copy_of

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -309,17 +310,14 @@ SIDE_BY_SIDE_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """Three finished runs: avg with seeds 0 and 1 (one configuration), dgmp with seed 0."""
-    from poolbench.config import compose
-    from poolbench.run import execute
-
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory, trained_runs: Callable[..., Path]) -> dict[str, dict]:
+    """Three finished runs: avg with seeds 0 and 1 (one configuration), dgmp with seed 0 (trained once per session)."""
     results = tmp_path_factory.mktemp("runs")
-    records = {}
+    found = {}
     for pooling, seed in (("avg", 0), ("avg", 1), ("dgmp", 0)):
-        record = execute(compose([*TINY_RUN, f"pooling={pooling}", f"seed={seed}", f"results_dir={results}"]))
-        records[f"{pooling}{seed}"] = record
-    return {"dir": results, **records}
+        run_dir = trained_runs([*TINY_RUN, f"pooling={pooling}", f"seed={seed}"], results)
+        found[f"{pooling}{seed}"] = records.read_record(run_dir)
+    return {"dir": results, **found}
 
 
 def _side_by_side(tiny_runs: dict, **kwargs) -> dict:  # noqa: ANN003

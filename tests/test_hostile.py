@@ -89,14 +89,9 @@ def _snapshot(folder: Path, *, leave_out: tuple[Path, ...] = ()) -> dict[str, tu
 
 
 @pytest.fixture(scope="module")
-def good_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real completed run (tiny): the template every hostile run is copied from."""
-    from poolbench.config import compose
-    from poolbench.run import execute
-
-    results = tmp_path_factory.mktemp("good")
-    record = execute(compose([*TINY_RUN, "pooling=avg", "seed=0", f"results_dir={results}"]))
-    return Path(record["run_dir"])
+def good_run(tmp_path_factory: pytest.TempPathFactory, trained_runs: Callable[..., Path]) -> Path:
+    """One real completed run (tiny, trained once per session): the template every hostile run is copied from."""
+    return trained_runs([*TINY_RUN, "pooling=avg", "seed=0"], tmp_path_factory.mktemp("good"))
 
 
 def _copy(good: Path, results: Path, name: str, **changes: Any) -> Path:

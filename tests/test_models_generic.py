@@ -27,10 +27,12 @@ ARCHITECTURES = [
     ("torchvision", "efficientnet_b0", False),
     ("torchvision", "mobilenet_v3_small", False),
     pytest.param("torchvision", "densenet121", True, marks=pytest.mark.slow),
-    ("torchvision", "vgg11_bn", True),
+    # VGG-bn in the fast tier: the vgg16_bn option of tests/test_models.py (plain, cifar_stem, last_stride=1, local).
+    pytest.param("torchvision", "vgg11_bn", True, marks=pytest.mark.slow),
     ("timm", "resnet18d", True),
     ("timm", "convnext_atto", False),
-    ("timm", "efficientnet_b0", False),
+    # timm's EfficientNet family in the fast tier: mobilenetv3_small_050 (the same stem and block surgery).
+    pytest.param("timm", "efficientnet_b0", False, marks=pytest.mark.slow),
     ("timm", "mobilenetv3_small_050", False),
     ("timm", "regnetx_002", False),
 ]
