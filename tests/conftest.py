@@ -11,11 +11,6 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-# poolbench sets HF_HUB_OFFLINE before it imports timm (huggingface_hub reads it once, when first imported);
-# test modules import timm first, and an uncached hub repo then costs the network's retries (about 20 s) before
-# the same one-line error. The tests run as the CLI does: offline, never downloading.
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,27 @@ def test_timm_pretrained_only_from_the_hugging_face_cache(tmp_path: Path, monkey
     torch.save(reference, folder / "snapshots" / commit / "pytorch_model.bin")
     model = build("timm", arch=arch, pretrained=True, in_channels=3)
     assert torch.equal(model.features.model.conv_stem.weight, reference["conv_stem.weight"])
+
+
+def test_timm_stays_offline_when_the_program_imported_huggingface_hub_first() -> None:
+    """huggingface_hub reads HF_HUB_OFFLINE once, when first imported: a program (or test module) that
+    imported timm before poolbench must still get the one-line cache error, never the network's retries."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ.pop('HF_HUB_OFFLINE', None); import timm, huggingface_hub.constants as c\n"
+        "assert not c.is_offline_mode()\n"
+        "from poolbench.errors import ConfigError\n"
+        "from poolbench.models import timm as backbones\n"
+        "try:\n"
+        "    backbones.build('hf-hub:nobody/not-cached', False, 3)\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+        "print('offline', c.is_offline_mode())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Hugging Face repo nobody/not-cached is not in the local cache" in out.stdout
+    assert "offline True" in out.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,12 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def _timm() -> Any:
-    # huggingface_hub reads HF_HUB_OFFLINE when first imported: poolbench never downloads.
+    # huggingface_hub reads HF_HUB_OFFLINE when first imported: poolbench never downloads. A program
+    # that imported timm (hence huggingface_hub) before us has read it already: set its flag too.
     os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
     try:
         import timm
     except ImportError:
