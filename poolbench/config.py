@@ -92,11 +92,15 @@ IDENTITY_NEUTRAL: dict[str, Any] = {
 }
 # Group nodes whose extra keys are operator parameters, checked by the operator itself.
 OPEN_GROUPS = ("pooling", "local_pooling")
+# The root of the config tree, conf/config.yaml: its defaults list names every group's default option.
+ROOT_CONFIG = "config"
+
+
 def conf_dir() -> Path:
     """The folder holding ``config.yaml``: packaged copy first, then the checkout's ``conf/``."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
+        if (candidate / f"{ROOT_CONFIG}.yaml").is_file():
             return candidate
     raise ConfigError(f"cannot find poolbench's configs (looked in {here / 'conf'} and {here.parent / 'conf'})")
 
@@ -513,7 +517,7 @@ def _plain_auto_recipe(overrides: Sequence[str]) -> str | None:
 @functools.cache
 def _default_choices() -> dict[str, str]:
     """config.yaml's defaults list as ``{group: option}`` (its plain ``group: option`` entries)."""
-    defaults = OmegaConf.load(conf_dir() / "config.yaml").get("defaults", [])
+    defaults = OmegaConf.load(conf_dir() / f"{ROOT_CONFIG}.yaml").get("defaults", [])
     return {k: v for entry in defaults if isinstance(entry, DictConfig) for k, v in entry.items()}
 
 
@@ -531,7 +535,7 @@ def _compose_raw(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):
-            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+            cfg = hydra_compose(ROOT_CONFIG, overrides=overrides, return_hydra_config=True)
     except MissingConfigException as exc:
         raise ConfigError(_missing_option_message(str(exc))) from None
     except OverrideParseException as exc:
