@@ -164,3 +164,32 @@ def test_engine_names_stay_functions_after_their_modules_load() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _modules(package: str) -> list[str]:
+    """Every module of a poolbench package, found on disk (no import needed to list them)."""
+    root = Path(__file__).resolve().parents[1] / package.replace(".", "/")
+    return sorted(
+        ".".join(p.relative_to(root.parents[package.count(".")]).with_suffix("").parts).removesuffix(".__init__")
+        for p in root.rglob("*.py")
+    )
+
+
+# The operator and model packages load lazily and their modules import one another: each must work as the
+# first import of a program (a plugin that imports `poolbench.pooling.basic` before anything else).
+@pytest.mark.parametrize(
+    "module",
+    [
+        pytest.param(m, marks=() if m.startswith(("poolbench.pooling", "poolbench.models")) else pytest.mark.slow)
+        for m in _modules("poolbench")
+        if not m.endswith("__main__")
+    ],
+)
+def test_every_module_can_be_imported_first(module: str) -> None:
+    code = (
+        f"import {module}\n"
+        "from poolbench import pooling\n"
+        "assert 'dgmp' in pooling.names() and 'sort' in pooling.local_names(), 'built-ins registered'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

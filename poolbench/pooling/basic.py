@@ -13,13 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from poolbench.pooling.local import nonnegative_power, safe_root
+from poolbench.pooling.numerics import compute_dtype, nonnegative_power, safe_root
 from poolbench.pooling.registry import GlobalPool, register
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """float32 for half/bfloat16 inputs (exp, pow and squares overflow or round there), else x's dtype."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def _positions(x: Tensor) -> Tensor:

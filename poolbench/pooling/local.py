@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from poolbench.pooling import sort_select
 from poolbench.pooling.chunked import MinPool, MixedPool, PowerMean, SoftPool, StochasticDraw, StochasticMean, Window
+from poolbench.pooling.numerics import nonnegative_power, safe_root  # noqa: F401 - also imported from here
 from poolbench.pooling.registry import LocalPool, register
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -117,22 +118,6 @@ def avg_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tens
     """mean over the in-map positions of the window (``count_include_pad=False``)."""
     _check_fits(x, kernel_size, padding)
     return F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=False)
-
-
-def safe_root(total: Tensor, p: float) -> Tensor:
-    # total^(1/p) with a zero (not NaN) gradient where total == 0: the double-where trick.
-    positive = total > 0
-    return torch.where(positive, torch.where(positive, total, 1.0) ** (1.0 / p), 0.0)
-
-
-def nonnegative_power(magnitude: Tensor, p: float) -> Tensor:
-    """a^p for a >= 0, with a zero gradient at a = 0 for every p (a^p has an infinite slope there when p < 1)."""
-    if p == 2.0:
-        return magnitude.square()
-    if p >= 1.0:  # p·a^(p−1) is finite at 0
-        return magnitude.pow(p)
-    nonzero = magnitude > 0
-    return torch.where(nonzero, torch.where(nonzero, magnitude, 1.0) ** p, 0.0)
 
 
 # The power means, SoftPool and stochastic pooling below run as autograd Functions of

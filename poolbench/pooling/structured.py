@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-from poolbench.pooling.basic import compute_dtype
+from poolbench.pooling.numerics import compute_dtype
 from poolbench.pooling.registry import GlobalPool, register
 
 SPP_MODES = ("max", "avg")
