@@ -179,18 +179,9 @@ def catavgmax(x: Tensor) -> Tensor:
     return torch.cat([avg_pool(x), max_pool(x)], dim=1)
 
 
-def stochastic_probabilities(flat: Tensor) -> Tensor:
-    """p_i = max(x_i, 0) / Σ_j max(x_j, 0) over the last axis; uniform where no x_i is positive."""
-    weights = flat.clamp(min=0)
-    total = weights.sum(dim=-1, keepdim=True)
-    has_mass = total > 0
-    # Divide by 1 where the total is 0 so the unused branch of `where` has a finite gradient.
-    normalised = weights / torch.where(has_mass, total, torch.ones_like(total))
-    return torch.where(has_mass, normalised, torch.full_like(flat, 1.0 / flat.shape[-1]))
-
-
 def stochastic_sample(x: Tensor) -> Tensor:
-    """x at one position per channel, drawn with stochastic_probabilities from torch's global RNG.
+    """x at one position per channel, drawn with p_i = x⁺_i / Σ x⁺ (uniform where no x_i is positive)
+    from torch's global RNG.
 
     Inverse CDF with one uniform u per channel: the first position whose cumulative weight exceeds
     u·Σ, weights x⁺ (1 everywhere in a channel without a positive value). ``torch.multinomial``,
@@ -211,9 +202,18 @@ def stochastic_sample(x: Tensor) -> Tensor:
 
 
 def stochastic_expectation(x: Tensor) -> Tensor:
-    """Σ p_i·x_i: the expected value of stochastic_sample (Zeiler & Fergus's test-time rule)."""
+    """Σ p_i·x_i = Σ x⁺·x / Σ x⁺: the expected value of stochastic_sample (Zeiler & Fergus's test-time
+    rule); the mean where no x_i is positive. Two sums, no normalised probabilities (an input-sized
+    division and two bool selects fewer); the selects only when some channel has no positive value."""
     flat = _positions(x)
-    return (stochastic_probabilities(flat) * flat).sum(dim=-1)
+    positive = flat.clamp(min=0)
+    mass = positive.sum(dim=-1)
+    weighted = (positive * flat).sum(dim=-1)
+    has_mass = mass > 0
+    if bool(has_mass.all()):
+        return weighted / mass
+    # Divide by 1 where the mass is 0 so the unused branch of `where` has a finite gradient.
+    return torch.where(has_mass, weighted / torch.where(has_mass, mass, 1.0), flat.mean(dim=-1))
 
 
 def sort_pool(x: Tensor, k: int, logits: Tensor) -> Tensor:
