@@ -190,6 +190,8 @@ def test_every_module_can_be_imported_first(module: str) -> None:
         f"import {module}\n"
         "from poolbench import pooling\n"
         "assert 'dgmp' in pooling.names() and 'sort' in pooling.local_names(), 'built-ins registered'\n"
+        "from poolbench.pooling import catalog\n"
+        "assert catalog.render() == open(catalog.path(), encoding='utf-8').read(), 'listed in the shipped order'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

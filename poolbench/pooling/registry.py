@@ -152,8 +152,20 @@ def spec(name: str, kind: Kind = "global") -> PoolSpec:
     return _lookup(name, kind)
 
 
+# The built-in families in the order their operators are listed. A family imported first (a program's
+# `import poolbench.pooling.gmp`) finishes registering after the ones the registry loads meanwhile: the
+# list is put in this order, not in the order the imports happened to run (plugins follow, as registered).
+BUILTIN_FAMILIES = (
+    "poolbench.pooling.basic",
+    "poolbench.pooling.gmp",
+    "poolbench.pooling.local",
+    "poolbench.pooling.structured",
+)
+
+
 def specs(kind: Kind) -> list[PoolSpec]:
-    return list(_table(kind).values())
+    rank = {module: i for i, module in enumerate(BUILTIN_FAMILIES)}
+    return sorted(_table(kind).values(), key=lambda s: rank.get(getattr(s.cls, "__module__", ""), len(rank)))
 
 
 def create(name: str, **params: Any) -> GlobalPool:
@@ -279,4 +291,4 @@ def learned_scalars(module: nn.Module) -> dict[str, float]:
 
 # The built-in operators register themselves when their modules load; loading the registry loads them,
 # so every lookup (and every test saving and restoring _REGISTRY) sees them.
-from poolbench.pooling import basic, gmp, local, structured  # noqa: E402, F401
+from poolbench.pooling import basic, gmp, local, structured  # noqa: E402, F401 - BUILTIN_FAMILIES
