@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -157,6 +158,9 @@ def contention(threads: int) -> Iterator[None]:
         yield
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # SIGTERM (timeout, kill, a closed terminal) unwinds through the `finally` below like Ctrl-C, so the
+    # competing process never outlives the benchmark.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load = subprocess.Popen(
         [sys.executable, "-c", _LOAD, str(threads)], stdout=subprocess.PIPE, text=True, env=env
     )
