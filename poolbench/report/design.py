@@ -62,7 +62,7 @@ def _is_identity_column(column: str) -> bool:
         return False
     if column.startswith("cfg."):
         key = column[4:]
-        return key != "seed" and not key.startswith(NON_IDENTITY_KEYS + ("grid",))
+        return key != "seed" and not key.startswith(NON_IDENTITY_KEYS)
     return column.startswith("choice.")
 
 
