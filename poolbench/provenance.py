@@ -110,7 +110,8 @@ def format_value(value: Any) -> str:
 
 def rerun_overrides(cfg: DictConfig) -> list[str]:
     """The overrides that compose ``cfg`` again (with its seed given separately)."""
-    from poolbench.config import GROUPS, NON_IDENTITY_KEYS, _reference, compose, flatten
+    from poolbench.config import GROUPS, NON_IDENTITY_KEYS, compose, flatten
+    from poolbench.planner import _reference
 
     choices = [f"{g}={cfg.choices[g]}" for g in GROUPS if g != "experiment" and isinstance(cfg.choices.get(g), str)]
     specs = [str(s) for s in cfg.get(plugins.CONFIG_KEY) or []]

@@ -29,7 +29,7 @@ from hydra.core.override_parser.types import Glob, Override
 from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 
-from poolbench import config, plugins, records
+from poolbench import planner, plugins, records
 from poolbench.config import compose, group_options
 from poolbench.errors import ConfigError, PoolbenchError
 
@@ -223,7 +223,7 @@ def plan(overrides: Sequence[str], *, name: str | None = None) -> list[PlannedRu
     combinations = expand(overrides)
     planned: dict[str, PlannedRun] = {}
     listings: dict[Path, set[str]] = {}
-    configs = config.iter_identified([full for full, _ in combinations])
+    configs = planner.iter_identified([full for full, _ in combinations])
     for full, swept in combinations:
         try:
             cfg, identifier = next(configs)  # cfg: the run's resolved values

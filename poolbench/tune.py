@@ -49,7 +49,7 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 
-from poolbench import config, executors, files, plugins, records, sweep
+from poolbench import config, executors, files, planner, plugins, records, sweep
 from poolbench.errors import ConfigError, PoolbenchError
 from poolbench.grammar import override_key
 
@@ -318,7 +318,7 @@ def plan(
     if name is not None:
         sweep.check_name(name)
     overrides = list(overrides)
-    config._reject_foreign(overrides)
+    config.reject_foreign(overrides)
     plugins.prepare(overrides)
     treatments: list[str] | None = None
     params: list[Param] = []
@@ -431,7 +431,7 @@ def _check_values(
             for candidate in param.values_to_check():
                 sets.append([*base, f"{param.key}={_override_value(candidate)}"])
                 labels.append(f"{key}={value}, {param.key}={_override_value(candidate)} (from '{param.text}')")
-    composed = config.iter_composed(sets)
+    composed = planner.iter_composed(sets)
     for label in labels:
         try:
             next(composed)
@@ -678,7 +678,7 @@ class Tuner:
             f"results_dir={sweep._quoted(str(spec.trials_dir.resolve()))}",
             f"sweep_name=tune.{spec.name}.trials",
         ]
-        cfg = config.compose_many([overrides])[0]  # the planner's fast path (checked at plan time)
+        cfg = planner.compose_many([overrides])[0]  # the planner's fast path (checked at plan time)
         run_id = config.run_id(cfg)
         run_dir = spec.trials_dir.resolve() / run_id
         status, _ = sweep.run_status(run_dir)

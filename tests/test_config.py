@@ -160,7 +160,7 @@ def test_planner_values_and_run_ids_are_those_of_compose() -> None:
     adds, repeated keys, and runs that fall back to the config."""
     from omegaconf import OmegaConf
 
-    from poolbench.config import iter_identified
+    from poolbench.planner import iter_identified
 
     override_sets = [
         ["dataset=digits", "pooling=gem", "trainer.lr=0.03", "seed=2"],
@@ -187,7 +187,7 @@ def test_planner_values_and_run_ids_are_those_of_compose() -> None:
 
 
 def test_hydra_override_adapter() -> None:
-    """poolbench's one use of a private Hydra API (config.apply_value_overrides): fails loudly when a
+    """poolbench's one use of a private Hydra API (planner.apply_value_overrides): fails loudly when a
     Hydra upgrade renames it or changes what it does, before a sweep plans wrong configs."""
     import inspect
 
@@ -196,7 +196,7 @@ def test_hydra_override_adapter() -> None:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from poolbench.config import apply_value_overrides
+    from poolbench.planner import apply_value_overrides
 
     assert list(inspect.signature(ConfigLoaderImpl._apply_overrides_to_config).parameters) == ["overrides", "cfg"]
     parse = OverridesParser.create().parse_overrides
@@ -212,10 +212,10 @@ def test_hydra_override_adapter() -> None:
 
 def test_an_operator_grid_composes_once_and_gets_what_compose_gives(monkeypatch: pytest.MonkeyPatch) -> None:
     """The planner's base for ``pooling=X local_pooling=Y`` puts the operators' nodes into the
-    composition without them (config._swapped_operators): the same config, node for node, flags too."""
+    composition without them (planner._swapped_operators): the same config, node for node, flags too."""
     from omegaconf import OmegaConf
 
-    from poolbench import config
+    from poolbench import planner
     from poolbench.pooling import catalog
 
     options = [("pooling", i.name) for i in catalog.infos("global")] + [("pooling", "custom")]
@@ -223,19 +223,19 @@ def test_an_operator_grid_composes_once_and_gets_what_compose_gives(monkeypatch:
     cases = [("dataset=digits", f"{group}={name}") for group, name in options]
     cases += [("local_pooling=lpnorm", "model=resnet18", "pooling=gem"), ("pooling=dgmp", "local_pooling=softpool")]
     composed = []
-    real = config._compose_raw
-    monkeypatch.setattr(config, "_compose_raw", lambda overrides: composed.append(overrides) or real(overrides))
-    config._reference.cache_clear()
+    real = planner.compose_raw
+    monkeypatch.setattr(planner, "compose_raw", lambda overrides: composed.append(overrides) or real(overrides))
+    planner._reference.cache_clear()
     for groups in cases:
-        planned, truth = config._reference(groups), real(list(groups))
+        planned, truth = planner._reference(groups), real(list(groups))
         assert OmegaConf.to_yaml(planned) == OmegaConf.to_yaml(truth), groups
         for group in ("pooling", "local_pooling"):
             for flag in ("struct", "readonly"):
                 assert planned[group]._get_flag(flag) == truth[group]._get_flag(flag), (groups, group, flag)
     assert len(composed) == 3, composed  # digits; smallcnn -> resnet18; synthwriters
-    config._reference.cache_clear()
-    assert config._swapped_operators(("experiment=quick", "pooling=gem")) is None  # a preset may set its keys
-    assert config._swapped_operators(("pooling=nope",)) is None  # composing names it, with the valid choices
+    planner._reference.cache_clear()
+    assert planner._swapped_operators(("experiment=quick", "pooling=gem")) is None  # a preset may set its keys
+    assert planner._swapped_operators(("pooling=nope",)) is None  # composing names it, with the valid choices
 
 
 @pytest.mark.parametrize("dataset", ["synthwriters", "digits", "cifar10", "imagefolder", "clamm", "icdar17"])
@@ -249,8 +249,8 @@ def test_auto_augment_known_before_composing_is_the_recipe_composed_explicitly(d
 
     recipe = default_augment(dataset)
     assert config._plain_auto_recipe([f"dataset={dataset}", "pooling=gem"]) == recipe
-    auto = config._compose_raw([f"dataset={dataset}", "pooling=gem"])
-    named = config._compose_raw([f"dataset={dataset}", "pooling=gem", f"augment={recipe}"])
+    auto = config.compose_raw([f"dataset={dataset}", "pooling=gem"])
+    named = config.compose_raw([f"dataset={dataset}", "pooling=gem", f"augment={recipe}"])
     assert OmegaConf.to_yaml(auto) == OmegaConf.to_yaml(named)
     assert auto.choices.augment == recipe
     for unplain in (["+experiment=quick"], ["experiment=quick"], ["augment=none"], ["augment.hflip=0.1"]):

@@ -17,8 +17,9 @@ from omegaconf import DictConfig
 
 from poolbench import records, sweep
 from poolbench import run as run_module
-from poolbench.config import compose_many, group_options
+from poolbench.config import group_options
 from poolbench.errors import ConfigError
+from poolbench.planner import compose_many
 
 TINY = ["dataset=digits", "trainer.epochs=1", "trainer.steps_per_epoch=2", "trainer.latency.enabled=false"]
 
