@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from poolbench import plugins
 from poolbench.config import (
+    OPEN_GROUPS,
     compose,
     compose_raw,
     composition_message,
@@ -301,9 +302,6 @@ def _reference(group_overrides: tuple[str, ...]) -> DictConfig:
     return swapped if swapped is not None else compose_raw(list(group_overrides))
 
 
-# Groups whose options are the registry's generated nodes: no defaults list, and no other config file sets
-# their keys unless an experiment preset does.
-_OPERATOR_GROUPS = ("pooling", "local_pooling")
 
 
 def _swapped_operators(group_overrides: tuple[str, ...]) -> DictConfig | None:
@@ -311,14 +309,16 @@ def _swapped_operators(group_overrides: tuple[str, ...]) -> DictConfig | None:
     by putting the chosen operators' nodes in place (Hydra merges a generated node into an empty package,
     so the node is the result): an operator grid costs one Hydra compose, not one per operator. None
     (compose instead) for anything else: an experiment preset, an option Hydra would look up elsewhere."""
+    # The operator groups' options are the registry's generated nodes: no defaults list, and no other config
+    # file sets their keys unless an experiment preset does.
     swaps = {}
     for text in group_overrides:
         key, sep, value = text.partition("=")
-        if key in _OPERATOR_GROUPS and sep:
+        if key in OPEN_GROUPS and sep:
             if key in swaps:
                 return None  # two choices of one group: Hydra's own message
             swaps[key] = value
-    others = tuple(o for o in group_overrides if o.partition("=")[0] not in _OPERATOR_GROUPS)
+    others = tuple(o for o in group_overrides if o.partition("=")[0] not in OPEN_GROUPS)
     if not swaps or any(override_key(o) == "experiment" for o in others):
         return None
     sibling = _reference(others)
