@@ -644,7 +644,7 @@ class MixedPool(torch.autograd.Function):
     indices are saved: the peak memory is max pooling's, not two input-sized gradients summed.
     Forward and backward run chunk by chunk (see _each_span: no per-op barriers under contention),
     the same values bit for bit as whole-tensor calls (every op is per plane).
-    float32/float64 (halves keep the autograd formulation, see ``poolbench.pooling.local``).
+    float32/float64 (``poolbench.pooling.local.mixed_pool`` hands halves over as float32).
     """
 
     @staticmethod

@@ -262,13 +262,13 @@ def fractional_max_pool(
 
 def mixed_pool(x: Tensor, kernel_size: int, stride: int, padding: int = 0, a: Tensor | float = 0.5) -> Tensor:
     """a·max + (1−a)·mean over the window (mixed pooling, Lee, Gallagher & Tu, AISTATS 2016); ``a``
-    a float or a 0-dim tensor (gradients flow to it). float32/float64 run as
-    :class:`~poolbench.pooling.chunked.MixedPool` (max pooling's memory); half precision keeps the
-    max exact in its dtype and the mean summed in float32."""
-    if x.dtype in _HALF:
-        return a * max_pool(x, kernel_size, stride, padding) + (1 - a) * avg_pool(x, kernel_size, stride, padding)
-    a = a.to(device=x.device, dtype=x.dtype) if isinstance(a, Tensor) else x.new_tensor(a)
-    return MixedPool.apply(x, a, _window(x, kernel_size, stride, padding))
+    a float or a 0-dim tensor (gradients flow to it). Runs as
+    :class:`~poolbench.pooling.chunked.MixedPool` (max pooling's memory). Half precision runs it on a
+    float32 copy and rounds value and gradient once each, to within half a unit in the last place:
+    a·max, the mean, (1−a)·mean and their sum rounded in half precision would stack four such errors."""
+    work = x.float() if x.dtype in _HALF else x
+    a = a.to(device=x.device, dtype=work.dtype) if isinstance(a, Tensor) else work.new_tensor(a)
+    return MixedPool.apply(work, a, _window(work, kernel_size, stride, padding)).to(x.dtype)
 
 
 def _positive(name: str, value: float) -> float:
