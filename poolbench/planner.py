@@ -302,8 +302,6 @@ def _reference(group_overrides: tuple[str, ...]) -> DictConfig:
     return swapped if swapped is not None else compose_raw(list(group_overrides))
 
 
-
-
 def _swapped_operators(group_overrides: tuple[str, ...]) -> DictConfig | None:
     """What composing ``group_overrides`` gives, made from the composition without their operator choices
     by putting the chosen operators' nodes in place (Hydra merges a generated node into an empty package,
